@@ -95,7 +95,10 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(fields)}")
+        raise ValueError(
+            f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(fields)} "
+            "(with several configs on one command line, write overrides as section.field=value)"
+        )
     kwargs = {k: _convert(f"{cls.__name__}.{k}", v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 

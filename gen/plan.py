@@ -1,0 +1,75 @@
+"""Sampling plans: problems x n samples cut into work units, with seeds that are data.
+
+Pure functions, no Ray, no vLLM: testable on their own.
+
+Seeds. vLLM gives child k of an n>1 request the seed `seed + k`. A unit asks for samples [start, start+size) of a
+problem with one request of n=size and seed `problem_seed_base(run_seed, problem_id) + start`, so the sample with
+index i gets seed `base + i` exactly, whatever the unit size. Bases are spaced 2**SEED_SPACING_BITS apart, so no two
+(problem, sample index) pairs of a run share a seed as long as n < 2**20; `make_plan` asserts bases are distinct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SEED_SPACING_BITS = 20  # room for 1,048,576 samples per problem
+PROBLEM_HASH_BITS = 42  # 2**42 bases x 2**20 offsets < 2**63 (int64, torch.Generator)
+
+
+def problem_seed_base(run_seed: int, problem_id: str) -> int:
+    h = hashlib.sha256(f"{run_seed}\x00{problem_id}".encode()).digest()
+    return (int.from_bytes(h[:8], "big") % (1 << PROBLEM_HASH_BITS)) << SEED_SPACING_BITS
+
+
+def sample_seed(run_seed: int, problem_id: str, sample_index: int) -> int:
+    return problem_seed_base(run_seed, problem_id) + sample_index
+
+
+@dataclass(frozen=True)
+class Request:
+    problem_id: str
+    start: int  # first sample index
+    size: int  # n of the vLLM request
+    seed: int  # seed of the request; sample start+k gets seed+k
+
+    def sample_indices(self) -> range:
+        return range(self.start, self.start + self.size)
+
+
+@dataclass(frozen=True)
+class Unit:
+    unit_id: str
+    requests: tuple[Request, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(r.size for r in self.requests)
+
+
+def make_plan(
+    problem_ids: list[str], n: int, run_seed: int, problems_per_unit: int, samples_per_unit: int
+) -> list[Unit]:
+    """Units over (problem block) x (sample block). Unit ids are stable: they name the block, not an order."""
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    if n >= 1 << SEED_SPACING_BITS:
+        raise ValueError(f"n must be < {1 << SEED_SPACING_BITS} (seed spacing), got {n}")
+    if not problem_ids:
+        raise ValueError("problem set is empty: nothing to sample")
+    if problems_per_unit <= 0:
+        raise ValueError(f"problems_per_unit must be > 0, got {problems_per_unit}")
+    if samples_per_unit <= 0:
+        raise ValueError(f"samples_per_unit must be > 0, got {samples_per_unit}")
+    if len(set(problem_ids)) != len(problem_ids):
+        raise ValueError("problem ids are not unique")
+    bases = {pid: problem_seed_base(run_seed, pid) for pid in problem_ids}
+    assert len(set(bases.values())) == len(bases), "seed base collision between problems"
+    units = []
+    for pb in range(0, len(problem_ids), problems_per_unit):
+        block = problem_ids[pb : pb + problems_per_unit]
+        for sb in range(0, n, samples_per_unit):
+            size = min(samples_per_unit, n - sb)
+            reqs = tuple(Request(pid, sb, size, bases[pid] + sb) for pid in block)
+            units.append(Unit(f"p{pb:06d}-s{sb:07d}", reqs))
+    return units

