@@ -1,0 +1,471 @@
+"""Statistics over evaluation results: pass@k, per-seed rates, failure categories, paired adapter-vs-base tests.
+
+Plain functions over a results table (gen.shards.ROW_SCHEMA: one row per sample; `adapter` null for the base
+model, `run_seed` = the evaluation repetition, `sample_index` 0..k-1 per problem per seed). No engine, no cluster.
+
+Definitions (the report prints these numbers):
+- Scored sample: any sample whose outcome is not INFRA_ERROR. INFRA_ERROR is a fault of our harness, so it is
+  left out of both n and c and counted separately. A (problem, seed) with no scored sample is left out of that
+  seed's pass@1 and counted.
+- pass@1 of a seed: mean over problems of c/n (the unbiased pass@1 from n samples).
+- Failure counts of a seed, per category: sum over problems of (samples in that category) / n. With k=1 this is
+  the plain count of failing problems; with k>1 it is the count divided by k, so numbers stay on the same
+  per-problem scale: pass@1 * problems + all categories = problems scored.
+- Across seeds: mean and sample std (ddof=1); with one seed std is reported as 0 and flagged `std_defined=False`.
+- Paired comparison (adapter vs base): per problem, score = mean over seeds of c/n (only seeds where both sides
+  have a scored sample); delta = mean over problems of (adapter - base), which equals the difference of the two
+  pass@1 means when nothing is excluded. CI: percentile bootstrap over problems (resampled with replacement).
+  Test: exact two-sided sign test over problems whose scores differ. With binary scores (k=1, one seed) this is
+  exactly McNemar's exact test: the discordant pairs are the problems one side passes and the other fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from eval.sandbox import Outcome
+from gen.shards import check_schema
+
+OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
+FAILURES: tuple[Outcome, ...] = tuple(o for o in Outcome if o.is_model_failure)
+PHASES: tuple[str | None, ...] = ("definition", "test", None)  # None: no phase (NO_CODE, PASS, INFRA_ERROR)
+PHASE_NAMES: tuple[str, ...] = ("definition", "test", "none")
+_OUTCOME_INDEX = {o.value: i for i, o in enumerate(OUTCOMES)}
+_PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+_PASS = _OUTCOME_INDEX[Outcome.PASS.value]
+_INFRA = _OUTCOME_INDEX[Outcome.INFRA_ERROR.value]
+_FAIL_IDX = np.array([_OUTCOME_INDEX[o.value] for o in FAILURES])
+_TIE_TOL = 1e-9  # per-problem scores are ratios of small integers; closer than this is a tie
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not (isinstance(n, (int, np.integer)) and isinstance(c, (int, np.integer)) and isinstance(k, (int, np.integer))):
+        raise ValueError(f"pass_at_k: n, c, k must be integers, got n={n!r}, c={c!r}, k={k!r}")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One evaluated model: a base model (adapter None) or a LoRA adapter on it."""
+
+    model: str
+    adapter: str | None
+
+    @property
+    def label(self) -> str:
+        return self.model if self.adapter is None else self.adapter
+
+    @property
+    def is_base(self) -> bool:
+        return self.adapter is None
+
+
+@dataclass(frozen=True, eq=False)
+class VariantCounts:
+    """Sample counts of one variant: counts[seed, problem, outcome, phase] (axes: seeds, problems, OUTCOMES, PHASES)."""
+
+    variant: Variant
+    seeds: tuple[int, ...]
+    problems: tuple[str, ...]
+    counts: np.ndarray
+
+    @property
+    def scored(self) -> np.ndarray:  # [seed, problem] samples that are not INFRA_ERROR
+        return self.counts.sum(axis=(2, 3)) - self.infra
+
+    @property
+    def passes(self) -> np.ndarray:  # [seed, problem]
+        return self.counts[:, :, _PASS, :].sum(axis=-1)
+
+    @property
+    def infra(self) -> np.ndarray:  # [seed, problem]
+        return self.counts[:, :, _INFRA, :].sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    mean: float
+    std: float  # sample std (ddof=1); 0 with one value, flagged by std_defined
+    n: int
+
+    @property
+    def std_defined(self) -> bool:
+        return self.n > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "n_seeds": self.n, "std_defined": self.std_defined}
+
+
+def mean_std(values: Sequence[float]) -> MeanStd:
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        raise ValueError("mean_std: no values (no seeds)")
+    return MeanStd(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size))
+
+
+def _some(items: Sequence[Any] | set, limit: int = 5) -> str:
+    items = sorted(items, key=str)
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{items[:limit]}{more}"
+
+
+def count_outcomes(table: pa.Table) -> list[VariantCounts]:
+    """Validate a results table and count its samples per variant, seed, problem, outcome and phase.
+
+    Fails with a ValueError on: no rows, an unknown outcome or phase, a row emitted twice (same variant, seed,
+    problem, sample_index), or a variant whose seeds cover different problem sets (incomplete results).
+    """
+    check_schema(table.schema, "results")
+    if table.num_rows == 0:
+        raise ValueError("results: no rows (no seeds were evaluated)")
+    bad = set(pc.unique(table["outcome"]).to_pylist()) - set(_OUTCOME_INDEX)
+    if bad:
+        raise ValueError(f"results: unknown outcome values {_some(bad)}; known: {list(_OUTCOME_INDEX)}")
+    bad = set(pc.unique(table["phase"]).to_pylist()) - set(PHASES)
+    if bad:
+        raise ValueError(f"results: unknown phase values {_some(bad)}; known: {list(PHASES)}")
+    key = ["model", "adapter", "run_seed", "problem_id", "sample_index"]
+    dup = table.group_by(key).aggregate([("run_id", "count")]).filter(pc.field("run_id_count") > 1)
+    if dup.num_rows:
+        r = dup.slice(0, 1).to_pylist()[0]
+        raise ValueError(
+            f"results: {dup.num_rows} samples appear more than once, e.g. model={r['model']!r} adapter={r['adapter']!r} "
+            f"run_seed={r['run_seed']} problem_id={r['problem_id']!r} sample_index={r['sample_index']} "
+            f"({r['run_id_count']} rows); was the same results folder passed twice?"
+        )
+    grouped = table.group_by(["model", "adapter", "run_seed", "problem_id", "outcome", "phase"]).aggregate(
+        [("sample_index", "count")]
+    )
+    g = {name: grouped[name].to_pylist() for name in grouped.column_names}
+    by_variant: dict[Variant, list[int]] = {}
+    for i, (m, a) in enumerate(zip(g["model"], g["adapter"])):
+        by_variant.setdefault(Variant(m, a), []).append(i)
+
+    out = []
+    for variant in sorted(by_variant, key=lambda v: (v.model, v.adapter is not None, v.adapter or "")):
+        rows = by_variant[variant]
+        per_seed: dict[int, set[str]] = {}
+        for i in rows:
+            per_seed.setdefault(g["run_seed"][i], set()).add(g["problem_id"][i])
+        seeds = tuple(sorted(per_seed))
+        problems = tuple(sorted(set().union(*per_seed.values())))
+        for s in seeds:
+            if len(per_seed[s]) != len(problems):
+                raise ValueError(
+                    f"results: {variant.label!r} seed {s} has {len(per_seed[s])} problems but its other seeds have "
+                    f"{len(problems)}; missing in seed {s}: {_some(set(problems) - per_seed[s])} (incomplete run?)"
+                )
+        s_idx = {s: i for i, s in enumerate(seeds)}
+        p_idx = {p: i for i, p in enumerate(problems)}
+        counts = np.zeros((len(seeds), len(problems), len(OUTCOMES), len(PHASES)), dtype=np.int64)
+        for i in rows:
+            counts[
+                s_idx[g["run_seed"][i]],
+                p_idx[g["problem_id"][i]],
+                _OUTCOME_INDEX[g["outcome"][i]],
+                _PHASE_INDEX[g["phase"][i]],
+            ] += g["sample_index_count"][i]
+        out.append(VariantCounts(variant, seeds, problems, counts))
+    return out
+
+
+def seed_pass_at_1(vc: VariantCounts) -> np.ndarray:
+    """pass@1 per seed: mean over problems of c/n (INFRA_ERROR samples excluded from n and c)."""
+    n, c = vc.scored, vc.passes
+    ok = n > 0
+    empty = [s for s, row in zip(vc.seeds, ok) if not row.any()]
+    if empty:
+        raise ValueError(
+            f"{vc.variant.label!r}: every sample of seed(s) {empty} is INFRA_ERROR; nothing to score (check the sandbox)"
+        )
+    rate = np.divide(c, n, out=np.zeros(n.shape), where=ok)
+    return rate.sum(axis=1) / ok.sum(axis=1)
+
+
+def seed_category_counts(vc: VariantCounts) -> np.ndarray:
+    """[seed, outcome, phase]: sum over scored problems of (samples with that outcome and phase) / n."""
+    n = vc.scored.astype(float)
+    ok = n > 0
+    per_problem = np.divide(vc.counts, n[:, :, None, None], out=np.zeros(vc.counts.shape), where=ok[:, :, None, None])
+    return per_problem.sum(axis=1)
+
+
+def summarize_variant(vc: VariantCounts) -> dict[str, Any]:
+    """All per-variant numbers of the report (JSON-ready)."""
+    p1 = seed_pass_at_1(vc)
+    cat = seed_category_counts(vc)  # [S, O, phase]
+    by_outcome = cat.sum(axis=2)  # [S, O]
+    failures = cat[:, _FAIL_IDX, :]  # [S, F, phase]
+    samples = vc.counts.sum(axis=(2, 3))  # [S, P]
+    k = sorted({int(x) for x in np.unique(samples)})
+    seed_key = [str(s) for s in vc.seeds]
+    return {
+        "label": vc.variant.label,
+        "model": vc.variant.model,
+        "adapter": vc.variant.adapter,
+        "seeds": list(vc.seeds),
+        "problems": len(vc.problems),
+        "samples_per_problem": k[0] if len(k) == 1 else k,
+        "pass_at_1": {**mean_std(p1).to_dict(), "per_seed": dict(zip(seed_key, p1.tolist()))},
+        "failures": {
+            o.value: {**mean_std(by_outcome[:, _OUTCOME_INDEX[o.value]]).to_dict(),
+                      "per_seed": dict(zip(seed_key, by_outcome[:, _OUTCOME_INDEX[o.value]].tolist()))}
+            for o in FAILURES
+        },
+        "failures_total": mean_std(failures.sum(axis=(1, 2))).to_dict(),
+        "phases": {
+            name: {
+                "total": mean_std(failures[:, :, j].sum(axis=1)).to_dict(),
+                "by_category": {o.value: mean_std(failures[:, f, j]).to_dict() for f, o in enumerate(FAILURES)},
+            }
+            for j, name in enumerate(PHASE_NAMES)
+        },
+        "infra": {
+            "samples": int(vc.infra.sum()),
+            "per_seed": dict(zip(seed_key, vc.infra.sum(axis=1).tolist())),
+            "excluded_problem_seeds": int((vc.scored == 0).sum()),  # (problem, seed) with only INFRA_ERROR
+        },
+    }
+
+
+@dataclass(frozen=True)
+class PairedScores:
+    problems: tuple[str, ...]  # problems scored on both sides
+    seeds: tuple[int, ...]
+    base: np.ndarray  # per-problem mean over seeds of c/n
+    other: np.ndarray
+    valid: np.ndarray  # [seed, problem] (over all problems of both variants): both sides have a scored sample
+    excluded: tuple[str, ...]  # problems with no seed where both sides have a scored sample
+
+    @property
+    def diffs(self) -> np.ndarray:
+        return self.other - self.base
+
+
+def check_paired(base: VariantCounts, other: VariantCounts) -> None:
+    """Both variants must cover exactly the same problems and seeds (hence the same (problem, seed) set)."""
+    b, o = base.variant.label, other.variant.label
+    if base.variant.model != other.variant.model:
+        raise ValueError(
+            f"mixed models: {o!r} was evaluated on model {other.variant.model!r} but the base {b!r} is model "
+            f"{base.variant.model!r}; compare an adapter only against its own base model"
+        )
+    if set(base.problems) != set(other.problems):
+        only_b, only_o = set(base.problems) - set(other.problems), set(other.problems) - set(base.problems)
+        raise ValueError(
+            f"results from a different problem set: base {b!r} has {len(base.problems)} problems, {o!r} has "
+            f"{len(other.problems)}; only in base: {_some(only_b)}; only in {o!r}: {_some(only_o)}"
+        )
+    if base.seeds != other.seeds:
+        raise ValueError(
+            f"results from different seeds: base {b!r} has run_seed {list(base.seeds)}, {o!r} has {list(other.seeds)}; "
+            "a paired comparison needs the same seeds"
+        )
+
+
+def paired_scores(base: VariantCounts, other: VariantCounts) -> PairedScores:
+    check_paired(base, other)
+    valid = (base.scored > 0) & (other.scored > 0)
+
+    def score(vc: VariantCounts) -> np.ndarray:
+        rate = np.divide(vc.passes, vc.scored, out=np.zeros(valid.shape), where=valid)
+        return rate.sum(axis=0)
+
+    used = valid.sum(axis=0)
+    keep = used > 0
+    sb = score(base)[keep] / used[keep]
+    so = score(other)[keep] / used[keep]
+    problems = tuple(p for p, k in zip(base.problems, keep) if k)
+    excluded = tuple(p for p, k in zip(base.problems, keep) if not k)
+    if not problems:
+        raise ValueError(f"{other.variant.label!r} vs {base.variant.label!r}: no problem has a scored sample on both sides")
+    return PairedScores(problems, base.seeds, sb, so, valid, excluded)
+
+
+def paired_bootstrap_ci(
+    diffs: Sequence[float] | np.ndarray, samples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(diffs), resampling problems with replacement. Deterministic for a seed."""
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0:
+        raise ValueError("paired_bootstrap_ci: no paired problems")
+    if samples < 1:
+        raise ValueError(f"paired_bootstrap_ci: samples must be >= 1, got {samples}")
+    if not 0 < level < 1:
+        raise ValueError(f"paired_bootstrap_ci: level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    chunk = max(1, 2_000_000 // d.size)  # bounds the index matrix to ~16 MB
+    for start in range(0, samples, chunk):
+        m = min(chunk, samples - start)
+        means[start : start + m] = d[rng.integers(0, d.size, size=(m, d.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: P(a split at least as uneven as wins:losses | each side equally likely)."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"sign_test: counts must be >= 0, got wins={wins}, losses={losses}")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return float(min(Fraction(1), Fraction(2 * tail, 2**n)))
+
+
+def majority_outcome(counts: np.ndarray) -> str:
+    """The most frequent model-failure category in counts[..., outcome, phase]; "PASS" if there is none.
+
+    Ties go to the category listed first in Outcome.
+    """
+    per = counts.reshape(-1, len(OUTCOMES), len(PHASES)).sum(axis=(0, 2))[_FAIL_IDX]
+    return Outcome.PASS.value if per.sum() == 0 else FAILURES[int(np.argmax(per))].value
+
+
+def decompose(base: VariantCounts, other: VariantCounts, paired: PairedScores) -> dict[str, Any]:
+    """Which failure categories the gained and lost problems came from (per problem: the majority category).
+
+    gained: problems whose adapter score is higher; counted by the base's majority failure category.
+    lost: problems whose adapter score is lower; counted by the adapter's majority failure category (what they
+    turned into) and by the base's majority outcome (usually PASS).
+    Only seeds where both sides have a scored sample count.
+    """
+    p_idx = {p: i for i, p in enumerate(base.problems)}
+    d = paired.diffs
+    out: dict[str, Any] = {}
+    for name, mask in (("gained", d > _TIE_TOL), ("lost", d < -_TIE_TOL)):
+        ids = [p for p, m in zip(paired.problems, mask) if m]
+        from_base: Counter[str] = Counter()
+        to_other: Counter[str] = Counter()
+        for p in ids:
+            j = p_idx[p]
+            seeds = paired.valid[:, j]
+            from_base[majority_outcome(base.counts[seeds, j])] += 1
+            to_other[majority_outcome(other.counts[seeds, j])] += 1
+        entry: dict[str, Any] = {"problems": len(ids), "problem_ids": ids, "by_base_category": _ordered(from_base)}
+        if name == "lost":
+            entry["by_adapter_category"] = _ordered(to_other)
+        out[name] = entry
+    return out
+
+
+def _ordered(c: Counter[str]) -> dict[str, int]:
+    order = {o.value: i for i, o in enumerate(OUTCOMES)}
+    return {k: c[k] for k in sorted(c, key=lambda k: (-c[k], order[k]))}
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    bootstrap_samples: int = 10_000  # MC error of a 2.5% percentile at B=1e4 is ~1/10 of a CI half-width
+    bootstrap_seed: int = 0  # the CI is a function of the data and this seed
+    ci_level: float = 0.95
+    alpha: float = 0.05  # "beyond noise" needs the CI to exclude 0 and the sign-test p below this
+
+    def __post_init__(self) -> None:
+        if self.bootstrap_samples < 100:
+            raise ValueError(f"bootstrap_samples must be >= 100, got {self.bootstrap_samples}")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"ci_level must be in (0, 1), got {self.ci_level}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+
+
+def compare(base: VariantCounts, other: VariantCounts, options: CompareOptions = CompareOptions()) -> dict[str, Any]:
+    """Paired comparison of `other` against `base` on the same problems and seeds (JSON-ready)."""
+    paired = paired_scores(base, other)
+    d = paired.diffs
+    delta = float(d.mean())
+    lo, hi = paired_bootstrap_ci(d, options.bootstrap_samples, options.bootstrap_seed, options.ci_level)
+    gained, lost = int((d > _TIE_TOL).sum()), int((d < -_TIE_TOL).sum())
+    ties = len(d) - gained - lost
+    p = sign_test(gained, lost)
+    binary = bool(np.all(np.isin(paired.base, (0.0, 1.0))) and np.all(np.isin(paired.other, (0.0, 1.0))))
+    test = "exact McNemar (sign test on discordant problems)" if binary else "exact sign test over problems"
+    ci_excludes_0 = lo > 0 or hi < 0
+    beyond = ci_excludes_0 and p < options.alpha
+    b, o = base.variant.label, other.variant.label
+    if beyond:
+        verdict_words = f"beyond noise ({'an improvement' if delta > 0 else 'a regression'})"
+    else:
+        reasons = []
+        if not ci_excludes_0:
+            reasons.append("the CI includes 0")
+        if p >= options.alpha:
+            reasons.append(f"p >= {options.alpha:g}")
+        verdict_words = f"within noise ({' and '.join(reasons)})"
+    sentence = (
+        f"{o} vs {b}: delta pass@1 = {delta:+.4f} ({options.ci_level:.0%} CI [{lo:+.4f}, {hi:+.4f}], paired bootstrap "
+        f"over {len(d)} problems x {len(paired.seeds)} seeds, B={options.bootstrap_samples}); {gained} problems gained, "
+        f"{lost} lost, {ties} unchanged; {test} p = {p:.4g}: {verdict_words}."
+    )
+    return {
+        "base": b,
+        "adapter": o,
+        "problems": len(d),
+        "seeds": list(paired.seeds),
+        "excluded_problems": list(paired.excluded),
+        "base_pass_at_1": float(paired.base.mean()),
+        "adapter_pass_at_1": float(paired.other.mean()),
+        "delta": delta,
+        "ci": [lo, hi],
+        "ci_level": options.ci_level,
+        "bootstrap_samples": options.bootstrap_samples,
+        "bootstrap_seed": options.bootstrap_seed,
+        "gained": gained,
+        "lost": lost,
+        "ties": ties,
+        "test": test,
+        "p_value": p,
+        "alpha": options.alpha,
+        "verdict": "beyond noise" if beyond else "within noise",
+        "direction": "improvement" if delta > 0 else "regression" if delta < 0 else "none",
+        "sentence": sentence,
+        "decomposition": decompose(base, other, paired),
+    }
+
+
+def choose_base(variants: Sequence[VariantCounts], base: str | None = None) -> VariantCounts | None:
+    """The reference variant: the one named `base` (a base model name or an adapter name), else the only
+    variant with adapter null. None when there is nothing to compare (a single base model, no adapters)."""
+    if base is not None:
+        hits = [v for v in variants if v.variant.label == base]
+        if not hits:
+            raise ValueError(f"base {base!r} not found; variants in the results: {[v.variant.label for v in variants]}")
+        if len(hits) > 1:
+            raise ValueError(f"base {base!r} is ambiguous: {[v.variant for v in hits]}")
+        chosen = hits[0]
+    else:
+        bases = [v for v in variants if v.variant.is_base]
+        if len(bases) > 1:
+            raise ValueError(
+                f"mixed models: the results hold base rows (adapter null) of {[v.variant.model for v in bases]}; "
+                "pass one model's results, or name the reference with --base"
+            )
+        if not bases:
+            if len(variants) > 1:
+                raise ValueError(
+                    f"no base rows (adapter null) in the results; adapters {[v.variant.label for v in variants]} "
+                    "need a reference: name one with --base"
+                )
+            return None
+        chosen = bases[0]
+    for v in variants:
+        if v is not chosen:
+            check_paired(chosen, v)
+    return chosen
