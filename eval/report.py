@@ -1,0 +1,358 @@
+"""Rebuild the evaluation report from saved results.  pairloop report RESULTS... [--out DIR] [--base NAME]
+
+Each RESULTS is a results folder (manifest.json + shards/, as written by `pairloop eval`) or a Parquet file in
+the samples schema (gen.shards.ROW_SCHEMA). Rows with `adapter` null are the base model; every adapter is
+compared against it on the same problems and seeds (eval/stats.py defines every number). Writes, atomically:
+
+    DIR/report.json   every number (the other three are rendered from it)
+    DIR/report.md     tables: pass@1 and failure categories (mean ± std across seeds), phase split, the paired
+                      comparison with its CI, p-value and verdict, the gained/lost decomposition, INFRA_ERROR
+    DIR/report.png    pass@1 and failure categories per variant, error bars = std across seeds
+
+and prints the tables to the terminal. DIR defaults to `report/` next to the first RESULTS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from eval import stats
+from gen.shards import MANIFEST_NAME, ROW_SCHEMA, ShardStore, check_schema
+
+REPORT_SCHEMA = "pairloop.report/v1"
+PHASE_TITLES = {"definition": "definition", "test": "test", "none": "no phase"}
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out: str | None = None  # output folder; None: report/ next to the first results input
+    base: str | None = None  # reference variant (a base model or adapter name); None: the rows with adapter null
+    bootstrap_samples: int = 10_000  # MC error of a 2.5% percentile at B=1e4 is ~1/10 of a CI half-width
+    bootstrap_seed: int = 0  # the CI is a function of the results and this seed
+    ci_level: float = 0.95
+    alpha: float = 0.05  # "beyond noise": CI excludes 0 and sign-test p < alpha
+
+    def __post_init__(self) -> None:
+        self.compare_options()  # validates bootstrap_samples, ci_level, alpha (names them)
+
+    def compare_options(self) -> stats.CompareOptions:
+        return stats.CompareOptions(self.bootstrap_samples, self.bootstrap_seed, self.ci_level, self.alpha)
+
+
+def read_results(source: str | os.PathLike | pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """One input as a ROW_SCHEMA table, plus a description of it (source, rows, whether its run was complete)."""
+    if isinstance(source, pa.Table):
+        check_schema(source.schema, "results table")
+        return source.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), {"source": "<table>", "rows": source.num_rows}
+    path = os.fspath(source)
+    if path.endswith(".parquet"):
+        if "://" not in path and not os.path.isfile(path):
+            raise ValueError(f"results file {path!r} does not exist")
+        t = pq.read_table(path)
+        check_schema(t.schema, path)
+        complete = None
+    else:
+        store = ShardStore(path)
+        manifest = store.read_manifest()
+        if manifest is None:
+            raise ValueError(
+                f"results {path!r}: neither a results folder (no {MANIFEST_NAME}) nor a .parquet file"
+            )
+        t = store.read_table()
+        complete = manifest.complete
+    return t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), {"source": path, "rows": t.num_rows, "complete": complete}
+
+
+def build_report(
+    sources: Sequence[str | os.PathLike | pa.Table] | str | os.PathLike | pa.Table,
+    base: str | None = None,
+    config: ReportConfig = ReportConfig(),
+) -> dict[str, Any]:
+    """All report numbers from results tables, results folders or Parquet files (JSON-ready dict).
+
+    `base` (or config.base) names the reference variant; by default the rows with adapter null.
+    """
+    if isinstance(sources, (str, os.PathLike, pa.Table)):
+        sources = [sources]
+    if not sources:
+        raise ValueError("results: no inputs given")
+    tables, inputs = zip(*(read_results(s) for s in sources))
+    variants = stats.count_outcomes(pa.concat_tables(tables))
+    ref = stats.choose_base(variants, base if base is not None else config.base)
+    summaries = [stats.summarize_variant(v) for v in variants]
+    options = config.compare_options()
+    comparisons = [stats.compare(ref, v, options) for v in variants if ref is not None and v is not ref]
+    shown = [
+        o.value
+        for o in stats.FAILURES
+        if any(max(s["failures"][o.value]["per_seed"].values()) > 0 for s in summaries)
+    ]
+    return {
+        "schema": REPORT_SCHEMA,
+        "inputs": list(inputs),
+        "base": ref.variant.label if ref is not None else None,
+        "options": {
+            "bootstrap_samples": options.bootstrap_samples,
+            "bootstrap_seed": options.bootstrap_seed,
+            "ci_level": options.ci_level,
+            "alpha": options.alpha,
+        },
+        "categories_shown": shown,
+        "variants": summaries,
+        "comparisons": comparisons,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _ms(x: dict[str, Any], digits: int) -> str:
+    return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
+
+
+def _main_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["variant", "seeds", "problems", "k", "pass@1"] + report["categories_shown"]
+    rows = []
+    for v in report["variants"]:
+        k = v["samples_per_problem"]
+        rows.append(
+            [v["label"] + (" (base)" if v["label"] == report["base"] else ""), str(len(v["seeds"])),
+             str(v["problems"]), str(k) if isinstance(k, int) else "/".join(map(str, k)), _ms(v["pass_at_1"], 3)]
+            + [_ms(v["failures"][c], 2) for c in report["categories_shown"]]
+        )
+    return headers, rows
+
+
+def _phase_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["variant"] + [PHASE_TITLES[p] for p in stats.PHASE_NAMES] + ["all failures"]
+    rows = [
+        [v["label"]] + [_ms(v["phases"][p]["total"], 2) for p in stats.PHASE_NAMES] + [_ms(v["failures_total"], 2)]
+        for v in report["variants"]
+    ]
+    return headers, rows
+
+
+def _comparison_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    level = f"{report['options']['ci_level']:.0%} CI"
+    headers = ["adapter", "base pass@1", "adapter pass@1", "delta", level, "gained", "lost", "unchanged", "p", "verdict"]
+    rows = [
+        [c["adapter"], f"{c['base_pass_at_1']:.4f}", f"{c['adapter_pass_at_1']:.4f}", f"{c['delta']:+.4f}",
+         f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]", str(c["gained"]), str(c["lost"]), str(c["ties"]),
+         f"{c['p_value']:.4g}", c["verdict"]]
+        for c in report["comparisons"]
+    ]
+    return headers, rows
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _text_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def _std_note(report: dict[str, Any]) -> str:
+    single = [v["label"] for v in report["variants"] if not v["pass_at_1"]["std_defined"]]
+    return f" {', '.join(single)}: one seed, so std is undefined and shown as 0." if single else ""
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    out = ["# pairloop evaluation report", ""]
+    for i in report["inputs"]:
+        note = " (INCOMPLETE run: its manifest is not marked complete)" if i.get("complete") is False else ""
+        out.append(f"- input `{i['source']}`: {i['rows']} rows{note}")
+    out += [
+        "",
+        "## pass@1 and failure categories",
+        "",
+        "Mean ± sample std across seeds. Failure counts are per problem: each problem adds the fraction of its scored "
+        "samples in that category (with k=1 the plain count of failing problems; with k>1 the count divided by k). "
+        "INFRA_ERROR samples are excluded from every rate and counted separately below." + _std_note(report),
+        "",
+        _markdown_table(*_main_rows(report)),
+        "",
+        "## Failures by phase",
+        "",
+        "Definition: while the program itself runs (import time); test: while the tests run; no phase: "
+        "nothing ran (NO_CODE).",
+        "",
+        _markdown_table(*_phase_rows(report)),
+        "",
+    ]
+    if report["comparisons"]:
+        out += [
+            f"## Adapters vs base `{report['base']}`",
+            "",
+            "Paired over the same problems and seeds: per problem, score = mean over seeds of its pass rate; delta = "
+            "mean over problems of (adapter - base); CI = percentile bootstrap over problems "
+            f"(B={report['options']['bootstrap_samples']}, seed {report['options']['bootstrap_seed']}); p = exact "
+            "two-sided sign test over problems whose score changed (with k=1 and one seed this is McNemar's exact "
+            f"test). Beyond noise = the CI excludes 0 and p < {report['options']['alpha']:g}.",
+            "",
+            _markdown_table(*_comparison_rows(report)),
+            "",
+        ]
+        out += [f"**{c['sentence']}**" + "\n" for c in report["comparisons"]]
+        for c in report["comparisons"]:
+            dec = c["decomposition"]
+            cats = list(dict.fromkeys(
+                list(dec["gained"]["by_base_category"]) + list(dec["lost"]["by_base_category"])
+                + list(dec["lost"]["by_adapter_category"])
+            ))
+            out += [
+                f"### Where `{c['adapter']}`'s changes came from",
+                "",
+                "Per changed problem, its majority failure category (PASS: no failing sample).",
+                "",
+                _markdown_table(
+                    ["category", "gained: base failed with", "lost: base failed with", "lost: adapter failed with"],
+                    [[k, str(dec["gained"]["by_base_category"].get(k, 0)), str(dec["lost"]["by_base_category"].get(k, 0)),
+                      str(dec["lost"]["by_adapter_category"].get(k, 0))] for k in cats]
+                    + [["total", str(dec["gained"]["problems"]), str(dec["lost"]["problems"]), str(dec["lost"]["problems"])]],
+                ),
+                "",
+            ]
+    out += [
+        "## Infrastructure errors (not the model's failures)",
+        "",
+        _markdown_table(
+            ["variant", "INFRA_ERROR samples", "per seed", "(problem, seed) with no scored sample"],
+            [[v["label"], str(v["infra"]["samples"]), ", ".join(f"{s}: {n}" for s, n in v["infra"]["per_seed"].items()),
+              str(v["infra"]["excluded_problem_seeds"])] for v in report["variants"]],
+        ),
+        "",
+    ]
+    for c in report["comparisons"]:
+        if c["excluded_problems"]:
+            out.append(
+                f"- `{c['adapter']}` vs base: {len(c['excluded_problems'])} problems left out of the comparison "
+                f"(only INFRA_ERROR on one side): {c['excluded_problems'][:10]}"
+            )
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render_terminal(report: dict[str, Any]) -> str:
+    parts = ["pass@1 and failure categories (mean ± std across seeds; failures = failing samples / k)" + _std_note(report),
+             _text_table(*_main_rows(report)), "", "failures by phase", _text_table(*_phase_rows(report))]
+    if report["comparisons"]:
+        parts += ["", f"paired vs base {report['base']!r}", _text_table(*_comparison_rows(report)), ""]
+        parts += [c["sentence"] for c in report["comparisons"]]
+    infra = sum(v["infra"]["samples"] for v in report["variants"])
+    parts += ["", f"INFRA_ERROR samples (excluded from all rates): {infra}"]
+    return "\n".join(parts)
+
+
+def render_png(report: dict[str, Any]) -> bytes:
+    """Bar charts: pass@1 per variant, and failure categories grouped by variant; error bars = std across seeds."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    variants, cats = report["variants"], report["categories_shown"] or ["(no failures)"]
+    fig = Figure(figsize=(4 + 0.9 * len(cats) * max(1, len(variants)) / 2, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, max(2, len(cats))])
+    colors = [f"C{i % 10}" for i in range(len(variants))]
+    labels = [v["label"] for v in variants]
+    ax1.bar(range(len(variants)), [v["pass_at_1"]["mean"] for v in variants],
+            yerr=[v["pass_at_1"]["std"] for v in variants], color=colors, capsize=4)
+    ax1.set_xticks(range(len(variants)), labels, rotation=30, ha="right")
+    ax1.set_ylabel("pass@1")
+    ax1.set_ylim(0, 1)
+    ax1.set_title("pass@1")
+    x = np.arange(len(cats))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        means = [v["failures"][c]["mean"] if c in v["failures"] else 0.0 for c in cats]
+        stds = [v["failures"][c]["std"] if c in v["failures"] else 0.0 for c in cats]
+        ax2.bar(x + (i - (len(variants) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+                color=colors[i], label=v["label"])
+    ax2.set_xticks(x, cats, rotation=30, ha="right")
+    ax2.set_ylabel("failing samples / k (mean over seeds)")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("failure categories" + (f" (base: {report['base']})" if report["base"] else ""))
+    ax2.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Write report.json, report.md and report.png into out_dir (each atomically). Returns their paths."""
+    out_dir = os.fspath(out_dir)
+    if "://" in out_dir:
+        raise ValueError(f"--out {out_dir!r}: the report is written to a local folder; give a local path")
+    os.makedirs(out_dir, exist_ok=True)
+    # Render everything first so that a rendering error leaves no partial report.
+    files = {
+        "png": ("report.png", render_png(report)),
+        "md": ("report.md", render_markdown(report).encode()),
+        "json": ("report.json", (json.dumps(report, indent=1) + "\n").encode()),  # last: says the rest is there
+    }
+    paths = {}
+    for key, (name, data) in files.items():
+        paths[key] = os.path.join(out_dir, name)
+        _write_atomic(paths[key], data)
+    return paths
+
+
+def default_out(first: str | os.PathLike) -> str:
+    path = os.fspath(first)
+    if "://" in path:
+        raise ValueError(f"results {path!r} is remote: pass --out DIR for the report")
+    return os.path.join(os.path.dirname(os.path.abspath(path.rstrip("/\\"))), "report")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="pairloop report", description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="results folders (manifest.json + shards/) or .parquet files")
+    ap.add_argument("--out", default=None, help="output folder (default: report/ next to the first RESULTS)")
+    ap.add_argument("--base", default=None, help="reference variant: a model or adapter name (default: adapter null)")
+    ap.add_argument("--bootstrap-samples", type=int, default=ReportConfig.bootstrap_samples)
+    ap.add_argument("--bootstrap-seed", type=int, default=ReportConfig.bootstrap_seed)
+    args = ap.parse_args(argv)
+    try:
+        config = ReportConfig(out=args.out, base=args.base, bootstrap_samples=args.bootstrap_samples,
+                              bootstrap_seed=args.bootstrap_seed)
+        report = build_report(args.results, config=config)
+        out = config.out or default_out(args.results[0])
+        paths = write_report(report, out)
+    except ValueError as e:
+        print(f"pairloop report: error: {e}", file=sys.stderr)
+        return 2
+    for i in report["inputs"]:
+        if i.get("complete") is False:
+            print(f"pairloop report: warning: {i['source']} is an incomplete run (manifest not complete)", file=sys.stderr)
+    print(render_terminal(report))
+    print("\nwrote " + ", ".join(paths[k] for k in ("md", "json", "png")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
