@@ -142,6 +142,17 @@ def _phase_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _category_phase_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    cats = report["categories_shown"]
+    rows = [
+        [v["label"], PHASE_TITLES[p]] + [_ms(v["phases"][p]["by_category"][c], 2) for c in cats]
+        for v in report["variants"]
+        for p in stats.PHASE_NAMES
+        if p != "none" or v["phases"][p]["total"]["mean"] > 0
+    ]
+    return ["variant", "phase"] + cats, rows
+
+
 def _comparison_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     level = f"{report['options']['ci_level']:.0%} CI"
     headers = ["adapter", "base pass@1", "adapter pass@1", "delta", level, "gained", "lost", "unchanged", "p", "verdict"]
@@ -192,6 +203,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "nothing ran (NO_CODE).",
         "",
         _markdown_table(*_phase_rows(report)),
+        "",
+        _markdown_table(*_category_phase_rows(report)),
         "",
     ]
     if report["comparisons"]:

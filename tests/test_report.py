@@ -82,6 +82,13 @@ def test_report_files_carry_the_numbers_and_the_verdict(runs, tmp_path):
     assert "| lora-1 | 2 | 10 | 1 | 0.850 ± 0.071 |" in md
 
 
+def test_markdown_splits_categories_by_phase(tmp_path):
+    rows = results({0: {"a": ["NAME_ERROR"], "b": ["NAME_ERROR"], "c": ["PASS"]}})
+    rows[0]["phase"] = "definition"
+    md = report.render_markdown(report.build_report(rows_to_table(rows)))
+    assert "| m | definition | 1.00 ± 0.00 |" in md and "| m | test | 1.00 ± 0.00 |" in md
+
+
 def test_png_is_a_real_image(runs, tmp_path):
     paths = report.write_report(report.build_report(runs), tmp_path / "out")
     img = matplotlib.image.imread(paths["png"])
