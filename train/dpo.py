@@ -1,0 +1,502 @@
+"""DPO + LoRA: turn preference pairs into a PEFT adapter that vLLM hot-loads.
+
+    python -m train pairs=runs/demo/pairs out=runs/demo/adapter model=default
+    pairloop train --config configs/demo.yaml
+
+This is a thin, configured adapter over TRL's `DPOTrainer` and `peft.LoraConfig`. What it adds:
+
+- the pairs files are checked at the boundary (required columns, not empty, one model);
+- the base model must be the model the pairs were sampled from (DPO's reference is that model);
+- the adapter's rank must fit the engines' `max_lora_rank`, checked before anything is loaded;
+- the result is one folder, written atomically: `adapter_config.json`, `adapter_model.safetensors`,
+  `manifest.json` (base model fingerprint, pairs hashes, config, versions, final metrics), `metrics.jsonl`
+  (one line per logged step) and `metrics.png`.
+
+The reference model is the base model with the adapter disabled (TRL does this when it gets a `peft_config` and no
+`ref_model`), so there is one copy of the weights in memory.
+
+Precision: bf16 weights and autocast on a CUDA GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy).
+
+Several GPUs: one process per GPU, data parallel (DDP); the effective batch is
+`batch_size * grad_accum * number of GPUs`, and only the main process writes the output folder:
+
+    accelerate launch --num_processes 8 -m train --config configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pairloop.config import config_to_dict
+
+# vLLM accepts only these values for `max_lora_rank` (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# The columns train reads. pairs/ writes more (problem_id, ...): they are provenance, recorded, not trained on.
+PAIRS_REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "model")
+
+MANIFEST_NAME = "manifest.json"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "metrics.png"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MANIFEST_SCHEMA = "adapter/v1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    pairs: tuple[str, ...] = ()  # pairs Parquet files, or folders whose *.parquet are read (pairs/ output)
+    out: str = ""  # the adapter folder to create; an existing complete one with the same manifest is reused
+    model: str = "default"  # hub id, local folder, or an alias gen.model_source knows ("default")
+    allow_model_mismatch: bool = False  # train even if the pairs were sampled from another model (off-policy DPO)
+
+    # LoRA. vLLM serves adapters up to the engines' max_lora_rank (its default is 16); r=16 fits it.
+    lora_r: int = 16
+    lora_alpha: int = 32  # scale alpha/r = 2, the common LoRA setting; vLLM applies the same scale
+    lora_dropout: float = 0.0  # TRL turns dropout off so policy and reference see the same network; >0 keeps it on
+    target_modules: tuple[str, ...] = ("all-linear",)  # all linear layers but lm_head (vLLM and TRL can't train it)
+    max_lora_rank: int = 16  # the max_lora_rank gen/eval start vLLM with; lora_r above it can't be served
+
+    # DPO. Conservative on purpose: the data are a few hundred self-generated pairs.
+    beta: float = 0.1  # KL strength to the base model; 0.1 is the DPO paper's value (higher = stay closer)
+    learning_rate: float = 5e-6  # LoRA DPO recipe of the alignment-handbook (zephyr-7b-dpo-qlora); full FT uses ~5e-7
+    num_train_epochs: float = 1.0  # one pass: repeated pairs are memorised fast (train reward accuracy -> 1)
+    max_steps: int = -1  # >0 overrides epochs (benchmarks, smoke runs)
+    batch_size: int = 2  # pairs per device per forward (each pair = 2 sequences)
+    grad_accum: int = 8  # -> 16 pairs per optimizer step on one device
+    max_length: int = 1024  # prompt+completion tokens; HumanEval/MBPP prompt + a solution fit in well under 1024
+    warmup_ratio: float = 0.1  # fraction of steps with linear LR warmup
+    lr_scheduler: str = "cosine"  # transformers scheduler name
+    precompute_ref_log_probs: bool = False  # one reference pass up front instead of one per step (pays off at >1 epoch)
+    gradient_checkpointing: bool = True  # ~20% slower, much less activation memory (7B at 1024 tokens fits 80 GB)
+    logging_steps: int = 1  # optimizer steps between lines of metrics.jsonl
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise ValueError("TrainConfig.pairs: give at least one pairs Parquet file or folder, got ()")
+        if not self.out:
+            raise ValueError("TrainConfig.out: give the adapter folder to create, got ''")
+        if not self.model:
+            raise ValueError("TrainConfig.model: give a hub id, a local folder or 'default', got ''")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(
+                f"TrainConfig.max_lora_rank={self.max_lora_rank}: vLLM accepts only {list(VLLM_LORA_RANKS)}"
+            )
+        if self.lora_r < 1:
+            raise ValueError(f"TrainConfig.lora_r={self.lora_r}: must be >= 1")
+        if self.lora_r > self.max_lora_rank:
+            raise ValueError(
+                f"TrainConfig.lora_r={self.lora_r} exceeds max_lora_rank={self.max_lora_rank}, the largest adapter "
+                f"rank the vLLM engines of gen/eval are started with: they would refuse this adapter. Lower lora_r, "
+                f"or raise max_lora_rank here and in the gen and eval configs alike"
+            )
+        if self.lora_alpha <= 0:
+            raise ValueError(f"TrainConfig.lora_alpha={self.lora_alpha}: must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("TrainConfig.target_modules: empty; use ('all-linear',) or module names")
+        if "lm_head" in self.target_modules:
+            raise ValueError(f"TrainConfig.target_modules={self.target_modules}: lm_head can't carry a LoRA here")
+        if self.beta <= 0:
+            raise ValueError(f"TrainConfig.beta={self.beta}: must be > 0")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"TrainConfig.learning_rate={self.learning_rate}: must be in (0, 1)")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError(f"TrainConfig.num_train_epochs={self.num_train_epochs}: must be > 0 (or set max_steps)")
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: must be >= 1")
+        if self.max_length < 16:
+            raise ValueError(f"TrainConfig.max_length={self.max_length}: must be >= 16 tokens")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairs: the input boundary
+
+
+def pairs_files(specs: tuple[str, ...] | list[str]) -> list[Path]:
+    """The Parquet files named by `specs`: files as given, folders as their sorted *.parquet."""
+    files: list[Path] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            found = sorted(p.glob("*.parquet"))
+            if not found:
+                raise ValueError(f"TrainConfig.pairs: folder {spec!r} holds no *.parquet file")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"TrainConfig.pairs: no such file or folder {spec!r}")
+    return files
+
+
+def _is_text(tp: pa.DataType) -> bool:
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp)
+
+
+def _is_messages(tp: pa.DataType) -> bool:
+    if not (pa.types.is_list(tp) or pa.types.is_large_list(tp)):
+        return False
+    item = tp.value_type
+    return pa.types.is_struct(item) and {"role", "content"} <= {item.field(i).name for i in range(item.num_fields)}
+
+
+def read_pairs(files: list[Path]) -> pa.Table:
+    """All pairs of `files` as one table. Fails naming the file on missing columns, mixed formats, no rows."""
+    tables = []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"pairs file {str(f)!r} is not readable Parquet: {e}") from None
+        missing = [c for c in PAIRS_REQUIRED_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(
+                f"pairs file {str(f)!r} lacks required column(s) {missing}; has {schema.names}; "
+                f"train needs {list(PAIRS_REQUIRED_COLUMNS)}"
+            )
+        kinds = {}
+        for c in ("prompt", "chosen", "rejected"):
+            tp = schema.field(c).type
+            kinds[c] = "text" if _is_text(tp) else "messages" if _is_messages(tp) else str(tp)
+        if len(set(kinds.values())) != 1 or next(iter(kinds.values())) not in ("text", "messages"):
+            raise ValueError(
+                f"pairs file {str(f)!r}: prompt/chosen/rejected must all be strings or all be lists of "
+                f"{{role, content}} messages, got {kinds}"
+            )
+        tables.append(pq.read_table(f))
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    if table.num_rows == 0:
+        raise ValueError(f"pairs: no rows in {[str(f) for f in files]}; nothing to train on")
+    return table
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Base model: where it is, what it is, and whether it is the model the pairs came from
+
+
+def resolve_base_model(spec: str) -> Path:
+    """A local folder holding the base model: the folder itself, or what gen.model_source resolves the spec to."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"TrainConfig.model={spec!r}: folder has no config.json; not a model folder")
+        return p.resolve()
+    from gen.model_source import resolve_model
+
+    return Path(resolve_model(spec)).resolve()
+
+
+def _hub_name(path: Path) -> str | None:
+    """'org/name' for a Hugging Face cache snapshot folder (.../models--org--name/snapshots/<commit>)."""
+    for part in reversed(path.parts):
+        m = re.fullmatch(r"models--(.+)", part)
+        if m:
+            return m.group(1).replace("--", "/")
+    return None
+
+
+def model_names(spec: str, path: Path | None = None) -> set[str]:
+    """The names a model goes by: its spec, its resolved folder, and its short name (last component, lowercase).
+
+    The short name lets a hub id (`Qwen/Qwen2.5-Coder-0.5B-Instruct`) match a local copy named after it
+    (`~/.cache/pairloop/models/qwen2.5-coder-0.5b-instruct`), e.g. when the samples were made on another machine.
+    """
+    spec = spec.strip().rstrip("/")
+    names = {spec, spec.split("/")[-1].lower()}
+    local = path if path is not None else Path(spec).expanduser()
+    if local.is_dir():
+        local = local.resolve()
+        names |= {str(local), local.name.lower()}
+        hub = _hub_name(local)
+        if hub:
+            names |= {hub, hub.split("/")[-1].lower()}
+    return names
+
+
+def check_pairs_model(pair_models: list[str], spec: str, path: Path, allow_mismatch: bool) -> None:
+    """Fail unless every model the pairs were sampled from is the base model (see `model_names`)."""
+    base = model_names(spec, path)
+    foreign = sorted(m for m in set(pair_models) if not (model_names(m) & base))
+    if foreign and not allow_mismatch:
+        raise ValueError(
+            f"pairs were sampled from model(s) {foreign}, but TrainConfig.model={spec!r} ({path}) is not that "
+            f"model: DPO's reference is the base model, so pairs must come from it. Train on the matching "
+            f"model, or set allow_model_mismatch=true to train off-policy on purpose"
+        )
+
+
+def model_fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies the base model's weights without reading them all: config.json's hash, the weight files'
+    names and sizes, and the hub commit when the folder is a Hugging Face cache snapshot."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    weights = sorted(
+        (f.name, f.stat().st_size) for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
+    )
+    for name, size in weights:
+        h.update(f"{name}:{size}\n".encode())
+    commit = path.name if _hub_name(path) and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+    return {"path": str(path), "sha256": h.hexdigest(), "weights": [list(w) for w in weights], "hub_commit": commit}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _metrics_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        """Appends every log event (loss, rewards/margins, rewards/accuracies, ...) as one JSON line."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    return MetricsJsonl()
+
+
+def _peft_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets: str | list[str] = (
+        "all-linear" if tuple(cfg.target_modules) == ("all-linear",) else list(cfg.target_modules)
+    )
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",  # vLLM serves LoRA A/B only
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: Path, work_dir: Path, callbacks=()):
+    """A DPOTrainer for `pairs` on the model in `model_path`, LoRA-wrapped, reference = adapter disabled."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    on_gpu = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(work_dir),
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        disable_dropout=cfg.lora_dropout == 0.0,
+        bf16=on_gpu,  # TRL defaults to bf16 even on CPU
+        logging_steps=cfg.logging_steps,
+        dataloader_pin_memory=on_gpu,
+        save_strategy="no",  # the adapter is saved once, at the end, atomically
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    dataset = Dataset(pairs.select(["prompt", "chosen", "rejected"]))
+    return DPOTrainer(
+        model=model,
+        ref_model=None,  # with peft_config: the reference is `model` with the adapter disabled
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_peft_config(cfg),
+        callbacks=list(callbacks),
+    )
+
+
+def plot_metrics(jsonl: Path, png: Path) -> None:
+    """Loss, reward margin, reward accuracy and chosen/rejected rewards per step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    panels = [
+        ("loss", ["loss"]),
+        ("reward margin (chosen - rejected)", ["rewards/margins"]),
+        ("reward accuracy", ["rewards/accuracies"]),
+        ("rewards", ["rewards/chosen", "rewards/rejected"]),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=k)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("trl", "peft", "transformers", "torch", "accelerate", "datasets")}
+
+
+def _identity(cfg: TrainConfig, pairs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    """What makes two trainings the same training: config (but where it is written), pairs contents, base weights."""
+    config = {k: v for k, v in config_to_dict(cfg).items() if k != "out"}
+    return {"config": config, "pairs_sha256": [p["sha256"] for p in pairs], "base_sha256": base["sha256"]}
+
+
+def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "config": {k: v for k, v in manifest.get("config", {}).items() if k != "out"},
+        "pairs_sha256": [p.get("sha256") for p in manifest.get("pairs", {}).get("files", [])],
+        "base_sha256": manifest.get("base_model", {}).get("sha256"),
+    }
+
+
+def _existing_output(out: Path, identity: dict[str, Any]) -> bool:
+    """True if `out` is a complete adapter of this very training; error if it is anything else."""
+    if not out.exists():
+        return False
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ValueError(f"TrainConfig.out={str(out)!r} exists and has no {MANIFEST_NAME}; choose another folder")
+    old = _manifest_identity(json.loads(manifest.read_text()))
+    if old != identity:
+        diffs = [
+            f"{k}: {old['config'].get(k)!r} (existing) vs {v!r} (now)"
+            for k, v in identity["config"].items()
+            if old["config"].get(k) != v
+        ]
+        if old["pairs_sha256"] != identity["pairs_sha256"]:
+            diffs.append("pairs files' contents")
+        if old["base_sha256"] != identity["base_sha256"]:
+            diffs.append("base model weights")
+        raise ValueError(
+            f"TrainConfig.out={str(out)!r} holds an adapter from a different training ({'; '.join(diffs)}); "
+            "choose another folder or delete it"
+        )
+    missing = [f for f in ADAPTER_FILES if not (out / f).is_file()]
+    if missing:
+        raise ValueError(f"TrainConfig.out={str(out)!r}: manifest present but {missing} missing; delete the folder")
+    return True
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or reuse) the adapter described by `cfg`; returns the adapter folder."""
+    files = pairs_files(cfg.pairs)
+    table = read_pairs(files)
+    model_path = resolve_base_model(cfg.model)
+    pair_models = table.column("model").unique().to_pylist()
+    if None in pair_models:
+        raise ValueError(f"pairs: column 'model' has nulls in {[str(f) for f in files]}")
+    check_pairs_model(pair_models, cfg.model, model_path, cfg.allow_model_mismatch)
+
+    pairs_info = [
+        {"path": str(f.resolve()), "sha256": file_sha256(f), "rows": pq.read_metadata(f).num_rows} for f in files
+    ]
+    base = model_fingerprint(model_path)
+    identity = _identity(cfg, pairs_info, base)
+    out = Path(cfg.out).expanduser().resolve()
+    if _existing_output(out, identity):
+        print(f"train: {out} already holds this adapter (same config, pairs and base model); skipping")
+        return out
+
+    from accelerate import PartialState
+
+    main_process = PartialState().is_main_process
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if main_process:
+            tmp.mkdir()
+        metrics = tmp / METRICS_NAME
+        trainer = build_trainer(cfg, table, model_path, tmp / "trainer", callbacks=[_metrics_callback(metrics)])
+        kept = len(trainer.train_dataset)  # TRL drops pairs whose prompt alone fills max_length
+        if kept == 0:
+            raise ValueError(
+                f"TrainConfig.max_length={cfg.max_length}: every one of the {table.num_rows} pairs has a prompt of at "
+                "least max_length tokens, so no completion token is left to train on; raise max_length"
+            )
+        if kept < table.num_rows:
+            print(f"train: {table.num_rows - kept} of {table.num_rows} pairs dropped: prompt >= max_length tokens")
+        t0 = time.time()
+        result = trainer.train()
+        if not main_process:
+            return out
+        trainer.model.save_pretrained(tmp)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template; the manifest says what this is
+        plot_metrics(metrics, tmp / PLOT_NAME)
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        last_step = next((r for r in reversed(logged) if "loss" in r), {})
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "base_model": {"spec": cfg.model, **base},
+            "pairs": {
+                "files": pairs_info,
+                "rows": table.num_rows,
+                "trained": kept,
+                "models": sorted(pair_models),
+                "problems": (
+                    len(set(table.column("problem_id").to_pylist())) if "problem_id" in table.column_names else None
+                ),
+            },
+            "config": config_to_dict(cfg),
+            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "max_lora_rank": cfg.max_lora_rank},
+            "versions": _versions(),
+            "adapter_sha256": file_sha256(tmp / "adapter_model.safetensors"),  # eval: a fresh LoRA name per adapter
+            "device": trainer.args.device.type,
+            "precision": "bf16" if trainer.args.bf16 else "float32",
+            "world_size": trainer.args.world_size,
+            "metrics": {
+                **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+                "global_step": result.global_step,
+                "last_step": last_step,
+                "wall_s": round(time.time() - t0, 2),
+            },
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
