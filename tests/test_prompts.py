@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eval.problems import Problem, load_problems
 from eval.prompts import build_prompt, chat_messages, extract_program
@@ -372,3 +374,28 @@ def test_prose_prompt_is_not_prepended_to_a_restated_function():
                 test="def check(candidate):\n    assert candidate(2, 3) == 5\n")
     program = extract_program(p, "```python\ndef add(a, b):\n    return a + b\n```", "chat")
     assert program.startswith("def add") and passes(p, program)
+
+
+def test_future_import_in_restated_function_moves_to_the_top(he):
+    p = he["HumanEval/0"]
+    output = f"```python\nfrom __future__ import annotations\n\n{restated(p)}```"
+    program = extract_program(p, output, "chat")
+    assert program.startswith("from __future__ import annotations\n") and passes(p, program)
+
+
+def test_fenced_function_indented_as_a_whole_is_dedented(he):
+    p = he["HumanEval/7"]
+    code = "".join("    " + line if line.strip() else line for line in restated(p).splitlines(True))
+    assert passes(p, extract_program(p, f"```python\n{code}```", "chat"))
+
+
+_PIECES = ["```", "```python", "\n", "    ", "def has_close_elements(", "return ", "x", "):", "Sure!", " ",
+           "Example usage:", "</think>", "\"\"\"", "'", "(", "\t", "#", "\r\n", "print(1)", "é", "\x00"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(_PIECES) | st.text(max_size=5), max_size=30),
+       style=st.sampled_from(["chat", "base"]))
+def test_extraction_never_raises_on_arbitrary_output(he, parts, style):
+    program = extract_program(he["HumanEval/0"], "".join(parts), style)
+    assert program is None or isinstance(program, str)
