@@ -1,7 +1,22 @@
 """Execute untrusted programs against tests and label every run with one outcome.
 
-CONTRACT STUB -- the executor implementation is being written (see issue 2). The public API below is fixed:
-other stages import `Outcome`, `Phase`, `Job`, `ExecResult`, `Limits`, `Sandbox` from here.
+    with Sandbox(limits=Limits(cpu_s=5)) as box:
+        results = box.run([Job(program, test, entry_point), ...], progress=True)  # input order, never raises
+
+A pool of warm fork-server workers, one per core (eval/_sandbox_worker.py, started as `python -I`): each has
+already imported the standard library modules solutions use and lives in its own mount, pid, network and ipc
+namespaces; per job it forks a child that switches to an unprivileged uid of its own, sets rlimits (CPU time as
+the primary timeout, address space, file size, process count), runs the program as module `__candidate__`
+(phase "definition"), then the test code in a copy of the program's globals with pristine builtins and calls
+`check(entry_point)` (phase "test"). PASS requires a verdict written by harness code after `check` returned,
+tagged with a per-job random nonce, in an anonymous shared page, from a child that exited through the harness
+path; exits, signals, a killed parent, printed text or a redefined `check` can't produce one.
+
+What it does not protect against (details in docs/sandbox.md): code that deliberately reaches into the harness's
+own memory from inside the job (walks frames or scans memory for the nonce and the verdict page) or monkeypatches
+shared modules the tests use (e.g. `math.isclose`) can forge a PASS; that is the limit of any in-process harness.
+Reading host files is allowed (read-only). Without root (or user namespaces) the isolation degrades: see
+`Sandbox.isolation`, and a warning is issued.
 
 This module imports nothing from the project, so any stage can use it.
 """
@@ -9,8 +24,20 @@ This module imports nothing from the project, so any stage can use it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+import json
+import marshal
+import os
+import secrets
+import selectors
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Sequence
 
 
 class Outcome(str, enum.Enum):
@@ -47,7 +74,7 @@ class Phase(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Job:
-    program: str  # the full program: prompt + completion as extracted
+    program: str  # the full program: prompt + completion as extracted; None or blank -> NO_CODE
     test: str  # test code that defines `check(candidate)`
     entry_point: str  # name of the function `check` is called with
 
@@ -56,9 +83,10 @@ class Job:
 class ExecResult:
     outcome: Outcome
     phase: Phase | None  # None for PASS, NO_CODE, INFRA_ERROR
-    error_type: str | None  # exception class name, e.g. "ZeroDivisionError"
+    error_type: str | None  # exception class name, e.g. "ZeroDivisionError"; signal name for a crash
     error_message: str | None  # short, truncated
     exec_time_s: float  # CPU seconds used by the job
+    output: str = ""  # the first Limits.max_output_bytes of what the program printed (stdout and stderr)
 
     @property
     def passed(self) -> bool:
@@ -67,24 +95,366 @@ class ExecResult:
 
 @dataclass(frozen=True)
 class Limits:
-    cpu_s: float = 5.0  # CPU-time limit: the primary timeout
-    wall_s: float = 30.0  # wall-clock backstop
-    memory_mb: int = 2048  # address-space limit
-    file_size_mb: int = 64
-    max_procs: int = 32
+    cpu_s: float = 5.0  # CPU-time limit: the primary timeout (a busy machine can't cause a false TIMEOUT)
+    wall_s: float = 30.0  # wall-clock backstop, for jobs that sleep or block
+    memory_mb: int = 2048  # address-space limit per process
+    file_size_mb: int = 64  # largest file a job may write; also the size of its private /tmp
+    max_procs: int = 32  # processes + threads of one job (needs the uid switch, i.e. root)
+    max_output_bytes: int = 2048  # printed output kept per job
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Limits.{f.name} must be a positive number, got {value!r}")
+        for name in ("memory_mb", "file_size_mb", "max_procs", "max_output_bytes"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"Limits.{name} must be an int, got {getattr(self, name)!r}")
+        if self.wall_s < self.cpu_s:
+            raise ValueError(f"Limits.wall_s ({self.wall_s!r}) must be >= Limits.cpu_s ({self.cpu_s!r})")
+        if self.max_output_bytes > 1 << 20:
+            raise ValueError(f"Limits.max_output_bytes must be <= 1 MiB, got {self.max_output_bytes!r}")
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What the workers actually got on this machine (they try everything and report)."""
+
+    unprivileged_uid: bool  # jobs run as a uid of their own: can't touch the harness or host files, NPROC works
+    user_namespace: bool  # used instead of root to create the namespaces below (no uid switch then)
+    mount_namespace: bool  # host filesystem read-only, private tmpfs /tmp, /dev/shm and /run hidden
+    pid_namespace: bool  # jobs see only their own processes; all of them die with the job
+    network_namespace: bool  # no network at all (not even loopback)
+    ipc_namespace: bool  # private SysV IPC / POSIX message queues
+    notes: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return all((self.unprivileged_uid, self.mount_namespace, self.pid_namespace, self.network_namespace,
+                    self.ipc_namespace))
+
+
+# Modules HumanEval/MBPP-style solutions import; loaded once per worker, so a job's `import` is a dict lookup.
+PRELOAD = (
+    "math", "cmath", "re", "string", "itertools", "collections", "collections.abc", "functools", "heapq",
+    "bisect", "operator", "typing", "hashlib", "random", "statistics", "fractions", "decimal", "numbers",
+    "copy", "datetime", "time", "calendar", "json", "array", "struct", "textwrap", "unicodedata", "dataclasses",
+    "enum", "abc", "io", "contextlib", "queue", "types", "ast", "doctest", "unittest", "threading",
+)
+
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
+_FEATURES = ("setuid", "userns", "mountns", "pidns", "netns", "ipcns")
+_UID_BASE = 1 << 30  # jobs run as uid/gid _UID_BASE + random: no such user exists, so nothing on the host is theirs
+_DEPTH = 2  # jobs queued per worker, so a worker never waits for the parent between jobs
+_START_TIMEOUT_S = 60.0
+_GRACE_S = 10.0  # a worker silent for wall_s + this is declared dead
+
+
+def _infra(message: str) -> ExecResult:
+    return ExecResult(Outcome.INFRA_ERROR, None, None, message[:500], 0.0)
+
+
+class _Worker:
+    """One fork-server process and the parent's view of it (buffers, jobs in flight)."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", _WORKER, json.dumps(cfg)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True, start_new_session=True,
+            cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+                          "PYTHONDONTWRITEBYTECODE": "1"})
+        self.wfd = self.proc.stdin.fileno()
+        self.rfd = self.proc.stdout.fileno()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.inflight: deque[int] = deque()
+        self.deadline: float | None = None
+        self.ready: tuple | None = None
+        self.dead = False
+
+    def frames(self) -> list:
+        out = []
+        while len(self.inbuf) >= 4:
+            n = int.from_bytes(self.inbuf[:4], "big")
+            if len(self.inbuf) < 4 + n:
+                break
+            out.append(marshal.loads(bytes(self.inbuf[4:4 + n])))
+            del self.inbuf[:4 + n]
+        return out
+
+    def await_ready(self, timeout: float) -> tuple:
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.rfd, selectors.EVENT_READ)
+            while True:
+                frames = self.frames()
+                if frames:
+                    assert frames[0][0] == "ready" and len(frames) == 1, f"unexpected first frames {frames!r}"
+                    self.ready = frames[0]
+                    os.set_blocking(self.wfd, False)
+                    return self.ready
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"sandbox worker did not start within {timeout:g}s")
+                chunk = os.read(self.rfd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"sandbox worker exited during start-up (status {self.proc.wait()}); "
+                                       "its stderr is above")
+                self.inbuf += chunk
+
+    def kill(self) -> None:
+        self.dead = True
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.kill()  # our waiter outside the namespaces; the zygote has it as parent-death signal
+        except OSError:
+            pass
+        self.proc.wait()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        try:
+            self.proc.stdin.close()  # EOF: the zygote finishes its job and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+
+def _stop_all(workers: list) -> None:
+    for w in workers:
+        try:
+            w.proc.stdin.close()
+        except OSError:
+            pass
+    for w in workers:
+        w.stop()
+    workers.clear()
 
 
 class Sandbox:
-    """A pool of warm fork-server workers. Use as a context manager; `run` never raises for a job's fault."""
+    """A pool of warm fork-server workers. Use as a context manager; `run` never raises for a job's fault.
 
-    def __init__(self, workers: int | None = None, limits: Limits = Limits()) -> None:
-        raise NotImplementedError
+    `run` may be called from any thread (calls are serialized); the object itself is not picklable: create one
+    per process (e.g. inside a Ray actor).
+    """
+
+    def __init__(self, workers: int | None = None, limits: Limits = Limits(), *,
+                 preload: Sequence[str] = PRELOAD, _disable: frozenset[str] = frozenset()) -> None:
+        if workers is None:
+            workers = len(os.sched_getaffinity(0))
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"Sandbox workers must be a positive int, got {workers!r}")
+        if not isinstance(limits, Limits):
+            raise ValueError(f"Sandbox limits must be a Limits, got {limits!r}")
+        unknown = set(_disable) - set(_FEATURES)
+        if unknown:
+            raise ValueError(f"Sandbox _disable has unknown features {sorted(unknown)}; known: {_FEATURES}")
+        self.limits = limits
+        self._features = [f for f in _FEATURES if f not in _disable]
+        self._preload = list(preload)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._uids = secrets.SystemRandom().sample(range(1 << 24), workers)
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+        try:
+            started = [_Worker(self._config(i)) for i in range(workers)]
+            self._workers.extend(started)
+            readies = [w.await_ready(_START_TIMEOUT_S) for w in started]
+        except BaseException:
+            self.close()
+            raise
+        _, features, notes, _ = readies[0]
+        self.isolation = Isolation(
+            unprivileged_uid="setuid" in features, user_namespace="userns" in features,
+            mount_namespace="mountns" in features, pid_namespace="pidns" in features,
+            network_namespace="netns" in features, ipc_namespace="ipcns" in features, notes=tuple(notes))
+        if not self.isolation.complete and not _disable:
+            warnings.warn(f"sandbox isolation is incomplete on this machine: {self.isolation}", RuntimeWarning,
+                          stacklevel=2)
+
+    def _config(self, slot: int) -> dict:
+        lim = self.limits
+        return {"features": self._features, "preload": self._preload, "uid": _UID_BASE + self._uids[slot],
+                "tmpfs_mb": lim.file_size_mb,
+                "limits": {f.name: getattr(lim, f.name) for f in fields(lim)}}
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
 
     def run(self, jobs: Sequence[Job], progress: bool = False) -> list[ExecResult]:
-        raise NotImplementedError
+        jobs = list(jobs)
+        for i, job in enumerate(jobs):
+            if not isinstance(job, Job):
+                raise ValueError(f"jobs[{i}] must be a Job, got {type(job).__name__}")
+            if job.program is not None and not isinstance(job.program, str):
+                raise ValueError(f"jobs[{i}].program must be a str or None, got {type(job.program).__name__}")
+            if not isinstance(job.test, str):
+                raise ValueError(f"jobs[{i}].test must be a str, got {type(job.test).__name__}")
+            if not isinstance(job.entry_point, str) or not job.entry_point.isidentifier():
+                raise ValueError(f"jobs[{i}].entry_point must be an identifier, got {job.entry_point!r}")
+        results: list[ExecResult | None] = [None] * len(jobs)
+        todo: deque[int] = deque()
+        for i, job in enumerate(jobs):
+            if job.program is None or not job.program.strip():
+                results[i] = ExecResult(Outcome.NO_CODE, None, None, None, 0.0)
+            else:
+                todo.append(i)
+        bar = None
+        if progress:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="job", desc="execute",
+                           dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Sandbox.run called after close()")
+            try:
+                self._schedule(jobs, todo, results, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+        return results  # type: ignore[return-value]
+
+    def _schedule(self, jobs: list[Job], todo: deque, results: list, bar) -> None:
+        budget = self.limits.wall_s + _GRACE_S
+        attempts: dict[int, int] = {}
+        remaining = len(todo)
+        for slot, w in enumerate(self._workers):  # replace workers lost by an interrupted run
+            if w.dead or w.proc.poll() is not None:
+                w.kill()
+                self._workers[slot] = _Worker(self._config(slot))
+                self._workers[slot].await_ready(_START_TIMEOUT_S)
+        sel = selectors.DefaultSelector()
+        live = list(self._workers)
+        for w in live:
+            w.inbuf.clear()
+            w.outbuf.clear()
+            w.inflight.clear()
+            w.deadline = None
+            sel.register(w.rfd, selectors.EVENT_READ, w)
+
+        def finish(i: int, result: ExecResult) -> None:
+            nonlocal remaining
+            results[i] = result
+            remaining -= 1
+            if bar is not None:
+                bar.update(1)
+
+        def lost(w: _Worker, why: str) -> None:
+            """A worker died or hung: requeue what it held (the running job once), start a replacement."""
+            sel.unregister(w.rfd)
+            live.remove(w)
+            w.kill()
+            if w.inflight:
+                head = w.inflight.popleft()
+                attempts[head] = attempts.get(head, 0) + 1
+                for i in reversed(w.inflight):
+                    todo.appendleft(i)
+                if attempts[head] >= 2:
+                    finish(head, _infra(f"sandbox worker {why}, twice, while running this job"))
+                else:
+                    todo.appendleft(head)
+            new = None
+            try:
+                if self._closed or w not in self._workers:
+                    raise RuntimeError("sandbox closed")
+                slot = self._workers.index(w)
+                new = _Worker(self._config(slot))
+                self._workers[slot] = new
+                new.await_ready(_START_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - reported as INFRA_ERROR below if no worker is left
+                if new is not None:
+                    new.kill()
+                if not live:
+                    while todo:
+                        finish(todo.popleft(), _infra(f"sandbox worker {why} and could not be restarted: {e}"))
+                return
+            live.append(new)
+            sel.register(new.rfd, selectors.EVENT_READ, new)
+
+        try:
+            while remaining > 0:
+                now = time.monotonic()
+                for w in list(live):
+                    while todo and len(w.inflight) < _DEPTH:
+                        i = todo.popleft()
+                        job = jobs[i]
+                        body = marshal.dumps((i, job.program, job.test, job.entry_point))
+                        w.outbuf += len(body).to_bytes(4, "big") + body
+                        w.inflight.append(i)
+                        if w.deadline is None:
+                            w.deadline = now + budget
+                    try:
+                        self._flush(w, sel)
+                    except OSError:
+                        lost(w, f"closed its input (status {w.proc.poll()})")
+                if remaining == 0 or not live:
+                    break
+                deadlines = [w.deadline for w in live if w.deadline is not None]
+                timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
+                for key, mask in sel.select(timeout):
+                    w = key.data
+                    if w not in live:
+                        continue
+                    if mask & selectors.EVENT_WRITE:
+                        try:
+                            self._flush(w, sel)
+                        except OSError:
+                            lost(w, f"closed its input (status {w.proc.poll()})")
+                            continue
+                    if mask & selectors.EVENT_READ:
+                        try:
+                            chunk = os.read(w.rfd, 1 << 16)
+                        except OSError:
+                            chunk = b""
+                        if not chunk:
+                            lost(w, f"died (status {w.proc.poll()})")
+                            continue
+                        w.inbuf += chunk
+                        for idx, outcome, phase, etype, msg, cpu, output in w.frames():
+                            expected = w.inflight.popleft()
+                            assert idx == expected, f"worker answered job {idx}, expected {expected}"
+                            finish(idx, ExecResult(Outcome[outcome], None if phase is None else Phase(phase),
+                                                   etype, msg, cpu, output))
+                            w.deadline = time.monotonic() + budget if w.inflight else None
+                now = time.monotonic()
+                for w in [w for w in live if w.deadline is not None and w.deadline < now]:
+                    lost(w, f"gave no answer within {budget:g}s")
+            while todo:  # only if every worker was lost
+                finish(todo.popleft(), _infra("no sandbox worker left"))
+        finally:
+            for w in list(live):
+                if w.inflight:  # interrupted (e.g. KeyboardInterrupt): results would arrive out of step
+                    live.remove(w)
+                    w.kill()
+            sel.close()
+
+    @staticmethod
+    def _flush(w: _Worker, sel: selectors.BaseSelector) -> None:
+        if w.outbuf:
+            try:
+                n = os.write(w.wfd, w.outbuf)
+                del w.outbuf[:n]
+            except BlockingIOError:
+                pass
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.outbuf else 0)
+        if sel.get_key(w.rfd).events != events:
+            sel.modify(w.rfd, events, w)
 
     def close(self) -> None:
-        raise NotImplementedError
+        self._closed = True
+        _stop_all(self._workers)
 
     def __enter__(self) -> "Sandbox":
         return self
