@@ -243,7 +243,7 @@ def test_mbpp_setup_code_is_in_prompt_and_test():
 def test_mbpp_tests_pass_own_code_and_fail_wrong_code():
     problems = problems_from_mbpp_rows(MBPP_ROWS)
     wrong = {
-        "MBPP/11": "def remove_Occ(s, ch):\n    return s.replace(ch, '')\n",
+        "MBPP/11": "def remove_Occ(s, ch):\n    return s.replace(ch, '', 1)\n",  # removes only the first
         "MBPP/900": "def prime_square_sum(n):\n    return sum(p * p for p in range(n))\n",
         "MBPP/2": "def similar_elements(a, b):\n    return tuple(set(a) | set(b))\n",
     }
