@@ -154,6 +154,7 @@ def summarize(rows: Sequence[dict[str, Any]], ks: Sequence[int]) -> dict[str, An
         "tasks_scored": len(scored),
         "min_samples_per_task": min_n,
         "pass_at_k": pass_at,
+        "k_not_reported": sorted(k for k in set(ks) if k > min_n),
         "counts": counts,
         "infra_errors": sum(v for (o, _), v in counts.items() if o == Outcome.INFRA_ERROR.name),
     }
@@ -166,6 +167,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for k, v in summary["pass_at_k"].items():
         lines.append(f"pass@{k}: {v:.4f}")
+    if summary["k_not_reported"]:
+        names = ", ".join(f"pass@{k}" for k in summary["k_not_reported"])
+        lines.append(f"({names} not reported: needs at least k scored samples for every task)")
     phases = [Phase.DEFINITION.value, Phase.TEST.value, None]
     header = f"{'outcome':<16}{'definition':>11}{'test':>8}{'-':>8}{'total':>8}"
     lines += ["", header, "-" * len(header)]
