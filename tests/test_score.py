@@ -238,3 +238,19 @@ def test_bad_options_exit_2_naming_them(tmp_path, capsys, args, field):
     assert main([str(samples), *args]) == 2
     assert field in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]
+
+
+def test_infra_errors_are_excluded_reported_and_exit_1(tmp_path, capsys):
+    """A problem whose own test code doesn't compile is our fault, not the model's: INFRA_ERROR."""
+    problems = _write(tmp_path / "set.jsonl", [
+        {"task_id": "t/ok", "prompt": "def add(a, b):\n", "entry_point": "add",
+         "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"},
+        {"task_id": "t/broken", "prompt": "def sub(a, b):\n", "entry_point": "sub",
+         "test": "def check(candidate):\n    assert candidate(3, 2) == 1\n)\n"},
+    ])
+    samples = _write(tmp_path / "s.jsonl", [{"task_id": "t/ok", "completion": "    return a + b\n"},
+                                            {"task_id": "t/broken", "completion": "    return a - b\n"}])
+    assert main([str(samples), "--problems", str(problems), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert [r["outcome"] for r in _read(Path(f"{samples}_results.jsonl"))] == ["PASS", "INFRA_ERROR"]
+    assert "pass@1: 1.0000" in out and "1 INFRA_ERROR" in out
