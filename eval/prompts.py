@@ -173,7 +173,8 @@ def _choose(candidates: list[tuple[str, bool, str]], entry_point: str) -> tuple[
 
 
 def _defines(code: str, entry_point: str) -> bool:
-    return re.search(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", code, re.MULTILINE) is not None
+    pattern = rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\("
+    return re.search(pattern, code, re.MULTILINE) is not None
 
 
 def _first_code_line_indented(code: str) -> bool:

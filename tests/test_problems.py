@@ -195,7 +195,8 @@ MBPP_ROWS = [
     {  # a helper function before the entry point, an import, and setup code the tests need
         "task_id": 900,
         "text": "Write a function to find the sum of squares of the primes below n.",
-        "code": "import math\ndef is_prime(k):\n    return k > 1 and all(k % d for d in range(2, int(math.sqrt(k)) + 1))"
+        "code": "import math\ndef is_prime(k):\n"
+        "    return k > 1 and all(k % d for d in range(2, int(math.sqrt(k)) + 1))"
         "\ndef prime_square_sum(n):\n    return sum(p * p for p in range(n) if is_prime(p))",
         "test_list": ["assert prime_square_sum(LIMIT) == 87", "assert prime_square_sum(2) == 0"],
         "test_setup_code": "LIMIT = 10",
@@ -203,7 +204,8 @@ MBPP_ROWS = [
     {  # the sanitized config's field names
         "task_id": 2,
         "prompt": "Write a function to find the shared elements from the given two lists.",
-        "code": "def similar_elements(test_tup1, test_tup2):\n  res = tuple(set(test_tup1) & set(test_tup2))\n  return (res) ",
+        "code": "def similar_elements(test_tup1, test_tup2):\n"
+        "  res = tuple(set(test_tup1) & set(test_tup2))\n  return (res) ",
         "test_imports": [],
         "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))"],
         "source_file": "Benchmark Questions Verification V2.ipynb",

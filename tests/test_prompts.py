@@ -252,7 +252,8 @@ def test_class_wrapped_solution_is_a_model_failure_not_rescued(he):
     """A LeetCode-style `class Solution` method is not a module-level function: the program must not define
     the entry point (the executor then reports NAME_ERROR at test time)."""
     p = he["HumanEval/2"]
-    output = "```python\nclass Solution:\n    def truncate_number(self, number: float) -> float:\n        return number % 1.0\n```"
+    output = ("```python\nclass Solution:\n    def truncate_number(self, number: float) -> float:\n"
+              "        return number % 1.0\n```")
     namespace: dict = {}
     exec(extract_program(p, output, "chat"), namespace)  # trusted fixture
     assert "Solution" in namespace and "truncate_number" not in namespace
@@ -329,7 +330,8 @@ def test_empty_completion_gives_none_in_both_styles(he, style):
 
 def test_missing_colon_stays_a_syntax_error(he):
     p = he["HumanEval/2"]
-    output = "```python\ndef truncate_number(number: float) -> float\n    return number % 1.0\n```\nExplanation: uses %."
+    output = ("```python\ndef truncate_number(number: float) -> float\n    return number % 1.0\n```\n"
+              "Explanation: uses %.")
     assert not compiles(extract_program(p, output, "chat"))
 
 
