@@ -1,0 +1,535 @@
+"""pairs/: properties of the selector over generated pools, bad input, and TRL reading the output as-is.
+
+Pools are real gen run folders (gen.shards.ShardStore) written to temp dirs; every test runs the real stage
+(`pairs.run.run`) and checks the Parquet it wrote against the pool it was given, recomputing everything the
+property needs (pass rates, categories, duplicates, caps) independently of the selector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gen.shards import ROW_SCHEMA, ShardStore, rows_to_table
+from pairs.config import PairsConfig, category_names, category_of, rejectable_outcomes
+from pairs.output import PAIRS_SCHEMAS, check_pairs_schema
+from pairs.run import main, run
+from pairs.select import apportion, normalize_whitespace
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+OUTCOME_CHOICES = ["PASS", "PASS", "PASS", "PASS", "ASSERTION_FAIL", "NAME_ERROR", "TYPE_ERROR", "SYNTAX_ERROR",
+                   "TIMEOUT", "NO_CODE", "INFRA_ERROR"]
+NO_PHASE = ("PASS", "NO_CODE", "INFRA_ERROR")
+TOKENS = [0, 1, 3, 5, 8, 12, 20, 30, 7, 9, 14, 40]  # per text id: duplicates of one text share a length
+
+
+# ---------------------------------------------------------------------------------------------------- pools
+
+
+def sample_row(problem: str, model: str, adapter: str | None, outcome: str, phase: str | None, text_id: int,
+               variant: int) -> dict:
+    """One pool row. `variant` changes only whitespace (trailing spaces, blank lines, inner runs, CRLF)."""
+    code = ["def f(x):\n    return x + {t}\n", "def f(x):\n    return x +  {t}   \n\n",
+            "def f(x):\r\n    return x + {t}\r\n", "\ndef f(x):\n\n    return x\t+ {t}\n"][variant].format(t=text_id)
+    return {"problem_id": problem, "model": model, "adapter": adapter, "outcome": outcome,
+            "phase": None if outcome in NO_PHASE else phase, "completion": code,
+            "completion_tokens": TOKENS[text_id % len(TOKENS)]}
+
+
+def write_run(root: Path, rows: list[dict], run_id: str = "run-a", shards: int = 2, identity: dict | None = None,
+              prompt_of=lambda problem_id: f"def {problem_id.replace('/', '_')}(x):\n", order_seed: int | None = None) -> str:
+    """A gen run folder holding `rows` (dicts from sample_row) in `shards` shard files, round-robin. Sample indices
+    follow the order of `rows`; `order_seed` then shuffles the rows across shards (same content, other layout)."""
+    store = ShardStore(str(root))
+    manifest = store.open_run(run_id, identity or {"prompt_style": "base", "response_prefix": ""})
+    seen: Counter = Counter()
+    full = []
+    for r in rows:
+        k = (r["problem_id"], r["model"], r["adapter"])
+        full.append({
+            "run_id": run_id, "unit_id": "", "problem_id": r["problem_id"], "sample_index": seen[k],
+            "run_seed": 7, "seed": 7_000_000 + 1000 * seen[k] + len(full), "model": r["model"],
+            "adapter": r["adapter"], "prompt": r.get("prompt") or prompt_of(r["problem_id"]),
+            "completion": r["completion"], "completion_tokens": r["completion_tokens"],
+            "finish_reason": r.get("finish_reason", "stop"), "cumulative_logprob": -1.0, "outcome": r["outcome"],
+            "phase": r["phase"], "error_type": None, "error_message": None, "exec_time_s": 0.01,
+        })
+        seen[k] += 1
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(full)
+    for s in range(shards):
+        part = [dict(x, unit_id=f"u{s}") for x in full[s::shards]]
+        if part:
+            store.write_unit(manifest, f"u{s}", rows_to_table(part))
+    return str(root)
+
+
+@st.composite
+def pools(draw) -> list[dict]:
+    n_problems = draw(st.integers(1, 4))
+    models = draw(st.sampled_from([["m"], ["m", "m2"]]))
+    adapters = draw(st.sampled_from([[None], [None, "lora-1"]]))
+    specs = draw(st.lists(
+        st.tuples(st.integers(0, n_problems - 1), st.sampled_from(models), st.sampled_from(adapters),
+                  st.sampled_from(OUTCOME_CHOICES), st.sampled_from(["definition", "test"]), st.integers(0, 11),
+                  st.integers(0, 3)),
+        min_size=8, max_size=80))
+    return [sample_row(f"p/{p}", m, a, o, ph, t, v) for p, m, a, o, ph, t, v in specs]
+
+
+@st.composite
+def configs(draw) -> dict:
+    key = draw(st.sampled_from(["outcome", "outcome+phase"]))
+    exclude = draw(st.sampled_from([["NO_CODE"], [], ["NO_CODE", "TIMEOUT"]]))
+    balance = draw(st.sampled_from(["uniform", "proportional", "weights"]))
+    weights = {}
+    if balance == "weights":
+        names = category_names(key, rejectable_outcomes(exclude))
+        weights = draw(st.dictionaries(st.sampled_from(names), st.sampled_from([0.0, 0.5, 1.0, 3.0]), max_size=4))
+    lo = draw(st.sampled_from([0.0, 0.1, 0.25]))
+    ratio = draw(st.sampled_from([(0.5, 2.0), (0.2, 5.0), (1.0, 1.0), (0.9, 1.5), (0.01, 100.0)]))
+    return dict(
+        num_pairs=draw(st.integers(1, 40)), balance=balance, weights=weights, category_key=key,
+        exclude_outcomes=exclude, max_pairs_per_problem=draw(st.integers(1, 6)),
+        pass_rate_min=lo, pass_rate_max=draw(st.sampled_from([0.6, 0.9, 1.0])),
+        length_ratio_min=ratio[0], length_ratio_max=ratio[1], max_reuse=draw(st.integers(1, 3)),
+        dedup=draw(st.booleans()), seed=draw(st.integers(0, 3)),
+    )
+
+
+def select(rows: list[dict], opts: dict, shards: int = 2, split_runs: bool = False, order_seed: int | None = None,
+           reverse_inputs: bool = False) -> tuple[list[dict] | None, dict]:
+    """Run the stage on a fresh pool; (pairs as dicts, report), or (None, {"error": msg}) for 'no pairs' errors.
+    split_runs: rows alternate between two run folders (two inputs)."""
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        if split_runs:
+            inputs = [write_run(d / "a", rows[0::2], "run-a", shards, order_seed=order_seed),
+                      write_run(d / "b", rows[1::2], "run-b", shards, order_seed=order_seed)]
+        else:
+            inputs = [write_run(d / "a", rows, "run-a", shards, order_seed=order_seed)]
+        if reverse_inputs:
+            inputs.reverse()
+        cfg = PairsConfig(inputs=inputs, out=str(d / "out"), progress=False, **opts)
+        try:
+            report = run(cfg)
+        except ValueError as e:
+            if "no problem has both" in str(e) or "no pair fits" in str(e):
+                return None, {"error": str(e)}
+            raise
+        return pq.read_table(d / "out" / "pairs.parquet").to_pylist(), report
+
+
+class Reference:
+    """The pool as the tests see it, computed without the selector."""
+
+    def __init__(self, rows: list[dict], opts: dict, split_runs: bool = False) -> None:
+        self.cfg = PairsConfig(inputs=["x"], **opts)
+        self.rows: dict[tuple, dict] = {}  # (run_id, problem, model, adapter, sample_index) -> row
+        self.group_rows = defaultdict(list)  # (problem, model, adapter) -> [(row key, row)]
+        runs = [rows[0::2], rows[1::2]] if split_runs else [rows]
+        for run_id, rs in zip(("run-a", "run-b"), runs):
+            seen: Counter = Counter()
+            for r in rs:
+                g = (r["problem_id"], r["model"], r["adapter"])
+                key = (run_id, *g, seen[g])
+                seen[g] += 1
+                self.rows[key] = r
+                self.group_rows[g].append((key, r))
+        self.rate = {}
+        for g, items in self.group_rows.items():
+            scored = [r for _, r in items if r["outcome"] != "INFRA_ERROR"]
+            self.rate[g] = sum(r["outcome"] == "PASS" for r in scored) / len(scored) if scored else float("nan")
+
+    def row(self, pair: dict, side: str) -> dict:
+        return self.rows[self.key(pair, side)]
+
+    @staticmethod
+    def key(pair: dict, side: str) -> tuple:
+        return (pair[f"{side}_run_id"], pair["problem_id"], pair["model"], pair["adapter"], pair[f"{side}_sample_index"])
+
+    def in_window(self, g) -> bool:
+        return self.cfg.pass_rate_min <= self.rate[g] <= self.cfg.pass_rate_max
+
+    def category(self, r: dict) -> str | None:
+        if r["outcome"] not in self.cfg.rejectable:
+            return None
+        return category_of(r["outcome"], r["phase"], self.cfg.category_key)
+
+    def unit(self, key: tuple, text: str):
+        """What reuse limits count: a whitespace-normalised text of a group under dedup, else the row itself."""
+        return (key[1:4], norm(text)) if self.cfg.dedup else key
+
+    def clusters(self, g) -> dict:
+        """Non-INFRA rows of a group by `unit`."""
+        out = defaultdict(list)
+        for key, r in self.group_rows[g]:
+            if r["outcome"] != "INFRA_ERROR":
+                out[self.unit(key, r["completion"])].append(r)
+        return out
+
+    def ratio_ok(self, chosen_tokens: int, rejected_tokens: int) -> bool:
+        ratio = max(chosen_tokens, 1) / max(rejected_tokens, 1)
+        return self.cfg.length_ratio_min <= ratio <= self.cfg.length_ratio_max
+
+
+def norm(text: str) -> str:
+    return normalize_whitespace(pa.array([text])).to_pylist()[0]
+
+
+# --------------------------------------------------------------------------------------------- properties
+
+
+@PROPERTY
+@given(pools(), configs())
+def test_every_pair_is_one_problem_and_one_model(rows, opts):
+    pairs, _ = select(rows, opts, split_runs=True)
+    ref = Reference(rows, opts, split_runs=True)
+    for p in pairs or []:
+        for side in ("chosen", "rejected"):
+            r = ref.row(p, side)  # the provenance names a row of this very problem, model and adapter...
+            assert r["completion"] == p[side], (p, r)  # ...and it is the text written
+            assert p["prompt"] == f"def {p['problem_id'].replace('/', '_')}(x):\n"
+
+
+@PROPERTY
+@given(pools(), configs())
+def test_chosen_passes_and_rejected_fails_with_an_allowed_outcome(rows, opts):
+    pairs, _ = select(rows, opts)
+    ref = Reference(rows, opts)
+    for p in pairs or []:
+        chosen, rejected = ref.row(p, "chosen"), ref.row(p, "rejected")
+        assert chosen["outcome"] == "PASS", p
+        assert rejected["outcome"] in ref.cfg.rejectable and rejected["outcome"] not in ("PASS", "INFRA_ERROR"), p
+        assert (p["rejected_outcome"], p["rejected_phase"]) == (rejected["outcome"], rejected["phase"])
+        assert p["category"] == ref.category(rejected)
+
+
+@PROPERTY
+@given(pools(), configs())
+def test_caps_window_length_ratio_and_reuse_hold(rows, opts):
+    pairs, _ = select(rows, opts)
+    ref = Reference(rows, opts)
+    per_problem = Counter(p["problem_id"] for p in pairs or [])
+    assert max(per_problem.values(), default=0) <= ref.cfg.max_pairs_per_problem, per_problem
+    uses = Counter()
+    for p in pairs or []:
+        g = (p["problem_id"], p["model"], p["adapter"])
+        assert ref.in_window(g) and p["problem_pass_rate"] == ref.rate[g], (p, ref.rate[g])
+        assert ref.ratio_ok(p["chosen_tokens"], p["rejected_tokens"]), p
+        for side in ("chosen", "rejected"):
+            uses[(side, p[f"{side}_run_id"], *g, p[f"{side}_sample_index"])] += 1
+    assert max(uses.values(), default=0) <= ref.cfg.max_reuse, uses.most_common(3)
+    keys = [(p["chosen_run_id"], p["chosen_sample_index"], p["rejected_run_id"], p["rejected_sample_index"],
+             p["problem_id"], p["model"], p["adapter"]) for p in pairs or []]
+    assert len(keys) == len(set(keys)), "the same (chosen, rejected) pair twice"
+
+
+@PROPERTY
+@given(pools(), configs().map(lambda o: dict(o, dedup=True)))
+def test_no_duplicate_or_unreproducible_completion_is_used(rows, opts):
+    pairs, _ = select(rows, opts)
+    ref = Reference(rows, opts)
+    used = defaultdict(set)  # group -> {(dedup unit, row key)}
+    for p in pairs or []:
+        g = (p["problem_id"], p["model"], p["adapter"])
+        for side in ("chosen", "rejected"):
+            key = ref.key(p, side)
+            used[g].add((ref.unit(key, ref.row(p, side)["completion"]), key))
+    for g, items in used.items():
+        units = Counter(u for u, _ in items)
+        assert max(units.values()) == 1, f"two rows with the same normalised text used in {g}: {units}"
+        verdicts = {u: {(r["outcome"], r["phase"]) for r in rs} for u, rs in ref.clusters(g).items()}
+        for u, _ in items:
+            assert len(verdicts[u]) == 1, f"{g}: text {u[1]!r} was seen with verdicts {verdicts[u]}"
+
+
+def addable_pair_exists(ref: Reference, pairs: list[dict], category: str | None) -> bool:
+    """Could one more pair (of `category`, or of any positive-weight category when None) join the selection
+    within every constraint? Counts reuse per `Reference.unit`, so it agrees with the selector's dedup."""
+    per_problem = Counter(p["problem_id"] for p in pairs)
+    uses, paired = Counter(), set()
+    for p in pairs:
+        c = ref.unit(ref.key(p, "chosen"), ref.row(p, "chosen")["completion"])
+        r = ref.unit(ref.key(p, "rejected"), ref.row(p, "rejected")["completion"])
+        uses[c] += 1
+        uses[r] += 1
+        paired.add((c, r))
+    weights = ref.cfg.weights if ref.cfg.balance == "weights" else {}
+    for g in ref.group_rows:
+        if not ref.in_window(g) or per_problem[g[0]] >= ref.cfg.max_pairs_per_problem:
+            continue
+        passes, fails = [], []
+        for unit, rs in ref.clusters(g).items():
+            if len({(r["outcome"], r["phase"]) for r in rs}) > 1:
+                continue  # one text, two verdicts: not reproducible, never usable
+            cat = ref.category(rs[0])
+            if rs[0]["outcome"] == "PASS":
+                passes.append((unit, rs[0]))
+            elif cat is not None and (cat == category if category else weights.get(cat, 1.0) > 0):
+                fails.append((unit, rs[0]))
+        for uc, c in passes:
+            for ur, r in fails:
+                if (uses[uc] < ref.cfg.max_reuse and uses[ur] < ref.cfg.max_reuse and (uc, ur) not in paired
+                        and ref.ratio_ok(c["completion_tokens"], r["completion_tokens"])):
+                    return True
+    return False
+
+
+@PROPERTY
+@given(pools(), configs())
+def test_quotas_are_met_unless_not_one_more_pair_fits(rows, opts):
+    pairs, report = select(rows, opts)
+    ref = Reference(rows, opts)
+    if pairs is None:  # the stage said "no pairs": not a single pair may exist
+        assert not addable_pair_exists(ref, [], None), report["error"]
+        return
+    assert sum(v["asked"] for v in report["categories"].values()) == ref.cfg.num_pairs
+    got = Counter(p["category"] for p in pairs)
+    for k, v in report["categories"].items():
+        assert got[k] == v["got"], (k, got, v)
+        if got[k] < v["asked"]:
+            assert not addable_pair_exists(ref, pairs, k), f"{k}: got {got[k]} < asked {v['asked']} but one more fits"
+    if len(pairs) < ref.cfg.num_pairs:
+        assert not addable_pair_exists(ref, pairs, None), f"{len(pairs)} < {ref.cfg.num_pairs} but one more fits"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(), configs(), st.integers(1, 4), st.integers(0, 1000))
+def test_same_seed_same_pairs_whatever_the_shard_layout(rows, opts, shards, order_seed):
+    first, _ = select(rows, opts, shards=1, split_runs=True)
+    again, _ = select(rows, opts, shards=shards, split_runs=True, order_seed=order_seed, reverse_inputs=True)
+    assert first == again
+
+
+def test_loose_constraints_meet_every_quota_exactly():
+    """Caps, reuse and windows out of the way: each category gets exactly its share of 60."""
+    rows = []
+    rng = random.Random(1)
+    for p in range(6):
+        for i in range(40):
+            o = ["PASS", "ASSERTION_FAIL", "NAME_ERROR", "TYPE_ERROR"][i % 4]
+            rows.append(sample_row(f"p/{p}", "m", None, o, rng.choice(["definition", "test"]), 0, 0)
+                        | {"completion": f"# {p}-{i}\nreturn {i}\n", "completion_tokens": 10})
+    opts = dict(num_pairs=60, max_pairs_per_problem=100, max_reuse=100, pass_rate_min=0.0, pass_rate_max=1.0)
+    for balance, weights, want in [
+        ("uniform", {}, {"ASSERTION_FAIL": 20, "NAME_ERROR": 20, "TYPE_ERROR": 20}),
+        ("weights", {"NAME_ERROR": 4.0}, {"ASSERTION_FAIL": 10, "NAME_ERROR": 40, "TYPE_ERROR": 10}),
+        ("weights", {"TYPE_ERROR": 0.0}, {"ASSERTION_FAIL": 30, "NAME_ERROR": 30}),
+    ]:
+        pairs, report = select(rows, dict(opts, balance=balance, weights=weights))
+        assert Counter(p["category"] for p in pairs) == want, (balance, weights)
+        assert {k: v["asked"] for k, v in report["categories"].items() if v["asked"]} == want
+
+
+def test_a_short_category_is_redistributed_and_reported():
+    rows = [sample_row("p/0", "m", None, "PASS", None, i, 0) | {"completion_tokens": 10} for i in range(10)]
+    rows += [sample_row("p/0", "m", None, "NAME_ERROR", "test", 20 + i, 0) | {"completion_tokens": 10}
+             for i in range(2)]
+    rows += [sample_row("p/0", "m", None, "ASSERTION_FAIL", "test", 40 + i, 0) | {"completion_tokens": 10}
+             for i in range(20)]
+    pairs, report = select(rows, dict(num_pairs=20, max_pairs_per_problem=100, max_reuse=1, pass_rate_min=0.0))
+    cats = report["categories"]
+    assert (cats["NAME_ERROR"]["asked"], cats["NAME_ERROR"]["got"]) == (10, 2)
+    assert (cats["ASSERTION_FAIL"]["asked"], cats["ASSERTION_FAIL"]["got"]) == (10, 8)  # 10 passes, reuse 1
+    assert cats["NAME_ERROR"]["exhausted"]
+    assert any(n.startswith("NAME_ERROR: asked 10, got 2") for n in report["redistribution"]), report["redistribution"]
+    assert len(pairs) == 10 and any("only 10 of the 20" in w for w in report["warnings"])
+
+
+def test_apportion_splits_exactly_and_proportionally():
+    for total, weights in [(500, {"a": 1.0, "b": 1.0, "c": 1.0}), (7, {"a": 3.0, "b": 1.0}), (3, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0})]:
+        out = apportion(total, weights, seed=0)
+        assert sum(out.values()) == total and out.get("e", 0) == 0
+        s = sum(weights.values())
+        assert all(abs(out[k] - total * w / s) < 1 for k, w in weights.items()), out
+
+
+def test_whitespace_normalisation_keeps_indentation():
+    same = ["def f():\n    return 1\n", "def f():  \r\n    return  1\n\n\n", "\ndef f():\n    return\t1"]
+    assert len({norm(t) for t in same}) == 1
+    assert norm("if x:\n    a()\nb()\n") != norm("if x:\n    a()\n    b()\n")
+
+
+# ------------------------------------------------------------------------------------------- leakage guard
+
+
+def simple_pool(d: Path, problems=("p/0", "p/1")) -> str:
+    rows = []
+    for p in problems:
+        rows += [sample_row(p, "m", None, "PASS", None, i, 0) | {"completion_tokens": 10} for i in range(3)]
+        rows += [sample_row(p, "m", None, "ASSERTION_FAIL", "test", 10 + i, 0) | {"completion_tokens": 10}
+                 for i in range(3)]
+    return write_run(d / "run", rows)
+
+
+def test_leakage_guard_refuses_and_writes_nothing(tmp_path):
+    inp = simple_pool(tmp_path)
+    with pytest.raises(ValueError, match=r"leakage: 1 problem.*'p/1'.*allow_leakage"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_ids=["p/1", "other"], progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_leakage_guard_checks_the_named_problem_set_split(tmp_path, toy_problems):
+    from eval.problems import load_problems, split_problems
+
+    _, held_out = split_problems(load_problems(toy_problems), 0.5, 0)
+    inp = simple_pool(tmp_path, problems=[held_out[0].id, "p/x"])
+    with pytest.raises(ValueError, match=f"leakage.*{held_out[0].id}"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_problems=toy_problems, eval_fraction=0.5,
+                        split_seed=0, progress=False))
+
+
+def test_allow_leakage_writes_a_loud_warning(tmp_path, capsys):
+    inp = simple_pool(tmp_path)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_ids=["p/1"], allow_leakage=True,
+                             progress=False))
+    leaked = sum(p == "p/1" for p in pq.read_table(tmp_path / "out" / "pairs.parquet").column("problem_id").to_pylist())
+    assert leaked > 0 and report["warnings"][0].startswith(f"LEAKAGE: {leaked} pairs from 1 eval problem")
+    assert "LEAKAGE" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["leakage"]["pair_problems_in_eval"] == 1 and "LEAKAGE" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_a_shard_of_the_wrong_schema_is_named(tmp_path):
+    inp = simple_pool(tmp_path)
+    bad = Path(inp) / "shards" / "u1.parquet"
+    t = pq.read_table(bad)
+    pq.write_table(t.set_column(t.schema.get_field_index("completion_tokens"), "completion_tokens",
+                                t.column("completion_tokens").cast(pa.string())), bad)
+    with pytest.raises(ValueError, match=r"u1\.parquet.*completion_tokens: string \(want int32\)"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+    pq.write_table(t.drop_columns(["outcome"]), bad)
+    with pytest.raises(ValueError, match=r"u1\.parquet.*missing columns \['outcome'\]"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+
+
+def test_unknown_outcome_in_a_shard_is_named(tmp_path):
+    rows = [sample_row("p/0", "m", None, "PASS", None, 0, 0), sample_row("p/0", "m", None, "PASS", None, 1, 0)]
+    rows[1]["outcome"] = "FAILED_SOMEHOW"
+    inp = write_run(tmp_path / "run", rows, shards=1)
+    with pytest.raises(ValueError, match=r"u0\.parquet: unknown outcome 'FAILED_SOMEHOW'"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+
+
+def test_a_pool_without_pass_and_fail_in_one_problem_is_refused(tmp_path):
+    rows = [sample_row("p/0", "m", None, "PASS", None, i, 0) for i in range(3)]
+    rows += [sample_row("p/1", "m", None, "NAME_ERROR", "test", i, 0) for i in range(3)]
+    rows += [sample_row("p/2", "m", None, "NO_CODE", None, i, 0) for i in range(2)]
+    rows += [sample_row("p/2", "m", None, "PASS", None, 5, 0)]
+    inp = write_run(tmp_path / "run", rows)
+    with pytest.raises(ValueError, match=r"no problem has both a PASS and a usable failure.*of 3 \(problem, model, adapter, prompt\) groups in 9 rows, 2 have a PASS.*1 a usable failure.*0 both"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"pairs.weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'NAME_ERROR'"):
+        PairsConfig(inputs=["x"], balance="weights", weights={"NAME_EROR": 2.0})
+    with pytest.raises(ValueError, match=r"unknown category \['NAME_ERROR/runtime'\].*'NAME_ERROR/definition'"):
+        PairsConfig(inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0})
+    with pytest.raises(ValueError, match=r"unknown category \['NO_CODE'\]"):  # excluded by default
+        PairsConfig(inputs=["x"], balance="weights", weights={"NO_CODE": 1.0})
+    inp = simple_pool(tmp_path)
+    assert main([f"inputs={inp}", f"out={tmp_path / 'out'}", "balance=weights", "weights={BOGUS: 1}"]) == 2
+    assert "pairs.weights: unknown category ['BOGUS']" in capsys.readouterr().err
+
+
+def test_the_same_run_given_twice_is_refused(tmp_path):
+    inp = simple_pool(tmp_path)
+    with pytest.raises(ValueError, match="row emitted twice"):
+        run(PairsConfig(inputs=[inp, inp + "/"], out=str(tmp_path / "out"), progress=False))
+
+
+def test_a_shard_truncated_behind_the_manifest_is_refused(tmp_path):
+    inp = simple_pool(tmp_path)
+    shard = Path(inp) / "shards" / "u0.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 2), shard)
+    with pytest.raises(ValueError, match=r"u0\.parquet: shard has 2 rows but its manifest says 6"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+
+
+# -------------------------------------------------------------------------------------- TRL reads the output
+
+
+def chat_pool(d: Path, tokenizer, prefix: str) -> tuple[str, dict]:
+    messages = {f"p/{i}": [{"role": "system", "content": "You write Python."},
+                           {"role": "user", "content": f"Write function number {i}."}] for i in range(3)}
+    prompts = {p: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) + prefix
+               for p, m in messages.items()}
+    rows = []
+    for p in messages:
+        rows += [sample_row(p, "m", None, "PASS", None, i, 0) | {"completion_tokens": 10, "prompt": prompts[p]}
+                 for i in range(2)]
+        rows += [sample_row(p, "m", None, "ASSERTION_FAIL", "test", 5 + i, 0)
+                 | {"completion_tokens": 10, "prompt": prompts[p]} for i in range(2)]
+    identity = {"prompt_style": "chat", "response_prefix": prefix, "problems": "unused"}
+    return write_run(d / "run", rows, identity=identity), messages
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_trl_dpo_trainer_reads_the_pairs_as_they_are(tmp_path, tiny_model, fmt):
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prefix = "```python\n"
+    inp, messages = chat_pool(tmp_path, tok, prefix)
+    run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), prompt_format=fmt, num_pairs=6, progress=False),
+        messages_for=messages.__getitem__)
+    path = str(tmp_path / "out" / "pairs.parquet")
+    assert check_pairs_schema(pq.read_schema(path), path) == fmt
+    data = datasets.load_dataset("parquet", data_files=path, split="train")
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                     bf16=False, save_strategy="no", max_length=256, logging_steps=1,
+                     dataloader_pin_memory=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    eos = tok.eos_token + ("\n" if fmt == "chat" else "")  # the chat template closes the turn with "<|im_end|>\n"
+    for src, ex in zip(data, trainer.train_dataset):
+        row = json.loads(json.dumps(src))
+        sample_prompt = row["prompt"] if fmt == "text" else None
+        assert ex["prompt_ids"] and ex["chosen_ids"] and ex["rejected_ids"]
+        for side in ("chosen", "rejected"):
+            text = tok.decode(ex["prompt_ids"] + ex[f"{side}_ids"])
+            completion = row[side] if fmt == "text" else row[side][0]["content"][len(prefix):]
+            # what TRL trains on is exactly: the prompt the sample was generated from + its completion (+ the
+            # closing fence gen's stop string cut off) + end of turn
+            problem = row["problem_id"]
+            full_prompt = sample_prompt or tok.apply_chat_template(messages[problem], tokenize=False,
+                                                                   add_generation_prompt=True) + prefix
+            assert text == full_prompt + completion + eos, (text, full_prompt, completion)
+            assert completion.endswith("```")
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+
+
+def test_pairs_schemas_are_what_trl_calls_conversational_and_standard():
+    from trl.data_utils import is_conversational
+
+    provenance = {f.name: (1 if pa.types.is_integer(f.type) else 0.5 if pa.types.is_floating(f.type) else "x")
+                  for f in PAIRS_SCHEMAS["text"] if f.name not in ("prompt", "chosen", "rejected")}
+    chat = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
+            "rejected": [{"role": "assistant", "content": "z"}]}
+    text = {"prompt": "x", "chosen": "y", "rejected": "z"}
+    for fmt, turns, conversational in (("chat", chat, True), ("text", text, False)):
+        table = pa.Table.from_pylist([turns | provenance], schema=PAIRS_SCHEMAS[fmt])
+        assert check_pairs_schema(table.schema, fmt) == fmt
+        assert is_conversational(table.to_pylist()[0]) is conversational
+    with pytest.raises(ValueError, match="samples.parquet: not a pairloop pairs table"):
+        check_pairs_schema(ROW_SCHEMA, "samples.parquet")
