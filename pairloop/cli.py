@@ -17,10 +17,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "gen": ("gen.__main__", "main"),
+    "gen": ("gen.run", "main"),
     "pairs": ("pairs.__main__", "main"),
     "train": ("train.__main__", "main"),
-    "eval": ("eval.__main__", "main"),
+    "eval": ("eval.run", "main"),
     "score": ("eval.score", "main"),
     "report": ("eval.report", "main"),
     "run": ("pairloop.loop", "main"),

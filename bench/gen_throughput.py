@@ -1,0 +1,187 @@
+"""Generation throughput, side by side in one run: bare vLLM vs our Ray pipeline vs HF transformers.
+
+    python bench/gen_throughput.py                       # offline Qwen2.5-Coder-0.5B-Instruct, n=16 and 64
+    python bench/gen_throughput.py --model /path --n 16 64 --prompts 4 --max-tokens 64
+
+Same model, same prompts (HumanEval chat prompts), same n and max_tokens, fixed lengths (ignore_eos) so every
+contender produces exactly prompts x n x max_tokens tokens. Each contender runs in its own subprocess (a fresh
+engine each, nothing shared, memory released between them):
+  bare      vllm.LLM.generate in-process, both cores bound (the library on its own)
+  pipeline  gen.run.run_generation with execute=false: Ray actor + work units + shard writes
+  hf        transformers generate(num_return_sequences=n), batched, torch threads = cores
+Then gen with execution vs gen alone (same seeds, so the same completions; real stopping, not ignore_eos).
+Targets (issue 3): pipeline >= 0.95x bare vLLM; vLLM >= 5x HF on this CPU; gen+exec wall <= 1.1x gen alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_env() -> dict[str, str]:
+    n = os.cpu_count() or 1
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "OMP_NUM_THREADS": str(n), "RAY_AUTH_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
+            "VLLM_CACHE_ROOT": os.path.expanduser("~/.cache/pairloop/vllm")}
+
+
+def prompts_for(model_path: str, count: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from eval.problems import load_problems
+    from eval.prompts import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return [build_prompt(p, "chat", tokenizer=tok) + "```python\n" for p in load_problems("humaneval")[:count]]
+
+
+def run_bare(a) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(a.model_path, dtype="float32", enable_chunked_prefill=False, gpu_memory_utilization=0.3,
+              max_model_len=2048, max_num_seqs=256, seed=0)
+    prompts = prompts_for(a.model_path, a.prompts)
+    out = {}
+    for n in a.n:
+        sp = SamplingParams(n=n, max_tokens=a.max_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)
+        llm.generate(prompts[:1], SamplingParams(n=2, max_tokens=4), use_tqdm=False)  # warm
+        t0 = time.perf_counter()
+        res = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        toks = sum(len(c.token_ids) for r in res for c in r.outputs)
+        out[str(n)] = {"tokens": toks, "seconds": dt, "tok_s": toks / dt}
+    return out
+
+
+def run_pipeline(a) -> dict:
+    import ray
+
+    from gen.engine import EngineConfig, EnginePool, ensure_ray
+    from gen.run import GenConfig, run_generation
+
+    problems = Path(a.tmp) / "problems.jsonl"
+    from eval.problems import load_problems
+
+    with open(problems, "w") as f:
+        for p in load_problems("humaneval")[: a.prompts]:
+            f.write(json.dumps({"task_id": p.id, "prompt": p.prompt, "entry_point": p.entry_point,
+                                "test": p.test}) + "\n")
+    ensure_ray()
+    ecfg = EngineConfig(model=a.model_path, max_model_len=2048, enable_lora=False, max_num_seqs=256)
+    pool = EnginePool(ecfg, a.model_path, use_gpu=False)
+    ray.get(pool.generate(0, ["def f():"], [{"n": 2, "max_tokens": 4}]))  # warm, like bare
+    out = {}
+    for n in a.n:
+        cfg = GenConfig(out=str(Path(a.tmp) / f"pipe-n{n}"), problems=str(problems), n=n, max_tokens=a.max_tokens,
+                        ignore_eos=True, execute=False, problems_per_unit=a.prompts, logprobs=False,
+                        seed=1, progress=False, prompt_style="chat")
+        t0 = time.perf_counter()
+        res = run_generation(cfg, ecfg, pool=pool)
+        dt = time.perf_counter() - t0
+        from gen.shards import ShardStore
+
+        toks = sum(ShardStore(res.out).read_table(columns=["completion_tokens"]).column(0).to_pylist())
+        out[str(n)] = {"tokens": toks, "seconds": dt, "tok_s": toks / dt}
+    if a.exec_compare:
+        for execute in (False, True):
+            cfg = GenConfig(out=str(Path(a.tmp) / f"exec-{execute}"), problems=str(problems), n=a.exec_n,
+                            max_tokens=a.exec_max_tokens, execute=execute, problems_per_unit=1, seed=2,
+                            progress=False, prompt_style="chat", logprobs=False)
+            t0 = time.perf_counter()
+            run_generation(cfg, ecfg, pool=pool)
+            out[f"exec_{execute}"] = {"seconds": time.perf_counter() - t0}
+    pool.shutdown()
+    return out
+
+
+def run_hf(a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = AutoTokenizer.from_pretrained(a.model_path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
+    prompts = prompts_for(a.model_path, a.prompts)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    out = {}
+    for n in a.n:
+        torch.manual_seed(1)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            gen = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=n,
+                                 max_new_tokens=a.max_tokens, min_new_tokens=a.max_tokens,
+                                 pad_token_id=tok.pad_token_id)
+        dt = time.perf_counter() - t0
+        toks = (gen.shape[1] - enc["input_ids"].shape[1]) * gen.shape[0]
+        out[str(n)] = {"tokens": int(toks), "seconds": dt, "tok_s": toks / dt}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="default")
+    p.add_argument("--n", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--contenders", nargs="+", default=["bare", "pipeline", "hf"])
+    p.add_argument("--exec-compare", action="store_true", default=True)
+    p.add_argument("--no-exec-compare", dest="exec_compare", action="store_false")
+    p.add_argument("--exec-n", type=int, default=16)
+    p.add_argument("--exec-max-tokens", type=int, default=256)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--model-path", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.variant:
+        os.environ.update(cpu_env())
+        res = {"bare": run_bare, "pipeline": run_pipeline, "hf": run_hf}[a.variant](a)
+        print("RESULT " + json.dumps(res))
+        return
+    from gen.model_source import resolve_model
+
+    model_path = resolve_model(a.model)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in a.contenders:
+            cmd = [sys.executable, __file__, "--variant", c, "--model-path", model_path, "--tmp", tmp,
+                   "--prompts", str(a.prompts), "--max-tokens", str(a.max_tokens), "--exec-n", str(a.exec_n),
+                   "--exec-max-tokens", str(a.exec_max_tokens), "--n", *map(str, a.n)]
+            if not a.exec_compare:
+                cmd.append("--no-exec-compare")
+            print(f"== {c} ...", flush=True)
+            proc = subprocess.run(cmd, env={**os.environ, **cpu_env(), "PYTHONPATH": str(ROOT)},
+                                  capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(proc.stderr[-3000:])
+                raise SystemExit(f"{c} failed")
+            results[c] = json.loads(line[-1][7:])
+            print(f"   {results[c]}", flush=True)
+    print(f"\nmodel={a.model} prompts={a.prompts} max_tokens={a.max_tokens} (ignore_eos) cores={os.cpu_count()}")
+    print(f"{'n':>4} " + " ".join(f"{c + ' tok/s':>16}" for c in a.contenders) + "   pipeline/bare   bare/hf")
+    for n in map(str, a.n):
+        row = [results[c][n]["tok_s"] if c in results else float("nan") for c in a.contenders]
+        r = {c: results.get(c, {}).get(n, {}).get("tok_s", float("nan")) for c in ("bare", "pipeline", "hf")}
+        print(f"{n:>4} " + " ".join(f"{v:>16.1f}" for v in row)
+              + f"   {r['pipeline'] / r['bare']:>13.3f}   {r['bare'] / r['hf']:>7.2f}")
+    pipe = results.get("pipeline", {})
+    if "exec_True" in pipe:
+        g, ge = pipe["exec_False"]["seconds"], pipe["exec_True"]["seconds"]
+        print(f"gen alone {g:.1f} s, gen+exec {ge:.1f} s: ratio {ge / g:.3f} (target <= 1.1)")
+    print("RESULTS_JSON " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
