@@ -299,7 +299,11 @@ def read_marker(folder: str | Path) -> dict | None:
     path = Path(folder) / MARKER
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        marker = json.loads(path.read_text())
+    except json.JSONDecodeError:  # only a hand-edited marker can be unreadable (ours is os.replace'd whole)
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def _is_complete(folder: Path, model: BuiltinModel) -> bool:

