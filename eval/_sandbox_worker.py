@@ -61,8 +61,8 @@ EXCEPTION_OUTCOMES = (
 FEATURES = ("setuid", "userns", "mountns", "pidns", "netns", "ipcns")
 
 # --- shared-page layout ----------------------------------------------------------------------------------------
-# header: progress, outcome, phase, pad, len(error_type), len(message), len(output), nonce[16]
-_HDR = struct.Struct("<BBBxIII16s")
+# header: progress, outcome, phase, pad, len(error_type), len(message), len(output), nonce[16], writer pid
+_HDR = struct.Struct("<BBBxIII16sI")
 _P_SETUP, _P_DEFINITION, _P_TEST, _P_FINISH = 0, 1, 2, 3
 _PHASES = {_P_DEFINITION: "definition", _P_TEST: "test", _P_FINISH: "test"}
 _OUTLEN_AT = 12  # offset of len(output) inside the header
@@ -163,7 +163,49 @@ def _mountinfo() -> list[tuple[str, int]]:
     return out
 
 
-def _private_filesystem(job_root: str, size_mb: int, remount_proc: bool) -> list[str]:
+def _python_dirs() -> list[str]:
+    """Directories a job's Python needs to read: the import path, the prefixes, the interpreter's own dir."""
+    dirs = [p for p in sys.path if p] + [sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                         os.path.dirname(os.path.realpath(sys.executable))]
+    return sorted({os.path.realpath(d) for d in dirs if os.path.exists(d)})
+
+
+def _expose_python(notes: list[str]) -> None:
+    """Python installed under a directory other users can't enter (pyenv in /root is common): inside our mount
+    namespace, replace each such directory with a tmpfs that holds only the way to the Python files (bind
+    mounts, read-only). The rest of that directory stays hidden from jobs."""
+    reach: dict[str, set[str]] = {}  # blocked directory -> names inside it that lead to Python
+    for target in _python_dirs():
+        parts = target.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            parent = "/" + "/".join(parts[:depth])
+            if not os.stat(parent).st_mode & 0o001:
+                reach.setdefault(parent, set()).add(parts[depth])
+    if not reach:
+        return
+    fds = {}  # opened before anything is mounted over their parents
+    for parent, names in reach.items():
+        for name in names:
+            fds[(parent, name)] = os.open(os.path.join(parent, name), os.O_PATH)
+    try:
+        for parent in sorted(reach, key=lambda p: p.count("/")):  # outermost first
+            _mount("tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0711")
+            for name in sorted(reach[parent]):
+                fd, target = fds[(parent, name)], os.path.join(parent, name)
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.mkdir(target)
+                else:
+                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+                _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+                _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            _mount(None, parent, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=64k,mode=0711")
+            notes.append(f"{parent} is hidden from jobs except the way to Python ({', '.join(sorted(reach[parent]))})")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _private_filesystem(job_root: str, size_mb: int, remount_proc: bool, expose_python: bool) -> list[str]:
     """Inside our mount namespace: a fresh tmpfs at job_root, every other mount read-only, /dev/shm and /run
     hidden, /proc showing only our pid namespace. Raises (having changed nothing visible) if the tmpfs fails."""
     notes = []
@@ -188,21 +230,35 @@ def _private_filesystem(job_root: str, size_mb: int, remount_proc: bool) -> list
                 _mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0755")
             except OSError as e:
                 notes.append(f"could not hide {hidden} ({e.strerror})")
+    if expose_python:
+        try:
+            _expose_python(notes)
+        except OSError as e:
+            notes.append(f"could not expose the Python installation to jobs ({e})")
     return notes
 
 
-def _can_switch_uid(uid: int) -> bool:
+def _can_switch_uid(uid: int) -> str | None:
+    """None if a child can switch to `uid` and still read the Python installation, else why not."""
+    needed = _python_dirs()  # as root: a path we can't see after the switch must still count
     pid = os.fork()
     if pid == 0:
         try:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            os._exit(0)
         except BaseException:
             os._exit(1)
+        for d in needed:
+            try:
+                os.listdir(d)
+            except OSError:
+                os._exit(2)
+        os._exit(0)
     _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    code = os.waitstatus_to_exitcode(status)
+    return {0: None, 1: "setresuid failed", 2: "the Python installation would not be readable"}.get(
+        code, f"probe exited with {code}")
 
 
 def _isolate(cfg: dict, proto: tuple[int, int]) -> tuple[set[str], list[str], str]:
@@ -241,16 +297,19 @@ def _isolate(cfg: dict, proto: tuple[int, int]) -> tuple[set[str], list[str], st
     job_root = "/dev/shm" if prefix_in_tmp else "/tmp"
     if "mountns" in have:
         try:
-            notes += _private_filesystem(job_root, cfg["tmpfs_mb"], remount_proc="pidns" in have)
+            notes += _private_filesystem(job_root, cfg["tmpfs_mb"], remount_proc="pidns" in have,
+                                         expose_python=root and "setuid" in want)
         except OSError as e:
             have.discard("mountns")
             notes.append(f"private filesystem failed: {e}")
     if "mountns" not in have:
         job_root = tempfile.mkdtemp(prefix="pairloop-sandbox-")
-    if "setuid" in want and root and _can_switch_uid(cfg["uid"]):
-        have.add("setuid")
-    elif "setuid" in want:
-        notes.append("cannot switch to an unprivileged uid (not root)")
+    if "setuid" in want:
+        why = _can_switch_uid(cfg["uid"]) if root else "not root"
+        if why is None:
+            have.add("setuid")
+        else:
+            notes.append(f"jobs keep our uid: cannot switch to an unprivileged one ({why})")
     return have, notes, job_root
 
 
@@ -309,6 +368,15 @@ class _Sink(io.TextIOBase):
         return len(s)
 
 
+def _names(code: types.CodeType) -> set[str]:
+    """Every name a code object (and the code nested in it) refers to; a superset of what it imports."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
 class Zygote:
     def __init__(self, cfg: dict, features: set[str], job_root: str) -> None:
         lim = cfg["limits"]
@@ -327,7 +395,6 @@ class Zygote:
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.ballast = bytearray(1 << 20)  # freed when reporting a MemoryError, so the report itself fits
         self.pristine_builtins = dict(builtins.__dict__)
-        self.modules = dict(sys.modules)
         self.maxfd = max(os.sysconf("SC_OPEN_MAX"), 1024)
         self.job_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.job_dir, "TMPDIR": self.job_dir,
                         "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -357,9 +424,10 @@ class Zygote:
                 return None, f"test code does not compile: {type(e).__name__}: {e}"[:_MSG_MAX]
             check_code = next((c for c in code.co_consts
                                if isinstance(c, types.CodeType) and c.co_name == "check"), None)
+            imports = [(name, sys.modules[name]) for name in sorted(_names(code)) if name in sys.modules]
             if len(self.tests) >= 512:
                 self.tests.clear()
-            entry = self.tests[test] = (code, check_code)
+            entry = self.tests[test] = (code, check_code, imports)
         return entry, None
 
     def run(self, idx: int, program: str, test: str, entry_point: str) -> tuple:
@@ -378,7 +446,7 @@ class Zygote:
         wall_killed = self._wait_or_kill(pid)
         _, status, ru = os.wait4(pid, 0)
         self._kill_leftovers()
-        result = self._verdict(idx, nonce, status, ru, wall_killed)
+        result = self._verdict(idx, pid, nonce, status, ru, wall_killed)
         self._fresh_job_dir()
         return result
 
@@ -449,15 +517,17 @@ class Zygote:
                         pass
             return out
 
-    def _verdict(self, idx, nonce, status, ru, wall_killed) -> tuple:
+    def _verdict(self, idx, pid, nonce, status, ru, wall_killed) -> tuple:
         page = self.page
-        progress, code, phase, etype_len, msg_len, out_len, got_nonce = _HDR.unpack_from(page, 0)
+        progress, code, phase, etype_len, msg_len, out_len, got_nonce, writer = _HDR.unpack_from(page, 0)
         cpu = ru.ru_utime + ru.ru_stime
         out_len = min(out_len, self.out_cap)
         output = page[_OUT_AT:_OUT_AT + out_len].decode("utf-8", "replace")
         where = _PHASES.get(progress)
         clean_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        if got_nonce == nonce and clean_exit and code < len(OUTCOMES) and not wall_killed:
+        # Trusted only if: our nonce, written by the job's own process (not a forked copy), which then left
+        # through the harness's os._exit(0), before the backstop.
+        if got_nonce == nonce and writer == pid and clean_exit and code < len(OUTCOMES) and not wall_killed:
             etype = page[_ETYPE_AT:_ETYPE_AT + min(etype_len, _ETYPE_MAX)].decode("utf-8", "replace") or None
             msg = page[_MSG_AT:_MSG_AT + min(msg_len, _MSG_MAX)].decode("utf-8", "replace") or None
             outcome = OUTCOMES[code]
@@ -538,7 +608,8 @@ class Zygote:
         sys.settrace(None)
         sys.setprofile(None)
         sys.stdout = sys.stderr = sink
-        for name, mod in self.modules.items():  # undo swapped-out modules the tests may import
+        test_code, check_code, test_imports = compiled
+        for name, mod in test_imports:  # undo a program's swapping out of modules the tests import
             if sys.modules.get(name) is not mod:
                 sys.modules[name] = mod
         candidate = ns.get(entry_point, _SENTINEL)
@@ -554,7 +625,6 @@ class Zygote:
                                      "an unrelated object")
             return result
 
-        test_code, check_code = compiled
         tns = dict(ns)  # the tests see the program's globals (HumanEval tests call helpers from the prompt) ...
         tns.pop("check", None)  # ... but never a `check` the program defined
         tns["__builtins__"] = self.pristine_builtins  # ... and builtins as they were before the program ran
@@ -579,7 +649,8 @@ class Zygote:
     def _finish(self, nonce: bytes, exc: BaseException | None, phase: int, outcome: str | None = None,
                 message: str | None = None) -> None:
         """Write the verdict (payload first, nonce last) and leave through the harness path."""
-        self.ballast = None
+        if isinstance(exc, MemoryError):
+            self.ballast = None
         page = self.page
         page[0] = _P_FINISH
         etype = b""
@@ -602,7 +673,8 @@ class Zygote:
         page[_ETYPE_AT:_ETYPE_AT + len(etype)] = etype
         page[_MSG_AT:_MSG_AT + len(msg)] = msg
         out_len = struct.unpack_from("<I", page, _OUTLEN_AT)[0]
-        _HDR.pack_into(page, 0, _P_FINISH, _CODE[outcome], phase, len(etype), len(msg), out_len, bytes(16))
+        _HDR.pack_into(page, 0, _P_FINISH, _CODE[outcome], phase, len(etype), len(msg), out_len, bytes(16),
+                       os.getpid())
         page[16:32] = nonce  # commit
         os._exit(0)
 

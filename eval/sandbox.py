@@ -139,7 +139,7 @@ PRELOAD = (
     "math", "cmath", "re", "string", "itertools", "collections", "collections.abc", "functools", "heapq",
     "bisect", "operator", "typing", "hashlib", "random", "statistics", "fractions", "decimal", "numbers",
     "copy", "datetime", "time", "calendar", "json", "array", "struct", "textwrap", "unicodedata", "dataclasses",
-    "enum", "abc", "io", "contextlib", "queue", "types", "ast", "doctest", "unittest", "threading",
+    "enum", "abc", "io", "contextlib", "types", "ast", "doctest", "unittest",
 )
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
