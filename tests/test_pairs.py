@@ -76,15 +76,18 @@ def write_run(root: Path, rows: list[dict], run_id: str = "run-a", shards: int =
 
 @st.composite
 def pools(draw) -> list[dict]:
+    """1-8 groups (problem x model x adapter) of 1-12 samples each, interleaved in a random order."""
     n_problems = draw(st.integers(1, 4))
-    models = draw(st.sampled_from([["m"], ["m", "m2"]]))
-    adapters = draw(st.sampled_from([[None], [None, "lora-1"]]))
-    specs = draw(st.lists(
-        st.tuples(st.integers(0, n_problems - 1), st.sampled_from(models), st.sampled_from(adapters),
-                  st.sampled_from(OUTCOME_CHOICES), st.sampled_from(["definition", "test"]), st.integers(0, 11),
-                  st.integers(0, 3)),
-        min_size=8, max_size=80))
-    return [sample_row(f"p/{p}", m, a, o, ph, t, v) for p, m, a, o, ph, t, v in specs]
+    variants = draw(st.sampled_from([[("m", None)], [("m", None), ("m2", None)], [("m", None), ("m", "lora-1")]]))
+    sample = st.tuples(st.sampled_from(OUTCOME_CHOICES), st.sampled_from(["definition", "test"]), st.integers(0, 11),
+                       st.integers(0, 3))
+    rows = []
+    for p in range(n_problems):
+        for model, adapter in variants:
+            for o, ph, t, v in draw(st.lists(sample, min_size=1, max_size=12)):
+                rows.append(sample_row(f"p/{p}", model, adapter, o, ph, t, v))
+    order = draw(st.permutations(range(len(rows))))
+    return [rows[i] for i in order]
 
 
 @st.composite
@@ -100,7 +103,7 @@ def configs(draw) -> dict:
     ratio = draw(st.sampled_from([(0.5, 2.0), (0.2, 5.0), (1.0, 1.0), (0.9, 1.5), (0.01, 100.0)]))
     return dict(
         num_pairs=draw(st.integers(1, 40)), balance=balance, weights=weights, category_key=key,
-        exclude_outcomes=exclude, max_pairs_per_problem=draw(st.integers(1, 6)),
+        exclude_outcomes=exclude, max_pairs_per_problem=draw(st.sampled_from([1, 1, 2, 3, 6])),
         pass_rate_min=lo, pass_rate_max=draw(st.sampled_from([0.6, 0.9, 1.0])),
         length_ratio_min=ratio[0], length_ratio_max=ratio[1], max_reuse=draw(st.integers(1, 3)),
         dedup=draw(st.booleans()), seed=draw(st.integers(0, 3)),
@@ -347,6 +350,23 @@ def test_a_short_category_is_redistributed_and_reported():
     assert len(pairs) == 10 and any("only 10 of the 20" in w for w in report["warnings"])
 
 
+def test_a_category_looks_past_a_problem_that_is_full():
+    """ASSERTION_FAIL fails only in p/0, whose cap fills; NAME_ERROR must take over and find its pairs past p/0."""
+    rows = []
+    for p in range(5):
+        rows += [sample_row(f"p/{p}", "m", None, "PASS", None, i, 0) | {"completion_tokens": 10} for i in range(4)]
+        rows += [sample_row(f"p/{p}", "m", None, "NAME_ERROR", "test", 5 + i, 0) | {"completion_tokens": 10}
+                 for i in range(2)]
+    rows += [sample_row("p/0", "m", None, "ASSERTION_FAIL", "test", 9 + i, 0) | {"completion_tokens": 10}
+             for i in range(4)]
+    for seed in range(8):
+        pairs, report = select(rows, dict(num_pairs=8, max_pairs_per_problem=2, pass_rate_min=0.0, seed=seed))
+        # 5 problems x cap 2 = 10 slots >= 8 asked; ASSERTION_FAIL can have at most p/0's 2
+        assert len(pairs) == 8, (seed, report["categories"])
+        assert Counter(p["category"] for p in pairs)["ASSERTION_FAIL"] <= 2
+        assert Counter(p["problem_id"] for p in pairs)["p/0"] <= 2
+
+
 def test_apportion_splits_exactly_and_proportionally():
     for total, weights in [(500, {"a": 1.0, "b": 1.0, "c": 1.0}), (7, {"a": 3.0, "b": 1.0}), (3, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0})]:
         out = apportion(total, weights, seed=0)
@@ -478,6 +498,38 @@ def chat_pool(d: Path, tokenizer, prefix: str) -> tuple[str, dict]:
                  | {"completion_tokens": 10, "prompt": prompts[p]} for i in range(2)]
     identity = {"prompt_style": "chat", "response_prefix": prefix, "problems": "unused"}
     return write_run(d / "run", rows, identity=identity), messages
+
+
+def test_chat_format_rebuilds_the_messages_gen_rendered(tmp_path, tiny_model, toy_problems):
+    """auto format + the problem set named in gen's manifest: prompts are eval.prompts.chat_messages."""
+    from transformers import AutoTokenizer
+
+    from eval.problems import load_problems
+    from eval.prompts import build_prompt, chat_messages
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    problems = {p.id: p for p in load_problems(toy_problems)}
+    prefix = "```python\n"
+    rows = []
+    for pid, prob in list(problems.items())[:3]:
+        prompt = build_prompt(prob, "chat", tokenizer=tok) + prefix
+        rows += [sample_row(pid, "m", None, o, "test", i, 0) | {"completion_tokens": 10, "prompt": prompt}
+                 for i, o in enumerate(["PASS", "PASS", "TYPE_ERROR", "ASSERTION_FAIL"])]
+    identity = {"prompt_style": "chat", "response_prefix": prefix, "problems": toy_problems}
+    inp = write_run(tmp_path / "run", rows, identity=identity)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+    assert report["format"] == "chat"
+    for p in pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist():
+        assert p["prompt"] == chat_messages(problems[p["problem_id"]])
+        assert p["chosen"][0]["content"].startswith(prefix) and p["chosen"][0]["content"].endswith("```")
+    # a problem set other than the one gen rendered from is caught, not silently paired with the wrong prompt
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(
+        json.dumps({"task_id": pid, "prompt": "def g():\n", "entry_point": "g",
+                    "test": "def check(candidate):\n    pass\n"}) + "\n" for pid in problems))
+    with pytest.raises(ValueError, match="message is not in the samples' prompt"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out2"), problems=str(other), progress=False))
+    assert not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("fmt", ["chat", "text"])
