@@ -1,6 +1,6 @@
 """Fork-server worker of eval/sandbox.py (private; standard library only, imports nothing from the project).
 
-`Sandbox` starts one per core as `python -I eval/_sandbox_worker.py CONFIG_JSON` and talks to it through
+`Sandbox` starts one per core as `python -s -P eval/_sandbox_worker.py CONFIG_JSON` and talks to it through
 length-prefixed marshal frames on its stdin/stdout. At start the worker imports the standard library modules
 solutions use, enters fresh namespaces (mount, pid, network, ipc; a user namespace first when not root) and
 becomes the "zygote": pid 1 of its pid namespace, one job at a time. Per job it forks a child that drops to a
@@ -67,7 +67,7 @@ _P_SETUP, _P_DEFINITION, _P_TEST, _P_FINISH = 0, 1, 2, 3
 _PHASES = {_P_DEFINITION: "definition", _P_TEST: "test", _P_FINISH: "test"}
 _OUTLEN_AT = 12  # offset of len(output) inside the header
 _ETYPE_AT, _ETYPE_MAX = 64, 128
-_MSG_AT, _MSG_MAX = 192, 1024
+_MSG_AT, _MSG_MAX = 192, 512
 _OUT_AT = 2048
 _EXIT_SETUP_FAILED = 71  # child could not set itself up: a harness fault
 _EXIT_HARNESS_FELL_THROUGH = 70
@@ -350,22 +350,48 @@ def _forged(result) -> bool:
 class _Sink(io.TextIOBase):
     """sys.stdout/sys.stderr of a job: keeps the first bytes in the shared page, no system calls."""
 
+    encoding = "utf-8"
+    errors = "replace"
+
     def __init__(self, page: mmap.mmap, cap: int) -> None:
         self._page, self._cap, self._n = page, cap, 0
+        self.buffer = _BinarySink(self)
 
     def writable(self) -> bool:
         return True
 
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 1  # /dev/null
+
     def write(self, s) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self.keep(s[:self._cap - self._n].encode("utf-8", "replace"))
+        return len(s)
+
+    def keep(self, b: bytes) -> None:
         room = self._cap - self._n
-        if room > 0 and s:
-            b = s[:room].encode("utf-8", "replace")[:room]
+        if room > 0 and b:
+            b = b[:room]
             self._page[_OUT_AT + self._n:_OUT_AT + self._n + len(b)] = b
             self._n += len(b)
             struct.pack_into("<I", self._page, _OUTLEN_AT, self._n)
-        return len(s)
+
+
+class _BinarySink(io.RawIOBase):
+    def __init__(self, text: _Sink) -> None:
+        self._text = text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        b = bytes(b)
+        self._text.keep(b)
+        return len(b)
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -393,11 +419,14 @@ class Zygote:
         self.tests: dict[str, tuple] = {}
         self.page = mmap.mmap(-1, _OUT_AT + max(self.out_cap, 1))
         self.devnull = os.open(os.devnull, os.O_RDWR)
-        self.ballast = bytearray(1 << 20)  # freed when reporting a MemoryError, so the report itself fits
+        # Freed when reporting a MemoryError, so the report itself fits. bytes() is calloc'd: untouched zero pages,
+        # so it costs address space but no page-table entries to copy at each fork.
+        self.ballast = bytes(1 << 20)
         self.pristine_builtins = dict(builtins.__dict__)
         self.maxfd = max(os.sysconf("SC_OPEN_MAX"), 1024)
         self.job_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.job_dir, "TMPDIR": self.job_dir,
-                        "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+                        "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
+                        "OMP_NUM_THREADS": "1"}
         os.environ.clear()
         os.environ.update(self.job_env)
         tempfile.tempdir = self.job_dir

@@ -3,7 +3,7 @@
     with Sandbox(limits=Limits(cpu_s=5)) as box:
         results = box.run([Job(program, test, entry_point), ...], progress=True)  # input order, never raises
 
-A pool of warm fork-server workers, one per core (eval/_sandbox_worker.py, started as `python -I`): each has
+A pool of warm fork-server workers, one per core (eval/_sandbox_worker.py, a fresh interpreter each): each has
 already imported the standard library modules solutions use and lives in its own mount, pid, network and ipc
 namespaces; per job it forks a child that switches to an unprivileged uid of its own, sets rlimits (CPU time as
 the primary timeout, address space, file size, process count), runs the program as module `__candidate__`
@@ -158,8 +158,11 @@ class _Worker:
     """One fork-server process and the parent's view of it (buffers, jobs in flight)."""
 
     def __init__(self, cfg: dict) -> None:
+        # -s -P: no user site-packages, no script dir on sys.path (jobs can't import project files by accident);
+        # the environment is ours alone (nothing of the caller's leaks in, e.g. tokens), with a fixed hash seed
+        # so set/dict order and therefore verdicts are reproducible.
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", _WORKER, json.dumps(cfg)],
+            [sys.executable, "-s", "-P", _WORKER, json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, close_fds=True, start_new_session=True,
             cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
                           "PYTHONDONTWRITEBYTECODE": "1"})
@@ -453,8 +456,10 @@ class Sandbox:
             sel.modify(w.rfd, events, w)
 
     def close(self) -> None:
+        """Stop the workers (waits for a `run` in progress on another thread to finish first)."""
         self._closed = True
-        _stop_all(self._workers)
+        with self._lock:
+            self._finalizer()
 
     def __enter__(self) -> "Sandbox":
         return self
