@@ -78,7 +78,7 @@ CLONE_NEWNET, CLONE_NEWIPC = 0x40000000, 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
 MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 16384, 1 << 18, 1 << 21, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 24, 28, 36, 38
 _MOUNT_OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                        "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 
@@ -238,6 +238,30 @@ def _private_filesystem(job_root: str, size_mb: int, remount_proc: bool, expose_
     return notes
 
 
+def _drop_capabilities() -> None:
+    """User-namespace mode: we are uid 0 of our namespace, with every capability in it. Give them all up for
+    good (bounding set, securebits, capset), so a job can't remount our read-only view or leave the tmpfs."""
+    _prctl(PR_SET_SECUREBITS, 0x2F)  # NOROOT(+lock), NO_SETUID_FIXUP(+lock), KEEP_CAPS lock
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _prctl(PR_CAPBSET_DROP, cap)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words: all zero
+    _check(_libc.capset(header, data), "capset")
+
+
+def _user_process_count(uid: int) -> int:
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                count += os.stat(f"/proc/{name}").st_uid == uid
+            except OSError:
+                pass
+    return count
+
+
 def _can_switch_uid(uid: int) -> str | None:
     """None if a child can switch to `uid` and still read the Python installation, else why not."""
     needed = _python_dirs()  # as root: a path we can't see after the switch must still count
@@ -310,6 +334,11 @@ def _isolate(cfg: dict, proto: tuple[int, int]) -> tuple[set[str], list[str], st
             have.add("setuid")
         else:
             notes.append(f"jobs keep our uid: cannot switch to an unprivileged one ({why})")
+    if "userns" in have:
+        try:
+            _drop_capabilities()
+        except OSError as e:  # keeping namespace capabilities would let a job undo its read-only view
+            raise RuntimeError(f"cannot drop capabilities inside the user namespace: {e}") from e
     return have, notes, job_root
 
 
@@ -404,7 +433,7 @@ def _names(code: types.CodeType) -> set[str]:
 
 
 class Zygote:
-    def __init__(self, cfg: dict, features: set[str], job_root: str) -> None:
+    def __init__(self, cfg: dict, features: set[str], job_root: str, user_procs: int | None) -> None:
         lim = cfg["limits"]
         self.cpu_s = float(lim["cpu_s"])
         self.wall_s = float(lim["wall_s"])
@@ -414,6 +443,11 @@ class Zygote:
         self.out_cap = int(lim["max_output_bytes"])
         self.features = features
         self.uid = cfg["uid"] if "setuid" in features else None
+        # RLIMIT_NPROC counts every process of the job's real uid. With a uid of its own that is the job alone;
+        # otherwise it is all of this user's processes, so allow what runs now plus a margin (a fork bomb still
+        # stops; the margin absorbs the user starting more processes later).
+        self.nproc = self.max_procs if self.uid is not None else (
+            None if user_procs is None else user_procs + self.max_procs + 256)
         self.job_dir = os.path.join(job_root, "job")
         self.job_root = job_root
         self.tests: dict[str, tuple] = {}
@@ -600,8 +634,9 @@ class Zygote:
             resource.setrlimit(resource.RLIMIT_AS, (self.mem_bytes, self.mem_bytes))
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_bytes, self.fsize_bytes))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if self.nproc is not None:
+                resource.setrlimit(resource.RLIMIT_NPROC, (self.nproc, self.nproc))
             if self.uid is not None:
-                resource.setrlimit(resource.RLIMIT_NPROC, (self.max_procs, self.max_procs))
                 os.setgroups([])
                 os.setresgid(self.uid, self.uid, self.uid)
                 os.setresuid(self.uid, self.uid, self.uid)
@@ -724,10 +759,12 @@ def main(argv: list[str]) -> int:
             importlib.import_module(name)
         except Exception:
             missing.append(name)
+    # counted before entering namespaces: the kernel counts the real uid's processes host-wide (root: no limit)
+    user_procs = None if os.geteuid() == 0 else _user_process_count(os.getuid())
     features, notes, job_root = _isolate(cfg, (proto_in, proto_out))
     if missing:
         notes.append(f"could not preload {', '.join(missing)}")
-    zygote = Zygote(cfg, features, job_root)
+    zygote = Zygote(cfg, features, job_root, user_procs)
     _write_frame(proto_out, ("ready", sorted(features), notes, job_root))
     gc.collect()
     gc.freeze()  # children's collections skip everything imported so far: fewer copy-on-write faults

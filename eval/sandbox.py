@@ -130,8 +130,9 @@ class Isolation:
 
     @property
     def complete(self) -> bool:
-        return all((self.unprivileged_uid, self.mount_namespace, self.pid_namespace, self.network_namespace,
-                    self.ipc_namespace))
+        """Jobs can't touch the harness, host files, other processes or the network."""
+        return all((self.unprivileged_uid or self.user_namespace, self.mount_namespace, self.pid_namespace,
+                    self.network_namespace, self.ipc_namespace))
 
 
 # Modules HumanEval/MBPP-style solutions import; loaded once per worker, so a job's `import` is a dict lookup.
