@@ -415,3 +415,30 @@ def test_a_job_that_kills_its_worker_is_an_infra_error_and_the_run_goes_on():
                            Job(SQUARE, SQUARE_TEST, "square")])
     assert [(r.outcome, r.phase) for r in results] == \
         [(Outcome.PASS, None), (Outcome.INFRA_ERROR, None), (Outcome.PASS, None)], results
+
+
+def test_a_worker_killed_from_outside_mid_job_costs_nothing_but_a_retry():
+    sleepy = "import time\ntime.sleep(1)\n" + SQUARE
+    with Sandbox(workers=1, limits=LIMITS) as box:
+        victim = box._workers[0].proc.pid
+        threading.Timer(0.3, os.kill, (victim, 9)).start()
+        results = box.run([Job(sleepy, SQUARE_TEST, "square"), Job(SQUARE, SQUARE_TEST, "square")])
+    assert [r.outcome for r in results] == [Outcome.PASS, Outcome.PASS], results
+
+
+def test_interrupted_run_leaves_a_usable_sandbox():
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with Sandbox(workers=1, limits=LIMITS) as box:
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                box.run([Job("import time\ntime.sleep(1)\n" + SQUARE, SQUARE_TEST, "square")] * 3)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+        results = box.run([Job(SQUARE, SQUARE_TEST, "square"), Job(WRONG, SQUARE_TEST, "square")])
+    assert [r.outcome for r in results] == [Outcome.PASS, Outcome.ASSERTION_FAIL], results
