@@ -349,28 +349,30 @@ class ForgedEquality(Exception):
 
 
 _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None), bytearray, range, slice})
-_SEQUENCES = frozenset({list, tuple, set, frozenset})
+_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})  # compare element by element: look inside instead
 _SENTINEL = object()
 
 
 def _forged(result) -> bool:
-    stack, budget = [result], 1_000_000
+    """Does `result`, or anything inside its lists/tuples/sets/dicts, claim to equal a fresh object()?"""
+    stack, seen, budget = [result], set(), 1_000_000
     while stack and budget > 0:
         x = stack.pop()
         budget -= 1
         t = type(x)
         if t in _PLAIN:
             continue
-        if t in _SEQUENCES:
-            stack.extend(x)
-        elif t is dict:
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        else:
+        if t not in _CONTAINERS:
             try:
                 eq, ne = x == _SENTINEL, x != _SENTINEL
                 if eq is True or ne is False:
                     return True
+            except Exception:
+                pass
+        if isinstance(x, (list, tuple, set, frozenset, dict)) and id(x) not in seen:
+            seen.add(id(x))
+            try:
+                stack.extend(x.items() if isinstance(x, dict) else x)
             except Exception:
                 pass
     return False
