@@ -42,6 +42,7 @@ class EvalConfig:
     include_base: bool = True
     adapters: list[str] = field(default_factory=list)  # PEFT adapter folders (train/ output)
     allow_foreign_adapter: bool = False  # skip the adapter-vs-base identity check (loudly)
+    allow_train_overlap: bool = False  # evaluate an adapter on problems it was trained on (loudly; inflates pass@1)
     exec_workers: int = 0
     cpu_timeout_s: float = 5.0
     ray_address: str = ""
@@ -98,6 +99,44 @@ def check_adapter_base(adapter: str, model_spec: str, model_path: str) -> None:
         raise ValueError(f"adapter {adapter!r} is for base model {base_name!r}, but the engines run {ident['name']!r}")
 
 
+def result_dirs(cfg: EvalConfig) -> dict[str, list[str]]:
+    """Where each variant's per-seed results live (whether or not they exist yet)."""
+    labels = (["base"] if cfg.include_base else []) + [adapter_label(a) for a in cfg.adapters]
+    return {lab: [os.path.join(cfg.out, lab, f"seed-{s}") for s in cfg.seeds] for lab in labels}
+
+
+def trained_problem_ids(adapter: str) -> set[str]:
+    """Problems an adapter was trained on, from the pairs files its train manifest names (empty if unknown)."""
+    import pyarrow.parquet as pq
+
+    manifest = os.path.join(adapter, "train_manifest.json")
+    if not os.path.isfile(manifest):
+        return set()
+    ids: set[str] = set()
+    for f in json.loads(Path(manifest).read_text()).get("pairs", {}).get("files", []):
+        path = f.get("path")
+        if path and os.path.isfile(path) and "problem_id" in pq.read_schema(path).names:
+            ids |= set(pq.read_table(path, columns=["problem_id"]).column(0).to_pylist())
+    return ids
+
+
+def check_no_train_overlap(cfg: "EvalConfig") -> None:
+    from gen.run import select_problems
+
+    gcfg = GenConfig(problems=cfg.problems, split=cfg.split, eval_fraction=cfg.eval_fraction,
+                     split_seed=cfg.split_seed, limit=cfg.limit)
+    eval_ids = {p.id for p in select_problems(gcfg)}
+    for a in cfg.adapters:
+        overlap = sorted(eval_ids & trained_problem_ids(a))
+        if overlap and not cfg.allow_train_overlap:
+            raise ValueError(
+                f"eval split overlaps the training problems of adapter {a!r}: {overlap[:5]} ({len(overlap)} of "
+                f"{len(eval_ids)}); evaluate on held-out problems (eval.split=eval) or set eval.allow_train_overlap"
+            )
+        if overlap:
+            print(f"WARNING: evaluating {a} on {len(overlap)} problems it was trained on", file=sys.stderr)
+
+
 @dataclass
 class EvalResult:
     out: str
@@ -112,6 +151,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     from gen.model_source import resolve_model
 
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
+    check_no_train_overlap(cfg)
     variants: list[tuple[str, str | None]] = [("base", None)] if cfg.include_base else []
     for a in cfg.adapters:
         if not cfg.allow_foreign_adapter:

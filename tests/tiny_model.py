@@ -9,6 +9,7 @@ Qwen2.5-Coder. Its weights are random (seeded), so its outputs are deterministic
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,3 +86,41 @@ def build_tiny_model(path: str | Path, vocab_size: int = 512, seed: int = 0) -> 
 
 if __name__ == "__main__":
     print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny-qwen2"))
+
+
+def build_tiny_coder(path: str | Path, problems_jsonl: str | Path, steps: int = 120, seed: int = 0) -> Path:
+    """The tiny model, fine-tuned for a few seconds to answer the toy problems in the chat format gen uses.
+
+    Sampled at temperature ~1 it passes some samples and fails others (the mix pairs need), which a model with
+    random weights never does.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    base = build_tiny_model(path.parent / (path.name + "-base"), seed=seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    from eval.problems import load_problems
+    from eval.prompts import build_prompt
+
+    texts = [build_prompt(p, "chat", tokenizer=tok) + "```python\n" + p.reference + "```<|im_end|>"
+             for p in load_problems(str(problems_jsonl))]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model.train()
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tmp = path.parent / (path.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "generation_config.json").write_text((base / "generation_config.json").read_text())
+    os.replace(tmp, path)
+    return path
