@@ -117,13 +117,19 @@ class _Codes:
             self.values.append(value)
         return i
 
+    def codes(self, values: list[Any]) -> list[int]:
+        got = list(map(self.index.get, values))  # a C loop: the common case, every value seen before
+        if None in got:
+            got = [self.code(v) if c is None else c for v, c in zip(values, got)]
+        return got
+
 
 def _dict_codes(col: pa.Array, codes: _Codes, where: str, name: str, nullable: bool) -> np.ndarray:
     if col.null_count and not nullable:
         raise ValueError(f"{where}: column {name!r} has {col.null_count} null value(s); the schema forbids nulls")
     if not isinstance(col, pa.DictionaryArray):  # defensive: a reader that ignored dictionary_columns
         col = col.dictionary_encode()
-    values = [codes.code(v) for v in col.dictionary.to_pylist()]
+    values = codes.codes(col.dictionary.to_pylist())
     indices = col.indices
     if col.null_count:
         values.append(codes.code(None))
@@ -135,6 +141,22 @@ def _num(col: pa.Array, where: str, name: str, dtype: Any) -> np.ndarray:
     if col.null_count:
         raise ValueError(f"{where}: column {name!r} has {col.null_count} null value(s); the schema forbids nulls")
     return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _groups(prob: np.ndarray, model: np.ndarray, adapter: np.ndarray, prompt: np.ndarray,
+            sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct (problem, model, adapter, prompt) code rows, per row the index of its own)."""
+    n_prob, n_model, n_adapter, n_prompt = sizes
+    if n_prob * n_model * n_adapter * n_prompt < 2**62:  # one int64 key per row: a 1-D unique
+        key = ((prob.astype(np.int64) * n_model + model) * n_adapter + adapter) * n_prompt + prompt
+        uniq, inverse = np.unique(key, return_inverse=True)
+        rest, prm = np.divmod(uniq, n_prompt)
+        rest, adp = np.divmod(rest, n_adapter)
+        prb, mdl = np.divmod(rest, n_model)
+        combos = np.stack([prb, mdl, adp, prm], axis=1)
+    else:
+        combos, inverse = np.unique(np.stack([prob, model, adapter, prompt], axis=1), axis=0, return_inverse=True)
+    return combos, inverse.reshape(-1).astype(np.int32)
 
 
 def _check_fragment(frag: ds.ParquetFileFragment, where: str, manifest_rows: int) -> None:
@@ -172,10 +194,9 @@ def scan_pool(uris: Sequence[str], progress: bool = True) -> Pool:
     file_input: list[int] = []
     run_codes, problem_codes, model_codes, adapter_codes, prompt_codes = (_Codes() for _ in range(5))
     outcome_codes, phase_codes = _Codes(), _Codes()
-    group_codes = _Codes()  # (problem, model, adapter, prompt) code tuples
     cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                         ("file", "row", "run", "group", "outcome", "phase", "sample_index", "seed",
-                                          "tokens")}
+                                         ("file", "row", "run", "problem", "model", "adapter", "prompt", "outcome",
+                                          "phase", "sample_index", "seed", "tokens")}
     checked_outcomes = checked_phases = 0
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=_DICT_COLUMNS))
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc="pairs: scan pool", disable=not progress)
@@ -205,9 +226,8 @@ def scan_pool(uris: Sequence[str], progress: bool = True) -> Pool:
             prompt = _dict_codes(c["prompt"], prompt_codes, where, "prompt", False)
             outc = _dict_codes(c["outcome"], outcome_codes, where, "outcome", False)
             ph = _dict_codes(c["phase"], phase_codes, where, "phase", True)
-            combos, inverse = np.unique(np.stack([prob, model, adapter, prompt], axis=1), axis=0, return_inverse=True)
-            gmap = np.array([group_codes.code(tuple(int(x) for x in row)) for row in combos], dtype=np.int32)
-            cols["group"].append(gmap[inverse.reshape(-1)])
+            for name, codes in (("problem", prob), ("model", model), ("adapter", adapter), ("prompt", prompt)):
+                cols[name].append(codes)
             cols["run"].append(run_c)
             cols["outcome"].append(outc)
             cols["phase"].append(ph)
@@ -232,14 +252,15 @@ def scan_pool(uris: Sequence[str], progress: bool = True) -> Pool:
     # local codes -> the fixed OUTCOMES / PHASE_NAMES numbering
     outcome_map = np.array([OUTCOMES.index(v) for v in outcome_codes.values], dtype=np.int8)
     phase_map = np.array([PHASE_NAMES.index(v) for v in phase_codes.values] or [0], dtype=np.int8)
+    combos, group = _groups(arr["problem"], arr["model"], arr["adapter"], arr["prompt"],
+                            [len(c.values) for c in (problem_codes, model_codes, adapter_codes, prompt_codes)])
     groups = [
         GroupKey(problem_codes.values[p], model_codes.values[m], adapter_codes.values[a], prompt_codes.values[q])
-        for p, m, a, q in group_codes.values
+        for p, m, a, q in combos.tolist()
     ]
     problem_index = {p: i for i, p in enumerate(sorted({g.problem_id for g in groups}))}
     group_hash = np.array([hash64(g.problem_id, g.model, g.adapter, g.prompt) for g in groups], dtype=np.uint64)
     run_hash = np.array([hash64(r) for r in run_codes.values], dtype=np.uint64)
-    group = arr["group"].astype(np.int32)
     run_idx = arr["run"].astype(np.int32)
     sample_index = arr["sample_index"].astype(np.int32)
     with np.errstate(over="ignore"):
@@ -283,21 +304,24 @@ def _check_unique_rows(pool: Pool) -> None:
         )
 
 
-def fetch_columns(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[str, pa.Array]:
-    """The given columns of the given pool rows, in the order of `rows`; reads only the row groups holding them."""
+def fetch_columns(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """The given columns of the given pool rows, as Python lists in the order of `rows`; reads only the row groups
+    holding them, several files at once."""
     rows = np.asarray(rows, dtype=np.int64)
+    out: dict[str, list[Any]] = {c: [None] * len(rows) for c in columns}
     if len(rows) == 0:
-        return {c: pa.array([], type=ROW_SCHEMA.field(c).type) for c in columns}
+        return out
     order = np.argsort(pool.file[rows], kind="stable")
     files = pool.file[rows][order]
     bounds = np.flatnonzero(np.diff(files)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [len(files)]])
+    starts = np.concatenate([[0], bounds]).tolist()
+    ends = np.concatenate([bounds, [len(files)]]).tolist()
 
-    def read(span: tuple[int, int]) -> pa.Table:
+    def read(span: tuple[int, int]) -> None:
         lo, hi = span
         fs, path = pool.files[files[lo]]
-        local = pool.row[rows[order[lo:hi]]].astype(np.int64)
+        targets = order[lo:hi]
+        local = pool.row[rows[targets]].astype(np.int64)
         pf = pq.ParquetFile(path, filesystem=fs)
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
         rg_start = np.concatenate([[0], np.cumsum(sizes)])
@@ -306,14 +330,14 @@ def fetch_columns(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[
         table = pf.read_row_groups(wanted.tolist(), columns=list(columns), use_threads=False)
         # position of each row inside the concatenation of the wanted row groups
         base = np.concatenate([[0], np.cumsum([sizes[i] for i in wanted])])
-        pos = base[np.searchsorted(wanted, rg_of)] + (local - rg_start[rg_of])
-        return table.take(pa.array(pos))
+        pos = pa.array(base[np.searchsorted(wanted, rg_of)] + (local - rg_start[rg_of]))
+        for c in columns:
+            values = table.column(c).take(pos).to_pylist()
+            col = out[c]
+            for t, v in zip(targets.tolist(), values):
+                col[t] = v
 
     workers = min(len(starts), os.cpu_count() or 1, 8)
     with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-        parts = list(ex.map(read, zip(starts.tolist(), ends.tolist())))
-    table = pa.concat_tables(parts)
-    inverse = np.empty(len(rows), dtype=np.int64)
-    inverse[order] = np.arange(len(rows))
-    table = table.take(pa.array(inverse))
-    return {c: table.column(c).combine_chunks() for c in columns}
+        list(ex.map(read, zip(starts, ends)))
+    return out

@@ -88,8 +88,10 @@ def no_pairs_message(pool: Pool, plan: Plan, cfg: PairsConfig) -> str:
 def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | None = None) -> dict[str, Any]:
     """Select pairs and write them with their report; returns the report. Raises ValueError on bad input."""
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     eval_ids, eval_desc = eval_problem_ids(cfg)
     pool = scan_pool(cfg.inputs, progress=cfg.progress)
+    timings["scan"] = time.perf_counter() - t0
     fmt = prompt_format(cfg, pool)
     if fmt == "chat" and messages_for is None:
         messages_for = chat_messages_source(cfg, pool)
@@ -112,11 +114,13 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
         )
 
     cache: dict[int, tuple[str, str | None]] = {}
+    t_select = time.perf_counter()
 
     def fetch(rows: np.ndarray):
+        t = time.perf_counter()
         cols = fetch_columns(pool, rows, ["completion", "finish_reason"])
-        for r, t, f in zip(rows.tolist(), cols["completion"].to_pylist(), cols["finish_reason"].to_pylist()):
-            cache[r] = (t, f)
+        timings["read_texts"] = timings.get("read_texts", 0.0) + time.perf_counter() - t
+        cache.update(zip(rows.tolist(), zip(cols["completion"], cols["finish_reason"])))
         return cols["completion"]
 
     sel, dedup_stats = select_with_dedup(pool, plan, fetch)
@@ -129,6 +133,7 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
     missing = np.array(sorted({x for c, r, _ in sel.pairs for x in (c, r)} - set(cache)), dtype=np.int64)
     if len(missing):
         fetch(missing)
+    timings["select_and_dedup"] = time.perf_counter() - t_select - timings.get("read_texts", 0.0)
     table = pairs_table(pool, plan, sel, cache, fmt, messages_for)
 
     pair_problems = set(table.column("problem_id").to_pylist())
@@ -145,6 +150,7 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
                "allow_leakage": cfg.allow_leakage}
     report = build_report(config_to_dict(cfg), pool, plan, sel, table, fmt, dedup_stats, leakage, warnings,
                           time.perf_counter() - t0)
+    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     paths = write_outputs(cfg.out, table, report, report_markdown(report))
     report["written"] = paths
     return report

@@ -7,7 +7,7 @@ rejected a failure in `PairsConfig.rejectable`. The selection:
 2. splits `num_pairs` over the failure categories present (uniform, proportional or weights; largest remainder);
 3. fills the quotas greedily, one pair at a time to the category furthest below its quota. Each category walks
    its rejected rows round-robin over groups (every group's first failure before any group's second), in a seeded
-   order; a rejected row is paired with the least-used compatible PASS of its group (length ratio in bounds,
+   order of its own; a rejected row is paired with the least-used compatible PASS of its group (length ratio in bounds,
    reuse left, not already paired with it), while its problem is under `max_pairs_per_problem`;
 4. when a category runs dry its shortfall goes to the others, by weight, and the report says so.
 
@@ -24,13 +24,11 @@ entirely), and selects again until the selection touches only checked groups.
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from pairs.config import PairsConfig, category_of
 from pairs.pool import INFRA_ERROR, OUTCOMES, PASS, PHASE_NAMES, Pool, hash64, mix64
 
@@ -54,14 +52,27 @@ def apportion(total: int, weights: dict[str, float], seed: int = 0) -> dict[str,
     return out
 
 
-def normalize_whitespace(texts: pa.Array) -> pa.Array:
+_WS_RUN = re.compile(r"[ \t\r\x0b\x0c]+")
+_WS_BYTES = b" \t\n\r\x0b\x0c"
+
+
+def normalize_whitespace(text: str) -> str:
     """Whitespace-insensitive form for dedup, keeping what Python gives meaning to (line breaks and leading
-    indentation): CRLF -> LF, trailing spaces and blank lines dropped, runs of spaces/tabs inside a line -> one."""
-    t = pc.replace_substring(texts, "\r\n", "\n")
-    t = pc.replace_substring_regex(t, r"(?m)[ \t]+$", "")
-    t = pc.replace_substring_regex(t, r"(\S)[ \t]+", r"\1 ")
-    t = pc.replace_substring_regex(t, r"\n\n+", "\n")
-    return pc.utf8_trim(t, characters="\n")
+    indentation): trailing whitespace and blank lines dropped, CRLF -> LF, runs of spaces/tabs inside a line -> one
+    space. Only ASCII whitespace counts (the same set `_coarse_key` drops)."""
+    out = []
+    for line in text.split("\n"):
+        line = line.rstrip(" \t\r\x0b\x0c")
+        if line:
+            body = line.lstrip(" \t")
+            out.append(line[: len(line) - len(body)] + _WS_RUN.sub(" ", body))
+    return "\n".join(out)
+
+
+def _coarse_key(text: str) -> bytes:
+    """The text with every whitespace byte removed: equal normalised texts always have equal coarse keys, and
+    computing it is ~30x cheaper than normalising, so only texts that share one get normalised."""
+    return text.encode("utf-8", "surrogatepass").translate(None, _WS_BYTES)
 
 
 @dataclass
@@ -77,8 +88,8 @@ class Plan:
     n_scored: np.ndarray  # int per group
     pass_rate: np.ndarray  # float per group (nan when no scored row)
     in_window: np.ndarray  # bool per group
-    key: np.ndarray  # uint64 per row: seeded order
-    group_priority: np.ndarray  # uint64 per group: seeded order
+    chosen_order: np.ndarray  # PASS rows of in-window groups, by (group, seeded key)
+    walk_order: np.ndarray  # usable rejected rows of in-window groups, by (category, the order they are tried in)
     tokens: np.ndarray  # float64 per row: max(completion_tokens, 1)
 
 
@@ -97,18 +108,37 @@ def prepare(pool: Pool, cfg: PairsConfig) -> Plan:
         rate = np.where(n_scored > 0, n_pass / np.maximum(n_scored, 1), np.nan)
     in_window = (n_scored > 0) & (rate >= cfg.pass_rate_min) & (rate <= cfg.pass_rate_max)
     seed_mix = mix64(np.array([hash64("pairs", cfg.seed)], dtype=np.uint64))[0]
+    cat = lookup[pool.outcome, pool.phase]
+    key = mix64(pool.ident ^ seed_mix)
+    group_priority = mix64(pool.group_hash ^ mix64(np.array([seed_mix + np.uint64(1)]))[0])
+
+    # PASS rows of each group, in seeded order
+    chosen = np.flatnonzero(is_pass & in_window[pool.group])
+    chosen = chosen[np.lexsort((key[chosen], pool.group[chosen]))]
+    # each category's rejected rows: round-robin over groups (every group's first failure, in seeded order, before
+    # any group's second), groups in the category's own seeded order -- so categories spread over problems instead
+    # of all starting at the same few (which would fill their caps and cover fewer problems)
+    rej = np.flatnonzero((cat >= 0) & in_window[pool.group])
+    rc, rg = cat[rej], pool.group[rej]
+    o = np.lexsort((key[rej], rg, rc))
+    rej, rc, rg = rej[o], rc[o], rg[o]
+    new_run = np.ones(len(rej), dtype=bool)
+    new_run[1:] = (rc[1:] != rc[:-1]) | (rg[1:] != rg[:-1])
+    rank = np.arange(len(rej)) - np.maximum.accumulate(np.where(new_run, np.arange(len(rej)), 0))
+    cat_salt = mix64(np.array([hash64("category", name) for name in categories], dtype=np.uint64))
+    walk = rej[np.lexsort((key[rej], mix64(group_priority[rg] ^ cat_salt[rc]), rank, rc))]
     return Plan(
         cfg=cfg,
         categories=categories,
-        cat=lookup[pool.outcome, pool.phase],
+        cat=cat,
         is_pass=is_pass,
         scored=scored,
         n_pass=n_pass,
         n_scored=n_scored,
         pass_rate=rate,
         in_window=in_window,
-        key=mix64(pool.ident ^ seed_mix),
-        group_priority=mix64(pool.group_hash ^ mix64(np.array([seed_mix + np.uint64(1)]))[0]),
+        chosen_order=chosen,
+        walk_order=walk,
         tokens=np.maximum(pool.tokens, 1).astype(np.float64),
     )
 
@@ -125,16 +155,19 @@ class Selection:
     notes: list[str]
     eligible_groups: np.ndarray  # bool per group: in window, >=1 PASS and >=1 usable failure
     stats: dict[str, int] = field(default_factory=dict)
+    # the rows each category would try next: if dedup drops some of the selected rows, their replacements
+    # likely come from these, so their groups are checked in the same round
+    next_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def eligible(pool: Pool, plan: Plan, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(chosen rows, rejected rows, eligible-group mask) under the window, before ratio checks."""
-    win = plan.in_window[pool.group] & alive
-    chosen_mask = plan.is_pass & win
-    rej_mask = (plan.cat >= 0) & win
+    """(chosen rows, rejected rows, eligible-group mask) among the `alive` rows, before length-ratio checks; rows
+    in the orders of `plan.chosen_order` and `plan.walk_order`."""
+    chosen = plan.chosen_order[alive[plan.chosen_order]]
+    rej = plan.walk_order[alive[plan.walk_order]]
     n = len(pool.groups)
-    ok = (np.bincount(pool.group[chosen_mask], minlength=n) > 0) & (np.bincount(pool.group[rej_mask], minlength=n) > 0)
-    return np.flatnonzero(chosen_mask & ok[pool.group]), np.flatnonzero(rej_mask & ok[pool.group]), ok
+    ok = (np.bincount(pool.group[chosen], minlength=n) > 0) & (np.bincount(pool.group[rej], minlength=n) > 0)
+    return chosen[ok[pool.group[chosen]]], rej[ok[pool.group[rej]]], ok
 
 
 def select(pool: Pool, plan: Plan, alive: np.ndarray) -> Selection:
@@ -143,9 +176,6 @@ def select(pool: Pool, plan: Plan, alive: np.ndarray) -> Selection:
     lo_ratio, hi_ratio, cap, reuse = cfg.length_ratio_min, cfg.length_ratio_max, cfg.max_pairs_per_problem, cfg.max_reuse
     chosen_rows, rej_rows, ok_groups = eligible(pool, plan, alive)
     tok = plan.tokens
-
-    # PASS rows of each group, in seeded order
-    chosen_rows = chosen_rows[np.lexsort((plan.key[chosen_rows], pool.group[chosen_rows]))]
     cg = pool.group[chosen_rows].astype(np.int64)
 
     # drop rejected rows with no PASS of their group inside the length-ratio bounds (never pairable): one
@@ -171,18 +201,8 @@ def select(pool: Pool, plan: Plan, alive: np.ndarray) -> Selection:
         weights = {names[i]: float(cfg.weights.get(names[i], 1.0)) for i in present}
     asked = apportion(cfg.num_pairs, weights, cfg.seed)
 
-    # each category's rejected rows: round-robin over groups (rank inside group first), then seeded group order
-    rc, rg, rk = plan.cat[rej_rows], pool.group[rej_rows], plan.key[rej_rows]
-    o = np.lexsort((rk, rg, rc))
-    rows_s, rc_s, rg_s = rej_rows[o], rc[o], rg[o]
-    new_run = np.ones(len(o), dtype=bool)
-    new_run[1:] = (rc_s[1:] != rc_s[:-1]) | (rg_s[1:] != rg_s[:-1])
-    run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(o)), 0))
-    rank = np.arange(len(o)) - run_start
-    o2 = np.lexsort((plan.key[rows_s], plan.group_priority[rg_s], rank, rc_s))
-    rows_o, rc_o = rows_s[o2], rc_s[o2]
-    bounds = np.searchsorted(rc_o, np.arange(len(names) + 1))
-    walk = {i: rows_o[bounds[i]:bounds[i + 1]].tolist() for i in present}
+    bounds = np.searchsorted(plan.cat[rej_rows], np.arange(len(names) + 1))  # walk_order is by category first
+    walk = {i: rej_rows[bounds[i]:bounds[i + 1]].tolist() for i in present}
 
     starts = np.searchsorted(cg, np.arange(len(pool.groups) + 1))
     group_state: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]] = {}
@@ -289,39 +309,45 @@ def select(pool: Pool, plan: Plan, alive: np.ndarray) -> Selection:
         notes=notes,
         eligible_groups=ok_groups,
         stats={"rejected_rows_no_length_match": ratio_dropped},
+        next_rows=np.array([r for i in present if got[names[i]] > 0
+                            for r in walk[i][cursor[i][1]:cursor[i][1] + 5 + got[names[i]] // 10]], dtype=np.int64),
     )
 
 
 def find_duplicates(
-    group: np.ndarray, ident: np.ndarray, verdict: np.ndarray, texts: pa.Array
+    group: np.ndarray, ident: np.ndarray, verdict: np.ndarray, texts: list[str]
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Rows (of one or more groups) to drop so that no two kept rows of a group share a whitespace-normalised
     text. A text seen with two verdicts (outcome, phase) in one group is not reproducible: all its rows go.
     The kept copy is the one with the smallest identity hash (independent of layout and seed)."""
-    norm = normalize_whitespace(texts).to_pylist()
-    raw = texts.to_pylist()
-    clusters: dict[tuple[int, str], list[int]] = {}
-    for i, (g, t) in enumerate(zip(group.tolist(), norm)):
-        clusters.setdefault((g, t), []).append(i)
-    drop = np.zeros(len(raw), dtype=bool)
+    coarse: dict[tuple[int, bytes], list[int]] = {}
+    for i, (g, t) in enumerate(zip(group.tolist(), texts)):
+        coarse.setdefault((g, _coarse_key(t)), []).append(i)
+    drop = np.zeros(len(texts), dtype=bool)
     counts = {"exact_duplicates": 0, "whitespace_duplicates": 0, "inconsistent_verdicts": 0}
-    for members in clusters.values():
-        if len(members) == 1:
+    for candidates in coarse.values():
+        if len(candidates) == 1:
             continue
-        if len({int(verdict[i]) for i in members}) > 1:
-            drop[members] = True
-            counts["inconsistent_verdicts"] += len(members)
-            continue
-        keep = min(members, key=lambda i: int(ident[i]))
-        drop[[i for i in members if i != keep]] = True
-        distinct = len({raw[i] for i in members})
-        counts["exact_duplicates"] += len(members) - distinct
-        counts["whitespace_duplicates"] += distinct - 1
+        clusters: dict[str, list[int]] = {}
+        for i in candidates:
+            clusters.setdefault(normalize_whitespace(texts[i]), []).append(i)
+        for members in clusters.values():
+            if len(members) == 1:
+                continue
+            if len({int(verdict[i]) for i in members}) > 1:
+                drop[members] = True
+                counts["inconsistent_verdicts"] += len(members)
+                continue
+            keep = min(members, key=lambda i: int(ident[i]))
+            drop[[i for i in members if i != keep]] = True
+            distinct = len({texts[i] for i in members})
+            counts["exact_duplicates"] += len(members) - distinct
+            counts["whitespace_duplicates"] += distinct - 1
     return drop, counts
 
 
 def select_with_dedup(
-    pool: Pool, plan: Plan, fetch_texts: Callable[[np.ndarray], pa.Array]
+    pool: Pool, plan: Plan, fetch_texts: Callable[[np.ndarray], list[str]]
 ) -> tuple[Selection, dict[str, int]]:
     """`select`, then dedup the groups it touched, until it touches only deduped groups (see module docstring)."""
     alive = np.ones(len(pool), dtype=bool)
@@ -334,6 +360,8 @@ def select_with_dedup(
         if not plan.cfg.dedup or not sel.pairs:
             return sel, stats
         touched = np.unique(pool.group[[r for _, r, _ in sel.pairs]])
+        if not checked[touched].all():  # a round reads texts anyway: read those of the likely next groups too
+            touched = np.union1d(touched, pool.group[sel.next_rows])
         new = touched[~checked[touched]]
         if len(new) == 0:
             return sel, stats

@@ -187,7 +187,7 @@ class Reference:
 
 
 def norm(text: str) -> str:
-    return normalize_whitespace(pa.array([text])).to_pylist()[0]
+    return normalize_whitespace(text)
 
 
 # --------------------------------------------------------------------------------------------- properties
