@@ -298,8 +298,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
     lines += [f"Reuse: {ru['distinct_chosen']} distinct chosen (max {ru['max_chosen_uses']} uses), "
               f"{ru['distinct_rejected']} distinct rejected (max {ru['max_rejected_uses']} uses).", ""]
     lk = rep["leakage"]
-    lines += ["## Leakage guard", "", f"Eval set: {lk['eval_set']}; {lk['eval_problems']} problems; "
-              f"pair problems in it: {lk['pair_problems_in_eval']}.", ""]
+    if lk["eval_set"] is None:
+        lines += ["## Leakage guard", "", "No eval set named: not checked.", ""]
+    else:
+        lines += ["## Leakage guard", "", f"Eval set: {lk['eval_set']} ({lk['eval_problems']} problems); "
+                  f"pair problems in it: {lk['pair_problems_in_eval']}"
+                  + (" (allowed by allow_leakage=true)" if lk["pair_problems_in_eval"] else "") + ".", ""]
     return "\n".join(lines)
 
 
@@ -329,7 +333,8 @@ def write_outputs(out: str, table: pa.Table, report: dict[str, Any], markdown: s
         for tmp in temps.values():
             if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 fs.delete_file(tmp)
-    return {name: join(root, name) for name in payloads}
+    scheme = out.split("://", 1)[0] + "://" if "://" in out else ""
+    return {name: scheme + join(root, name) for name in payloads}
 
 
 def _json_default(x: Any) -> Any:

@@ -304,7 +304,7 @@ def _check_unique_rows(pool: Pool) -> None:
         )
 
 
-def fetch_columns(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+def fetch_columns(pool: Pool, rows: np.ndarray, columns: Sequence[str], progress: bool = False) -> dict[str, list[Any]]:
     """The given columns of the given pool rows, as Python lists in the order of `rows`; reads only the row groups
     holding them, several files at once."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -337,7 +337,11 @@ def fetch_columns(pool: Pool, rows: np.ndarray, columns: Sequence[str]) -> dict[
             for t, v in zip(targets.tolist(), values):
                 col[t] = v
 
+    from tqdm.auto import tqdm
+
     workers = min(len(starts), os.cpu_count() or 1, 8)
-    with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-        list(ex.map(read, zip(starts, ends)))
+    with cf.ThreadPoolExecutor(max_workers=workers) as ex, \
+            tqdm(total=len(rows), unit="texts", unit_scale=True, desc="pairs: read texts", disable=not progress) as bar:
+        for span, _ in zip(zip(starts, ends), ex.map(read, zip(starts, ends))):
+            bar.update(span[1] - span[0])
     return out

@@ -118,7 +118,7 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
 
     def fetch(rows: np.ndarray):
         t = time.perf_counter()
-        cols = fetch_columns(pool, rows, ["completion", "finish_reason"])
+        cols = fetch_columns(pool, rows, ["completion", "finish_reason"], progress=cfg.progress)
         timings["read_texts"] = timings.get("read_texts", 0.0) + time.perf_counter() - t
         cache.update(zip(rows.tolist(), zip(cols["completion"], cols["finish_reason"])))
         return cols["completion"]
@@ -158,7 +158,7 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
 
 def print_summary(report: dict[str, Any]) -> None:
     print(f"pairs: {report['pairs']} of {report['asked']} ({report['format']} format), "
-          f"{report['problems_covered']} problems, {report['elapsed_s']:.1f} s -> {report['written']['pairs.parquet']}")
+          f"{report['problems_covered']} problems, {report['elapsed_s']:.2f} s -> {report['written']['pairs.parquet']}")
     width = max([len(k) for k in report["categories"]] + [8])
     print(f"  {'category':<{width}}  {'pool':>8}  {'asked':>5}  {'got':>5}")
     for k, v in report["categories"].items():

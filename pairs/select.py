@@ -296,6 +296,10 @@ def select(pool: Pool, plan: Plan, alive: np.ndarray) -> Selection:
     for k in weights:
         if got[k] > asked[k]:
             notes.append(f"{k}: got {got[k]}, {got[k] - asked[k]} over its quota of {asked[k]}, filling the shortfall")
+    if cfg.balance == "weights":
+        for k, w in sorted(cfg.weights.items()):
+            if w > 0 and k not in weights:
+                notes.append(f"{k}: weighted {w:g} but absent from the eligible pool; its share went to the others")
     if total < cfg.num_pairs:
         notes.append(f"asked for {cfg.num_pairs} pairs; the pool supports {total} under these constraints")
     return Selection(

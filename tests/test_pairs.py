@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs  # noqa: F401 (pa.fs)
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -46,7 +47,7 @@ def sample_row(problem: str, model: str, adapter: str | None, outcome: str, phas
             "completion_tokens": TOKENS[text_id % len(TOKENS)]}
 
 
-def write_run(root: Path, rows: list[dict], run_id: str = "run-a", shards: int = 2, identity: dict | None = None,
+def write_run(root: Path | str, rows: list[dict], run_id: str = "run-a", shards: int = 2, identity: dict | None = None,
               prompt_of=lambda problem_id: f"def {problem_id.replace('/', '_')}(x):\n", order_seed: int | None = None) -> str:
     """A gen run folder holding `rows` (dicts from sample_row) in `shards` shard files, round-robin. Sample indices
     follow the order of `rows`; `order_seed` then shuffles the rows across shards (same content, other layout)."""
@@ -480,6 +481,36 @@ def test_a_shard_truncated_behind_the_manifest_is_refused(tmp_path):
     pq.write_table(pq.read_table(shard).slice(0, 2), shard)
     with pytest.raises(ValueError, match=r"u0\.parquet: shard has 2 rows but its manifest says 6"):
         run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+
+
+def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypatch):
+    """Run folders and the output may be pyarrow URIs (here a local moto S3 server)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="pool")
+        query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        rows = []
+        for p in range(3):
+            rows += [sample_row(f"p/{p}", "m", None, o, "test", i, 0) | {"completion_tokens": 10}
+                     for i, o in enumerate(["PASS", "PASS", "NAME_ERROR", "ASSERTION_FAIL", "TYPE_ERROR"])]
+        local = run(PairsConfig(inputs=[write_run(tmp_path / "run", rows)], out=str(tmp_path / "out"), progress=False))
+        remote = run(PairsConfig(inputs=[write_run("s3://pool/run" + query, rows)], out="s3://pool/out" + query,
+                                 progress=False))
+        assert remote["written"]["pairs.parquet"] == "s3://pool/out/pairs.parquet"
+        fs, path = pa.fs.FileSystem.from_uri("s3://pool/out/pairs.parquet" + query)
+        assert pq.read_table(path, filesystem=fs).to_pylist() == pq.read_table(local["written"]["pairs.parquet"]).to_pylist()
+    finally:
+        server.stop()
 
 
 # -------------------------------------------------------------------------------------- TRL reads the output
