@@ -85,3 +85,11 @@ def engine_pool(ray_local, engine_config, tiny_model):
     pool = EnginePool(engine_config, tiny_model, use_gpu=False)
     yield pool
     pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_coder(tmp_path_factory, toy_problems) -> str:
+    """The tiny model fine-tuned on the toy problems: at temperature 1 it passes some samples and fails others."""
+    from tiny_model import build_tiny_coder
+
+    return str(build_tiny_coder(tmp_path_factory.mktemp("coder") / "tiny-coder", toy_problems))

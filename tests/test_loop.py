@@ -1,0 +1,83 @@
+"""`pairloop run` end to end on the tiny coder: every stage, a report, and a rerun that skips everything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def _config(tmp_path: Path, model: str, problems: str) -> Path:
+    cfg = {
+        "run": {"out": str(tmp_path / "run"), "problems": problems, "eval_fraction": 0.5, "split_seed": 0},
+        "engine": {"model": model, "max_model_len": 512, "cpu_kv_cache_gib": 0.5, "max_lora_rank": 16},
+        "gen": {"n": 8, "max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "exec_workers": 1, "progress": False},
+        "pairs": {"num_pairs": 8, "max_pairs_per_problem": 4, "pass_rate_min": 0.0, "pass_rate_max": 1.0,
+                  "length_ratio_min": 0.1, "length_ratio_max": 10.0, "progress": False},
+        "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 256, "learning_rate": 1e-3,
+                  "lora_r": 8, "gradient_checkpointing": False},
+        "eval": {"seeds": [0, 1], "k": 2, "temperature": 1.0, "max_tokens": 64, "exec_workers": 1,
+                 "progress": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory, tiny_coder, toy_problems, ray_local):
+    from pairloop.cli import main
+
+    tmp = tmp_path_factory.mktemp("loop")
+    cfg = _config(tmp, tiny_coder, toy_problems)
+    rc = main(["run", "--config", str(cfg)])
+    return rc, tmp / "run", cfg
+
+
+def test_loop_runs_every_stage_and_writes_a_report(loop_run):
+    rc, out, _ = loop_run
+    assert rc == 0
+    state = json.loads((out / "loop_state.json").read_text())["stages"]
+    assert set(state) == {"eval_base", "gen", "pairs", "train", "eval_adapter"}
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["variants"]) == 2
+    (comparison,) = report["comparisons"]
+    assert comparison["problems"] == 3  # the held-out split of the 6 toy problems (split_seed 0)
+    assert (out / "report" / "report.md").read_text().count("noise") >= 1
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_pairs_never_use_eval_problems(loop_run):
+    import pyarrow.parquet as pq
+
+    from eval.problems import load_problems, split_problems
+
+    _, out, cfg = loop_run
+    problems = yaml.safe_load(cfg.read_text())["run"]["problems"]
+    _, held_out = split_problems(load_problems(problems), 0.5, 0)
+    pairs = pq.read_table(out / "pairs" / "pairs.parquet")
+    assert pairs.num_rows > 0
+    assert not set(pairs.column("problem_id").to_pylist()) & {p.id for p in held_out}
+
+
+def test_rerun_skips_completed_stages(loop_run, capsys):
+    from pairloop.cli import main
+
+    _, out, cfg = loop_run
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    state_before = json.loads((out / "loop_state.json").read_text())
+    assert main(["run", "--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "== " not in printed  # no stage ran again
+    assert adapter.stat().st_mtime_ns == before
+    assert json.loads((out / "loop_state.json").read_text()) == state_before
+
+
+def test_unsectioned_override_is_refused(tmp_path, tiny_coder, toy_problems):
+    from pairloop.cli import main
+
+    cfg = _config(tmp_path, tiny_coder, toy_problems)
+    assert main(["run", "--config", str(cfg), "n=4"]) == 2
