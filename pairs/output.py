@@ -77,7 +77,9 @@ def check_pairs_schema(schema: pa.Schema, where: str) -> str:
     for n in PAIRS_SCHEMA_TEXT.names:
         if n not in schema.names:
             problems.append(f"missing {n!r}")
-        elif n not in ("prompt", "chosen", "rejected") and not schema.field(n).type.equals(PAIRS_SCHEMA_TEXT.field(n).type):
+        elif n not in ("prompt", "chosen", "rejected") and not schema.field(n).type.equals(
+            PAIRS_SCHEMA_TEXT.field(n).type
+        ):
             problems.append(f"{n}: {schema.field(n).type} (want {PAIRS_SCHEMA_TEXT.field(n).type})")
     turns = {n: str(schema.field(n).type) for n in ("prompt", "chosen", "rejected") if n in schema.names}
     raise ValueError(

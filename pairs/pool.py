@@ -167,7 +167,9 @@ def _check_fragment(frag: ds.ParquetFileFragment, where: str, manifest_rows: int
     check_schema(plain, where)
     n = frag.metadata.num_rows
     if n != manifest_rows:
-        raise ValueError(f"{where}: shard has {n} rows but its manifest says {manifest_rows}; the run folder is corrupt")
+        raise ValueError(
+            f"{where}: shard has {n} rows but its manifest says {manifest_rows}; the run folder is corrupt"
+        )
 
 
 def scan_pool(uris: Sequence[str], progress: bool = True) -> Pool:

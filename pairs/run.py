@@ -75,13 +75,14 @@ def no_pairs_message(pool: Pool, plan: Plan, cfg: PairsConfig) -> str:
     n_fail = np.bincount(pool.group[plan.cat >= 0], minlength=len(pool.groups))
     has_pass, has_fail = plan.n_pass > 0, n_fail > 0
     both = has_pass & has_fail
+    outcomes = np.bincount(pool.outcome, minlength=len(OUTCOMES))
     return (
         f"no problem has both a PASS and a usable failure inside the pass-rate window "
         f"[{cfg.pass_rate_min}, {cfg.pass_rate_max}]: of {len(pool.groups)} (problem, model, adapter, prompt) groups "
         f"in {len(pool)} rows, {int(has_pass.sum())} have a PASS, {int(has_fail.sum())} a usable failure "
         f"({', '.join(cfg.rejectable)}), {int(both.sum())} both, {int((both & plan.in_window).sum())} of those in "
         f"the window. Outcomes in the pool: "
-        + ", ".join(f"{OUTCOMES[i]} {int(v)}" for i, v in enumerate(np.bincount(pool.outcome, minlength=len(OUTCOMES))) if v)
+        + ", ".join(f"{OUTCOMES[i]} {int(v)}" for i, v in enumerate(outcomes) if v)
     )
 
 
@@ -162,7 +163,8 @@ def print_summary(report: dict[str, Any]) -> None:
     width = max([len(k) for k in report["categories"]] + [8])
     print(f"  {'category':<{width}}  {'pool':>8}  {'asked':>5}  {'got':>5}")
     for k, v in report["categories"].items():
-        print(f"  {k:<{width}}  {v['pool']:>8}  {v['asked']:>5}  {v['got']:>5}{'  exhausted' if v['exhausted'] else ''}")
+        flag = "  exhausted" if v["exhausted"] else ""
+        print(f"  {k:<{width}}  {v['pool']:>8}  {v['asked']:>5}  {v['got']:>5}{flag}")
     for note in report["redistribution"]:
         print(f"  note: {note}")
     for w in report["warnings"]:

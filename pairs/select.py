@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
 from pairs.config import PairsConfig, category_of
 from pairs.pool import INFRA_ERROR, OUTCOMES, PASS, PHASE_NAMES, Pool, hash64, mix64
 
@@ -173,7 +174,8 @@ def eligible(pool: Pool, plan: Plan, alive: np.ndarray) -> tuple[np.ndarray, np.
 def select(pool: Pool, plan: Plan, alive: np.ndarray) -> Selection:
     """One greedy selection over the rows still `alive` (see the module docstring)."""
     cfg = plan.cfg
-    lo_ratio, hi_ratio, cap, reuse = cfg.length_ratio_min, cfg.length_ratio_max, cfg.max_pairs_per_problem, cfg.max_reuse
+    lo_ratio, hi_ratio = cfg.length_ratio_min, cfg.length_ratio_max
+    cap, reuse = cfg.max_pairs_per_problem, cfg.max_reuse
     chosen_rows, rej_rows, ok_groups = eligible(pool, plan, alive)
     tok = plan.tokens
     cg = pool.group[chosen_rows].astype(np.int64)

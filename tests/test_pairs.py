@@ -47,8 +47,12 @@ def sample_row(problem: str, model: str, adapter: str | None, outcome: str, phas
             "completion_tokens": TOKENS[text_id % len(TOKENS)]}
 
 
+def default_prompt(problem_id: str) -> str:
+    return f"def {problem_id.replace('/', '_')}(x):\n"
+
+
 def write_run(root: Path | str, rows: list[dict], run_id: str = "run-a", shards: int = 2, identity: dict | None = None,
-              prompt_of=lambda problem_id: f"def {problem_id.replace('/', '_')}(x):\n", order_seed: int | None = None) -> str:
+              order_seed: int | None = None) -> str:
     """A gen run folder holding `rows` (dicts from sample_row) in `shards` shard files, round-robin. Sample indices
     follow the order of `rows`; `order_seed` then shuffles the rows across shards (same content, other layout)."""
     store = ShardStore(str(root))
@@ -60,7 +64,7 @@ def write_run(root: Path | str, rows: list[dict], run_id: str = "run-a", shards:
         full.append({
             "run_id": run_id, "unit_id": "", "problem_id": r["problem_id"], "sample_index": seen[k],
             "run_seed": 7, "seed": 7_000_000 + 1000 * seen[k] + len(full), "model": r["model"],
-            "adapter": r["adapter"], "prompt": r.get("prompt") or prompt_of(r["problem_id"]),
+            "adapter": r["adapter"], "prompt": r.get("prompt") or default_prompt(r["problem_id"]),
             "completion": r["completion"], "completion_tokens": r["completion_tokens"],
             "finish_reason": r.get("finish_reason", "stop"), "cumulative_logprob": -1.0, "outcome": r["outcome"],
             "phase": r["phase"], "error_type": None, "error_message": None, "exec_time_s": 0.01,
@@ -160,7 +164,8 @@ class Reference:
 
     @staticmethod
     def key(pair: dict, side: str) -> tuple:
-        return (pair[f"{side}_run_id"], pair["problem_id"], pair["model"], pair["adapter"], pair[f"{side}_sample_index"])
+        return (pair[f"{side}_run_id"], pair["problem_id"], pair["model"], pair["adapter"],
+                pair[f"{side}_sample_index"])
 
     def in_window(self, g) -> bool:
         return self.cfg.pass_rate_min <= self.rate[g] <= self.cfg.pass_rate_max
@@ -203,7 +208,7 @@ def test_every_pair_is_one_problem_and_one_model(rows, opts):
         for side in ("chosen", "rejected"):
             r = ref.row(p, side)  # the provenance names a row of this very problem, model and adapter...
             assert r["completion"] == p[side], (p, r)  # ...and it is the text written
-            assert p["prompt"] == f"def {p['problem_id'].replace('/', '_')}(x):\n"
+            assert p["prompt"] == default_prompt(p["problem_id"])
 
 
 @PROPERTY
@@ -369,7 +374,9 @@ def test_a_category_looks_past_a_problem_that_is_full():
 
 
 def test_apportion_splits_exactly_and_proportionally():
-    for total, weights in [(500, {"a": 1.0, "b": 1.0, "c": 1.0}), (7, {"a": 3.0, "b": 1.0}), (3, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0})]:
+    cases = [(500, {"a": 1.0, "b": 1.0, "c": 1.0}), (7, {"a": 3.0, "b": 1.0}),
+             (3, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0})]  # 4 equal shares of 3: a seeded tie-break
+    for total, weights in cases:
         out = apportion(total, weights, seed=0)
         assert sum(out.values()) == total and out.get("e", 0) == 0
         s = sum(weights.values())
@@ -452,13 +459,15 @@ def test_a_pool_without_pass_and_fail_in_one_problem_is_refused(tmp_path):
     rows += [sample_row("p/2", "m", None, "NO_CODE", None, i, 0) for i in range(2)]
     rows += [sample_row("p/2", "m", None, "PASS", None, 5, 0)]
     inp = write_run(tmp_path / "run", rows)
-    with pytest.raises(ValueError, match=r"no problem has both a PASS and a usable failure.*of 3 \(problem, model, adapter, prompt\) groups in 9 rows, 2 have a PASS.*1 a usable failure.*0 both"):
+    want = (r"no problem has both a PASS and a usable failure.*of 3 \(problem, model, adapter, prompt\) groups in 9 "
+            r"rows, 2 have a PASS, 1 a usable failure.*0 both")
+    with pytest.raises(ValueError, match=want):
         run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
     assert not (tmp_path / "out").exists()
 
 
 def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"pairs.weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'NAME_ERROR'"):
+    with pytest.raises(ValueError, match=r"weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'NAME_"):
         PairsConfig(inputs=["x"], balance="weights", weights={"NAME_EROR": 2.0})
     with pytest.raises(ValueError, match=r"unknown category \['NAME_ERROR/runtime'\].*'NAME_ERROR/definition'"):
         PairsConfig(inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0})
@@ -490,8 +499,9 @@ def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypat
     import boto3
     from moto.server import ThreadedMotoServer
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(port=0, verbose=False)
     server.start()
@@ -508,7 +518,8 @@ def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypat
                                  progress=False))
         assert remote["written"]["pairs.parquet"] == "s3://pool/out/pairs.parquet"
         fs, path = pa.fs.FileSystem.from_uri("s3://pool/out/pairs.parquet" + query)
-        assert pq.read_table(path, filesystem=fs).to_pylist() == pq.read_table(local["written"]["pairs.parquet"]).to_pylist()
+        written_locally = pq.read_table(local["written"]["pairs.parquet"]).to_pylist()
+        assert pq.read_table(path, filesystem=fs).to_pylist() == written_locally
     finally:
         server.stop()
 
