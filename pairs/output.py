@@ -126,6 +126,9 @@ def pairs_table(
         rejected = assistant_text(texts[r][0], texts[r][1], prefix)
         if fmt == "chat":
             if g not in checked:
+                if not key.prompt.endswith(prefix):
+                    raise ValueError(f"problem {key.problem_id!r}: the run's response_prefix {prefix!r} is not the end "
+                                     f"of its samples' prompt (...{key.prompt[-40:]!r})")
                 messages = messages_for(key.problem_id)
                 for m in messages:
                     if m["content"].strip() not in key.prompt:

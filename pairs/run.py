@@ -127,9 +127,9 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
     sel, dedup_stats = select_with_dedup(pool, plan, fetch)
     if not sel.pairs:
         raise ValueError(
-            f"no pair fits: {int(ok.sum())} groups have a PASS and a usable failure in the window, but none has a "
-            f"PASS whose length is within [{cfg.length_ratio_min}, {cfg.length_ratio_max}] x a failure's "
-            "(pairs.length_ratio_min/max)"
+            f"no pair fits: {int(ok.sum())} groups have a PASS and a usable failure in the window, but no PASS is "
+            f"within the length ratio [{cfg.length_ratio_min}, {cfg.length_ratio_max}] of a failure of its group "
+            f"(pairs.length_ratio_min/max) once duplicate and unreproducible texts are dropped (dedup: {dedup_stats})"
         )
     missing = np.array(sorted({x for c, r, _ in sel.pairs for x in (c, r)} - set(cache)), dtype=np.int64)
     if len(missing):
@@ -145,6 +145,8 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
                f"those problems measure memorisation, not improvement: {in_eval[:10]}")
         warnings.insert(0, msg)
         print(f"\n{'!' * 78}\npairloop pairs: {msg}\n{'!' * 78}\n", file=sys.stderr)
+    elif leaked:
+        warnings.append(f"allow_leakage=true: {len(leaked)} eval problem(s) could have yielded pairs; none did")
     if len(sel.pairs) < cfg.num_pairs:
         warnings.append(f"only {len(sel.pairs)} of the {cfg.num_pairs} pairs asked for fit the constraints")
     leakage = {"eval_set": eval_desc, "eval_problems": len(eval_ids), "pair_problems_in_eval": len(in_eval),
