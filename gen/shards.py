@@ -92,6 +92,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def join_uri(uri: str, *parts: str) -> str:
+    """A location under `uri`: a local path, or a URI whose query string (e.g. s3 options such as
+    `?endpoint_override=host:port&scheme=http`) stays at the end, where pyarrow reads it."""
+    if "://" not in uri:
+        return os.path.join(uri, *parts)
+    base, sep, query = uri.partition("?")
+    return posixpath.join(base, *parts) + sep + query
+
+
 def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
