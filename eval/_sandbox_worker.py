@@ -28,7 +28,6 @@ import shutil
 import signal
 import struct
 import sys
-import tempfile
 import types
 
 # --- constants shared with eval/sandbox.py (kept in sync by tests/test_sandbox.py) -------------------------------
@@ -326,8 +325,9 @@ def _isolate(cfg: dict, proto: tuple[int, int]) -> tuple[set[str], list[str], st
         except OSError as e:
             have.discard("mountns")
             notes.append(f"private filesystem failed: {e}")
-    if "mountns" not in have:
-        job_root = tempfile.mkdtemp(prefix="pairloop-sandbox-")
+    if "mountns" not in have:  # (not tempfile.mkdtemp: tempfile imports random, whose at-fork hook costs every job)
+        job_root = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pairloop-sandbox-{os.urandom(6).hex()}")
+        os.mkdir(job_root, 0o700)
     if "setuid" in want:
         why = _can_switch_uid(cfg["uid"]) if root else "not root"
         if why is None:
@@ -465,7 +465,6 @@ class Zygote:
                         "OMP_NUM_THREADS": "1"}
         os.environ.clear()
         os.environ.update(self.job_env)
-        tempfile.tempdir = self.job_dir
         self._fresh_job_dir()
         self.sink = _Sink(self.page, self.out_cap)  # each child writes to its own copy; made once, here
         # Inherited by every child, so set once here rather than per job (a child's first ctypes call alone costs
