@@ -112,6 +112,8 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be an int, got {getattr(self, name)!r}")
         if self.wall_s < self.cpu_s:
             raise ValueError(f"Limits.wall_s ({self.wall_s!r}) must be >= Limits.cpu_s ({self.cpu_s!r})")
+        if self.memory_mb < 64:  # the limit applies to the fork server too (~30 MB of address space)
+            raise ValueError(f"Limits.memory_mb must be >= 64, got {self.memory_mb!r}")
         if self.max_output_bytes > 1 << 20:
             raise ValueError(f"Limits.max_output_bytes must be <= 1 MiB, got {self.max_output_bytes!r}")
 

@@ -209,7 +209,8 @@ def test_worker_outcome_names_match_the_enum():
     assert worker.OUTCOMES == tuple(o.name for o in Outcome)
 
 
-@pytest.mark.parametrize("field, value", [("cpu_s", 0), ("wall_s", -1.0), ("memory_mb", 1.5), ("max_procs", True)])
+@pytest.mark.parametrize("field, value", [("cpu_s", 0), ("wall_s", -1.0), ("memory_mb", 1.5), ("memory_mb", 32),
+                                          ("max_procs", True)])
 def test_bad_limits_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"Limits.{field}"):
         Limits(**{field: value})
