@@ -63,8 +63,16 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pairs_path(tiny, tmp_path_factory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", learnable_pairs(16, str(tiny)))
+def tiny_name(tiny) -> str:
+    """What gen writes in the `model` column for this model (its identity name)."""
+    from gen.model_source import model_identity
+
+    return model_identity(str(tiny))["name"]
+
+
+@pytest.fixture(scope="module")
+def pairs_path(tiny_name, tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", learnable_pairs(16, tiny_name))
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +93,10 @@ def no_leftovers(out: Path) -> bool:
 
 
 def test_lora_weights_move_and_base_weights_stay(tiny, pairs_path, tmp_path):
-    cfg = TrainConfig(pairs=(str(pairs_path),), out=str(tmp_path / "unused"), model=str(tiny),
-                      learning_rate=2e-3, max_steps=3, batch_size=4, grad_accum=1, warmup_ratio=0.0)
+    cfg = TrainConfig(
+        pairs=(str(pairs_path),), out=str(tmp_path / "unused"), model=str(tiny),
+        learning_rate=2e-3, max_steps=3, batch_size=4, grad_accum=1, warmup_ratio=0.0,
+    )
     trainer = build_trainer(cfg, read_pairs([pairs_path]), tiny, tmp_path / "work")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -128,10 +138,8 @@ def test_training_raises_chosen_minus_rejected_margin(tiny, pairs_path, adapter)
     rows = pq.read_table(pairs_path).to_pylist()
 
     def margins(model):
-        return [
-            completion_logprob(model, tok, r["prompt"], r["chosen"]) - completion_logprob(model, tok, r["prompt"], r["rejected"])
-            for r in rows
-        ]
+        lp = lambda r, key: completion_logprob(model, tok, r["prompt"], r[key])  # noqa: E731
+        return [lp(r, "chosen") - lp(r, "rejected") for r in rows]
 
     before = margins(base)
     tuned = PeftModel.from_pretrained(base, adapter).eval()
@@ -166,10 +174,11 @@ def test_output_folder_has_adapter_and_manifest_with_provenance(tiny, pairs_path
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and all("lora_A" in k or "lora_B" in k for k in keys), keys[:5]
-    m = json.loads((adapter / "manifest.json").read_text())
+    from gen.model_source import model_identity
+
+    m = json.loads((adapter / "train_manifest.json").read_text())
     assert m["pairs"]["files"] == [{"path": str(pairs_path.resolve()), "sha256": file_sha256(pairs_path), "rows": 16}]
-    assert m["base_model"]["path"] == str(tiny.resolve())
-    assert len(m["base_model"]["sha256"]) == 64
+    assert m["base_model"]["fingerprint"] == model_identity(str(tiny))["fingerprint"]  # what eval checks
     assert m["config"]["lora_r"] == json.loads((adapter / "adapter_config.json").read_text())["r"]
     assert {"trl", "peft", "transformers", "torch"} <= set(m["versions"])
     assert m["metrics"]["global_step"] == STEPS
@@ -270,12 +279,18 @@ def test_pairs_folder_reads_every_parquet_file(tiny, tmp_path):
 
 
 def test_model_identity_matches_local_copy_of_hub_model_only(tmp_path):
+    from gen.model_source import model_identity
+
     local = tmp_path / "models" / "qwen2.5-coder-0.5b-instruct"
     local.mkdir(parents=True)
-    check_pairs_model(["Qwen/Qwen2.5-Coder-0.5B-Instruct", str(local)], "default", local, allow_mismatch=False)
+    (local / "config.json").write_text("{}")
+    (local / "model.safetensors").write_bytes(b"0" * 8)
+    ident = model_identity(str(local))
+    same = ["Qwen/Qwen2.5-Coder-0.5B-Instruct", str(local), "qwen2.5-coder-0.5b-instruct"]
+    check_pairs_model(same, str(local), ident, allow_mismatch=False)
     with pytest.raises(ValueError, match="allow_model_mismatch"):
-        check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], "default", local, allow_mismatch=False)
-    check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], "default", local, allow_mismatch=True)
+        check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], str(local), ident, allow_mismatch=False)
+    check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], str(local), ident, allow_mismatch=True)
     snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-Coder-0.5B-Instruct" / "snapshots" / ("a" * 40)
     snap.mkdir(parents=True)
     assert "Qwen/Qwen2.5-Coder-0.5B-Instruct" in model_names(str(snap))

