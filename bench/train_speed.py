@@ -53,13 +53,12 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from gen.model_source import model_identity
     from train.dpo import TrainConfig, base_model, build_trainer
 
     load, ident = base_model(args.model)
     tok = AutoTokenizer.from_pretrained(load)
     n_pairs = args.batch_size * args.steps
-    table = pa.Table.from_pylist(synthetic_pairs(n_pairs, model_identity(args.model)["name"], tok, args.max_length))
+    table = pa.Table.from_pylist(synthetic_pairs(n_pairs, ident["name"], tok, args.max_length))
     cfg = TrainConfig(
         pairs=("synthetic",), out="unused", model=args.model, max_steps=args.steps, batch_size=args.batch_size,
         grad_accum=1, max_length=args.max_length, gradient_checkpointing=args.gc,

@@ -27,7 +27,6 @@ from train.dpo import (
     model_names,
     pairs_files,
     read_pairs,
-    train,
 )
 
 STEPS = 6
@@ -276,6 +275,19 @@ def test_pairs_folder_reads_every_parquet_file(tiny, tmp_path):
     files = pairs_files([str(tmp_path / "pairs")])
     assert [f.name for f in files] == ["a.parquet", "b.parquet"]
     assert read_pairs(files).num_rows == 8
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_reads_what_the_pairs_stage_writes(tmp_path, fmt):
+    """Contract with pairs/: a table of its schema (either format) passes train's input check unchanged."""
+    from pairs.output import PAIRS_SCHEMAS
+
+    schema = PAIRS_SCHEMAS[fmt]
+    turn = (lambda role, text: [{"role": role, "content": text}]) if fmt == "chat" else (lambda role, text: text)
+    row = {f.name: (0.5 if pa.types.is_floating(f.type) else 1 if pa.types.is_integer(f.type) else "x") for f in schema}
+    row.update(prompt=turn("user", "q"), chosen=turn("assistant", "a"), rejected=turn("assistant", "b"), adapter=None)
+    path = write_pairs(tmp_path / "pairs" / "pairs.parquet", [row, row], schema=schema)
+    assert read_pairs(pairs_files([str(path.parent)])).num_rows == 2
 
 
 def test_model_identity_matches_local_copy_of_hub_model_only(tmp_path):

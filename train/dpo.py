@@ -71,16 +71,20 @@ class TrainConfig:
 
     # DPO. Conservative on purpose: the data are a few hundred self-generated pairs.
     beta: float = 0.1  # KL strength to the base model; 0.1 is the DPO paper's value (higher = stay closer)
-    learning_rate: float = 5e-6  # LoRA DPO recipe of the alignment-handbook (zephyr-7b-dpo-qlora); full FT uses ~5e-7
+    learning_rate: float = 5e-6  # as the alignment-handbook's LoRA DPO recipe (zephyr-7b-dpo-qlora); full FT ~5e-7
     num_train_epochs: float = 1.0  # one pass: repeated pairs are memorised fast (train reward accuracy -> 1)
     max_steps: int = -1  # >0 overrides epochs (benchmarks, smoke runs)
     batch_size: int = 2  # pairs per device per forward (each pair = 2 sequences)
     grad_accum: int = 8  # -> 16 pairs per optimizer step on one device
-    max_length: int = 1024  # prompt+completion tokens; HumanEval/MBPP prompt + a solution fit in well under 1024
+    max_length: int = 1024  # prompt+completion tokens; a HumanEval/MBPP prompt + a solution mostly fit in 1024
     warmup_ratio: float = 0.1  # fraction of steps with linear LR warmup
     lr_scheduler: str = "cosine"  # transformers scheduler name
-    precompute_ref_log_probs: bool = False  # one reference pass up front instead of one per step (pays off at >1 epoch)
-    gradient_checkpointing: bool = True  # ~20% slower, much less activation memory (7B at 1024 tokens fits 80 GB)
+    # One reference pass over all pairs up front instead of a no-grad forward per step: pays off only at >1 epoch
+    # (0.5B on CPU: 136 vs 177 s/step, but a 95 s pass for 8 pairs; docs/benchmarks.md).
+    precompute_ref_log_probs: bool = False
+    # Recompute activations in backward: 0.5B on CPU at 256 tokens, no measurable slowdown and 2.5 GiB less RSS
+    # (docs/benchmarks.md); TRL quotes ~20% slower on GPU, the price of fitting longer sequences and larger models.
+    gradient_checkpointing: bool = True
     logging_steps: int = 1  # optimizer steps between lines of metrics.jsonl
     seed: int = 0
 
