@@ -245,10 +245,6 @@ WRONG = "def square(x):\n    return x + 1\n"
      "    except OSError: pass\n"),
     ("redefine check", WRONG + "def check(candidate):\n    pass\n"),
     ("monkeypatch builtins.exit and quit", WRONG + "import builtins\nbuiltins.exit = builtins.quit = lambda *a: None\n"),
-    ("neutralize asserted builtins", "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.len = lambda x: 0\n"
-     "def square(x):\n    return 0\n"),
-    ("swap out a module the test imports", "import sys, types\nfake = types.ModuleType('math')\n"
-     "fake.isclose = lambda *a, **k: True\nsys.modules['math'] = fake\n" + WRONG),
     ("kill the parent", "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n"
      "    pass\n" + WRONG),
     ("kill everything", "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + WRONG),
@@ -264,6 +260,41 @@ def test_hostile_program_never_passes(box, name, program):
     test = SQUARE_TEST.replace("assert candidate(-2) == 4", "import math\n    assert math.isclose(candidate(-2), 4)")
     result = run_one(box, program, test=test)
     assert result.outcome is not Outcome.PASS and result.outcome.is_model_failure, (name, result)
+
+
+def test_monkeypatched_builtins_do_not_reach_the_tests(box):
+    # Every assertion goes through abs(): with the program's abs the wrong answer would pass.
+    test = "def check(candidate):\n    assert abs(candidate(3) - 9) < 1e-9\n    assert abs(candidate(-2) - 4) < 1e-9\n"
+    program = "import builtins\nbuiltins.abs = lambda x: 0\n" + WRONG
+    result = run_one(box, program, test=test)
+    assert (result.outcome, result.phase) == (Outcome.ASSERTION_FAIL, Phase.TEST), result
+
+
+def test_a_swapped_module_does_not_reach_the_tests(box):
+    test = "def check(candidate):\n    import math\n    assert math.isclose(candidate(3), 9)\n"
+    program = ("import sys, types\nfake = types.ModuleType('math')\nfake.isclose = lambda *a, **k: True\n"
+               "sys.modules['math'] = fake\n" + WRONG)
+    result = run_one(box, program, test=test)
+    assert (result.outcome, result.phase) == (Outcome.ASSERTION_FAIL, Phase.TEST), result
+
+
+def test_verdict_forged_into_the_shared_page_is_rejected(box):
+    # The page is findable in /proc/self/maps; a PASS written into it, by the job's own pid, with the layout right,
+    # still lacks the nonce (which the harness writes only when it commits a verdict).
+    program = ("import ctypes, os, struct\n"
+               "for line in open('/proc/self/maps'):\n"
+               "    if line.split()[1] == 'rw-s':\n"
+               "        start = int(line.split('-')[0], 16)\n"
+               "        head = struct.pack('<BBBxIII16sI', 3, 0, 2, 0, 0, 0, bytes(16), os.getpid())\n"
+               "        ctypes.memmove(start, head, len(head))\n"
+               "os._exit(0)\n" + WRONG)
+    result = run_one(box, program)
+    assert result.outcome is Outcome.CRASHED, result  # (its phase is whatever the forger wrote)
+
+
+def test_a_programs_check_is_never_used_even_if_the_test_code_lacks_one(box):
+    result = run_one(box, WRONG + "def check(candidate):\n    pass\n", test="assert True\n")
+    assert (result.outcome, result.phase) == (Outcome.INFRA_ERROR, None), result
 
 
 def test_hostile_jobs_do_not_disturb_the_next_jobs_in_the_same_run(box):
