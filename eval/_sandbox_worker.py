@@ -524,6 +524,16 @@ class Zygote:
         self._fresh_job_dir()
         return result
 
+    def recover(self) -> None:
+        """After a failure of our own mid-job: no process of the job left, an empty job dir."""
+        if "pidns" in self.features:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._kill_leftovers()
+        self._fresh_job_dir()
+
     def _wait_or_kill(self, pid: int) -> bool:
         """Block until the child exits or the wall-clock backstop passes (then SIGKILL it). True if killed."""
         try:
@@ -779,7 +789,12 @@ def main(argv: list[str]) -> int:
             frame = _read_frame(proto_in)
             if frame is None:
                 break
-            _write_frame(proto_out, zygote.run(*frame))
+            try:
+                result = zygote.run(*frame)
+            except Exception as e:  # ours, not the job's (e.g. fork failed): report it, clean up, carry on
+                result = (frame[0], "INFRA_ERROR", None, type(e).__name__, f"fork server: {e}"[:_MSG_MAX], 0.0, "")
+                zygote.recover()  # if this raises too, we exit and the parent starts a fresh worker
+            _write_frame(proto_out, result)
     except (BrokenPipeError, ConnectionResetError):
         pass
     finally:
