@@ -205,12 +205,18 @@ def _expose_python(notes: list[str]) -> None:
 
 
 def _private_filesystem(job_root: str, size_mb: int, remount_proc: bool, expose_python: bool) -> list[str]:
-    """Inside our mount namespace: a fresh tmpfs at job_root, every other mount read-only, /dev/shm and /run
-    hidden, /proc showing only our pid namespace. Raises (having changed nothing visible) if the tmpfs fails."""
+    """Inside our mount namespace: a fresh tmpfs for jobs under job_root, every other mount read-only, /dev/shm and
+    /run hidden, /proc showing only our pid namespace. Raises (having changed nothing visible) if the tmpfs fails."""
     notes = []
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here propagates to the host
     mounts = _mountinfo()
-    _mount("tmpfs", job_root, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,nr_inodes=8192,mode=0755")
+    # job_root: a tiny tmpfs, read-only once it holds the mount point of the job's own tmpfs, job_root/job. So a job
+    # can write only there (even where it shares our uid, in a user namespace), and we can empty it between jobs.
+    job_dir = os.path.join(job_root, "job")
+    _mount("tmpfs", job_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=16,mode=0755")
+    os.mkdir(job_dir, 0o700)
+    _mount("tmpfs", job_dir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,nr_inodes=8192,mode=0700")
+    _mount(None, job_root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=64k,nr_inodes=16,mode=0755")
     for point, keep in mounts:
         if point == job_root:
             continue  # the top mount there is now our tmpfs
@@ -327,7 +333,8 @@ def _isolate(cfg: dict, proto: tuple[int, int]) -> tuple[set[str], list[str], st
             notes.append(f"private filesystem failed: {e}")
     if "mountns" not in have:  # (not tempfile.mkdtemp: tempfile imports random, whose at-fork hook costs every job)
         job_root = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pairloop-sandbox-{os.urandom(6).hex()}")
-        os.mkdir(job_root, 0o700)
+        os.mkdir(job_root, 0o711)  # enterable, not listable, by the job uid
+        os.mkdir(os.path.join(job_root, "job"), 0o700)
     if "setuid" in want:
         why = _can_switch_uid(cfg["uid"]) if root else "not root"
         if why is None:
@@ -434,6 +441,17 @@ def _names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _unlock(func, path, _exc_info) -> None:
+    """rmtree error handler: a job may leave directories it made unreadable; as their owner (or root) reopen them.
+    rmtree does not descend after an error, so the caller repeats it."""
+    for target in (os.path.dirname(path), path):
+        try:
+            if os.path.isdir(target) and not os.path.islink(target):
+                os.chmod(target, 0o700)
+        except OSError:
+            pass
+
+
 class Zygote:
     def __init__(self, cfg: dict, features: set[str], job_root: str, user_procs: int | None) -> None:
         lim = cfg["limits"]
@@ -465,7 +483,8 @@ class Zygote:
                         "OMP_NUM_THREADS": "1"}
         os.environ.clear()
         os.environ.update(self.job_env)
-        self._fresh_job_dir()
+        if self.uid is not None:
+            os.chown(self.job_dir, self.uid, self.uid)
         self.sink = _Sink(self.page, self.out_cap)  # each child writes to its own copy; made once, here
         # Inherited by every child, so set once here rather than per job (a child's first ctypes call alone costs
         # ~60 copy-on-write page faults). None of them hinders the fork server itself.
@@ -478,16 +497,20 @@ class Zygote:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary or file capability can raise a job's privileges
 
     # -- per job, in the zygote --
-    def _fresh_job_dir(self) -> None:
-        try:
-            os.rmdir(self.job_dir)  # the usual case: the job wrote nothing
-        except FileNotFoundError:
-            pass
-        except OSError:
-            shutil.rmtree(self.job_dir, ignore_errors=True)
-        os.mkdir(self.job_dir, 0o700)
-        if self.uid is not None:
-            os.chown(self.job_dir, self.uid, self.uid)
+    def _empty_job_dir(self) -> None:
+        """Leave the job dir empty and 0700 for the next job (the job owns it, so it may have chmod'ed it)."""
+        os.chmod(self.job_dir, 0o700)
+        for name in os.listdir(self.job_dir):  # usually none
+            path = os.path.join(self.job_dir, name)
+            if not os.path.isdir(path) or os.path.islink(path):
+                os.unlink(path)
+                continue
+            for _ in range(10_000):  # one more level of locked directories per pass (root needs one pass)
+                shutil.rmtree(path, onerror=_unlock)
+                if not os.path.lexists(path):
+                    break
+            else:
+                raise OSError(f"cannot empty the job dir: {path} remains")
 
     def _test(self, test: str):
         entry = self.tests.get(test)
@@ -521,7 +544,7 @@ class Zygote:
         _, status, ru = os.wait4(pid, 0)
         self._kill_leftovers()
         result = self._verdict(idx, pid, nonce, status, ru, wall_killed)
-        self._fresh_job_dir()
+        self._empty_job_dir()
         return result
 
     def recover(self) -> None:
@@ -532,7 +555,7 @@ class Zygote:
             except ProcessLookupError:
                 pass
         self._kill_leftovers()
-        self._fresh_job_dir()
+        self._empty_job_dir()
 
     def _wait_or_kill(self, pid: int) -> bool:
         """Block until the child exits or the wall-clock backstop passes (then SIGKILL it). True if killed."""

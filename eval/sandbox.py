@@ -367,6 +367,7 @@ class Sandbox:
             sel.unregister(w.rfd)
             live.remove(w)
             w.kill()
+            why = f"{why} (exit status {w.proc.returncode})"
             if w.inflight:
                 head = w.inflight.popleft()
                 attempts[head] = attempts.get(head, 0) + 1
@@ -409,7 +410,7 @@ class Sandbox:
                     try:
                         self._flush(w, sel)
                     except OSError:
-                        lost(w, f"closed its input (status {w.proc.poll()})")
+                        lost(w, "closed its input")
                 if remaining == 0 or not live:
                     break
                 deadlines = [w.deadline for w in live if w.deadline is not None]
@@ -422,7 +423,7 @@ class Sandbox:
                         try:
                             self._flush(w, sel)
                         except OSError:
-                            lost(w, f"closed its input (status {w.proc.poll()})")
+                            lost(w, "closed its input")
                             continue
                     if mask & selectors.EVENT_READ:
                         try:
@@ -430,7 +431,7 @@ class Sandbox:
                         except OSError:
                             chunk = b""
                         if not chunk:
-                            lost(w, f"died (status {w.proc.poll()})")
+                            lost(w, "died")
                             continue
                         w.inbuf += chunk
                         for idx, outcome, phase, etype, msg, cpu, output in w.frames():

@@ -391,11 +391,20 @@ def test_job_has_a_private_writable_temp_dir(box):
     assert result.passed and result.output == "True\n", result
 
 
-def test_files_do_not_leak_between_jobs():
+def test_nothing_a_job_writes_reaches_the_next_job():
+    # Same worker for both: the first leaves files in nested directories it made unreadable, and tries to write
+    # next to its temp dir; the second must find an empty, usable temp dir and nothing else.
+    litter = ("import os\np = '.'\nfor i in range(4):\n    p = os.path.join(p, f'd{i}')\n    os.mkdir(p)\n"
+              "    open(os.path.join(p, 'f'), 'w').write('x')\n"
+              "for i in range(4, 0, -1):\n    os.chmod('/'.join(['.'] + [f'd{j}' for j in range(i)]), 0)\n"
+              "os.chmod('.', 0)\ntry:\n    open(os.path.join(os.path.dirname(os.getcwd()), 'left'), 'w')\n"
+              "except OSError:\n    pass\n" + SQUARE)
+    look = ("import os\nopen('mine', 'w').close()\n"
+            "print(os.listdir('.'), oct(os.stat('.').st_mode & 0o777), os.listdir(os.path.dirname(os.getcwd())))\n"
+            + SQUARE)
     with Sandbox(workers=1, limits=LIMITS) as box:
-        first, second = box.run([Job("open('left.txt', 'w').write('x')\n" + SQUARE, SQUARE_TEST, "square"),
-                                 Job("import os\nprint(os.listdir('.'))\n" + SQUARE, SQUARE_TEST, "square")])
-    assert first.passed and second.output == "[]\n", (first, second)
+        first, second = box.run([Job(litter, SQUARE_TEST, "square"), Job(look, SQUARE_TEST, "square")])
+    assert first.passed and second.output == "['mine'] 0o700 ['job']\n", (first, second)
 
 
 def test_file_size_is_limited(box):
