@@ -307,6 +307,10 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
             pool_ = EnginePool(engine_cfg, model_path)
         if cfg.adapter and lora is None:
             lora = pool_.load_adapter(cfg.adapter)
+        if remote_exec and ray.available_resources().get("CPU", 0) < 1:
+            print(f"pairloop gen: gen.executor=ray but the cluster has no free CPU for execution tasks "
+                  f"({ray.cluster_resources().get('CPU', 0):g} CPUs, engines hold some); they wait for one "
+                  "(an autoscaler adds nodes; on one machine use gen.executor=local)", file=sys.stderr)
         if cfg.execute and not remote_exec:
             from eval.sandbox import Limits, Sandbox
 
