@@ -257,7 +257,8 @@ WRONG = "def square(x):\n    return x + 1\n"
     ("print PASS on every fd", WRONG + "import os\nfor fd in range(1024):\n    try: os.write(fd, b'PASS\\n')\n"
      "    except OSError: pass\n"),
     ("redefine check", WRONG + "def check(candidate):\n    pass\n"),
-    ("monkeypatch builtins.exit and quit", WRONG + "import builtins\nbuiltins.exit = builtins.quit = lambda *a: None\n"),
+    ("monkeypatch builtins.exit and quit",
+     WRONG + "import builtins\nbuiltins.exit = builtins.quit = lambda *a: None\n"),
     ("kill the parent", "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n"
      "    pass\n" + WRONG),
     ("kill everything", "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + WRONG),
