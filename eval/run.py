@@ -43,6 +43,7 @@ class EvalConfig:
     adapters: list[str] = field(default_factory=list)  # PEFT adapter folders (train/ output)
     allow_foreign_adapter: bool = False  # skip the adapter-vs-base identity check (loudly)
     allow_train_overlap: bool = False  # evaluate an adapter on problems it was trained on (loudly; inflates pass@1)
+    problems_per_unit: int = 32  # k=1 eval: one engine call per 32 problems; CPU throughput grows with batch size
     exec_workers: int = 0
     cpu_timeout_s: float = 5.0
     ray_address: str = ""
@@ -173,7 +174,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
                         out=os.path.join(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
                         eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
                         max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        prompt_style=cfg.prompt_style, response_prefix=cfg.response_prefix, seed=s, problems_per_unit=8, exec_workers=cfg.exec_workers,
+                        prompt_style=cfg.prompt_style, response_prefix=cfg.response_prefix, seed=s, problems_per_unit=cfg.problems_per_unit, exec_workers=cfg.exec_workers,
                         cpu_timeout_s=cfg.cpu_timeout_s, adapter_name=label if path else "",
                         progress=cfg.progress,
                     )

@@ -208,7 +208,7 @@ def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ct
     if box is None:
         from eval.sandbox import Limits, Sandbox
 
-        box = _WORKER_SANDBOXES[cpu_timeout_s] = Sandbox(workers=1, limits=Limits(cpu_s=cpu_timeout_s))
+        box = _WORKER_SANDBOXES[cpu_timeout_s] = Sandbox(workers=1, limits=Limits(cpu_s=cpu_timeout_s, wall_s=max(30.0, 4 * cpu_timeout_s)))
     return _execute_unit(box, problems, style, unit, outputs, ctx)
 
 
@@ -314,7 +314,7 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
         if cfg.execute and not remote_exec:
             from eval.sandbox import Limits, Sandbox
 
-            sandbox = Sandbox(workers=cfg.exec_workers or None, limits=Limits(cpu_s=cfg.cpu_timeout_s))
+            sandbox = Sandbox(workers=cfg.exec_workers or None, limits=Limits(cpu_s=cfg.cpu_timeout_s, wall_s=max(30.0, 4 * cfg.cpu_timeout_s)))
         executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairloop-exec")
         inflight: dict[Any, tuple[int, Unit, int]] = {}  # ObjectRef -> (engine, unit, engine epoch)
         epoch: collections.Counter = collections.Counter()  # bumps when an engine dies, so one death counts once
