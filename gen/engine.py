@@ -25,8 +25,9 @@ import ray
 class EngineConfig:
     model: str = "default"  # builtin name, local folder, or hub id (see gen.model_source)
     engines: int = 1  # engine actors; GPU: one per GPU (or TP group); CPU: spread one per node
-    # CPU engines: cores each engine's OpenMP threads bind; 0 = its node's cores split evenly among the engines
-    # Ray placed on that node (one engine per node binds them all: 18 vs 10 tok/s with both cores on this box).
+    # CPU engines: cores each engine pins its threads to; 0 = its node's cores split evenly among the engines Ray
+    # placed there. On 2 cores, 2 engines x 1 core make 1.7-1.8x the tokens of 1 engine x 1 core, and 1.1-1.7x
+    # those of 1 engine x 2 cores (docs/benchmarks.md, "Engine scaling").
     cpu_cores: int = 0
     # auto: GPU engines if the Ray cluster has GPUs right now, else CPU. An autoscaling cluster whose GPU workers
     # are still at zero has none yet: set gpu there, so the engines' GPU requests make the autoscaler add nodes.
