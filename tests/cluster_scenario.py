@@ -40,6 +40,7 @@ def main() -> dict:
     ap.add_argument("--model", required=True)
     ap.add_argument("--problems", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--wait-restart", action="store_true", help="also wait for the lost engine to come back")
     a = ap.parse_args()
 
     import ray
@@ -98,6 +99,18 @@ def main() -> dict:
         got = ShardStore(out).read_table()
         keys = _keys(got)
         alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        after = None
+        if a.wait_restart:  # the lost engine's bundle is rescheduled to a live node and the actor restarts there
+            after, deadline = [], time.time() + 300
+            for actor in pool.actors:
+                while True:
+                    try:
+                        after.append(ray.get(actor.info.remote(), timeout=30)["node"])
+                        break
+                    except ray.exceptions.ActorUnavailableError:  # still restarting
+                        if time.time() > deadline:
+                            raise
+                        time.sleep(1)
         return {
             "head": head_id,
             "workers": [w.node_id for w in workers],
@@ -108,6 +121,7 @@ def main() -> dict:
             "removed_after_units": removed_after_units[0] if removed_after_units else None,
             "units_total": 4 * 4,
             "alive_nodes": alive,
+            "engine_nodes_after_restart": after,
             "reference": {"complete": ref.complete, "rows": ref.rows, "keys": ref_keys},
             "phase_s": {k: round(v - prev, 1) for (k, v), prev in zip(list(t.items())[1:], list(t.values()))},
             "run": {"complete": res.complete, "rows": res.rows, "keys": keys, "requeued": res.requeued,

@@ -276,16 +276,18 @@ def test_pairs_reads_an_s3_run(s3_run):
 
 def test_multi_node_run_spreads_engines_and_survives_losing_a_node(tmp_path, tiny_model, toy_problems):
     """Head + 2 worker nodes; 2 engines land on different nodes; the node of one is killed mid-run: its units are
-    requeued and the run ends with exactly the rows of an uninterrupted run."""
+    requeued, the run ends with exactly the rows of an uninterrupted run, and the lost engine restarts on a
+    surviving node."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_scenario.py"), "--model", tiny_model,
-                           "--problems", toy_problems, "--out", str(tmp_path)],
+                           "--problems", toy_problems, "--out", str(tmp_path), "--wait-restart"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(set(r["engine_nodes"])) == 2, r["engine_nodes"]
     assert r["removed"] and r["removed_node"] in r["engine_nodes"]
     assert r["removed_node"] not in r["alive_nodes"]
+    assert set(r["engine_nodes_after_restart"]) <= set(r["alive_nodes"])  # the lost engine came back elsewhere
     assert r["removed_after_units"] < r["units_total"]  # it really was mid-run
     ref, run = r["reference"], r["run"]
     assert ref["complete"] and len(ref["keys"]) == 16
