@@ -22,6 +22,7 @@ from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.run import SPLITS, GenConfig, run_generation
+from gen.shards import join_uri
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def check_adapter_base(adapter: str, model_spec: str, model_path: str) -> None:
 def result_dirs(cfg: EvalConfig) -> dict[str, list[str]]:
     """Where each variant's per-seed results live (whether or not they exist yet)."""
     labels = (["base"] if cfg.include_base else []) + [adapter_label(a) for a in cfg.adapters]
-    return {lab: [os.path.join(cfg.out, lab, f"seed-{s}") for s in cfg.seeds] for lab in labels}
+    return {lab: [join_uri(cfg.out, lab, f"seed-{s}") for s in cfg.seeds] for lab in labels}
 
 
 def trained_problem_ids(adapter: str) -> set[str]:
@@ -171,7 +172,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
             try:
                 for s in cfg.seeds:
                     gcfg = GenConfig(
-                        out=os.path.join(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
+                        out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
                         eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
                         max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         prompt_style=cfg.prompt_style, response_prefix=cfg.response_prefix, seed=s, problems_per_unit=cfg.problems_per_unit, exec_workers=cfg.exec_workers,

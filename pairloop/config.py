@@ -21,6 +21,9 @@ import yaml
 
 T = TypeVar("T")
 
+# The sections a config file and `section.field=value` overrides may name (the loop's `run:` and one per stage).
+SECTIONS = ("run", "engine", "gen", "pairs", "train", "eval")
+
 
 def _convert(name: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
@@ -150,6 +153,8 @@ def load_config(cls: type[T], argv: Sequence[str], section: str | None = None) -
             data = {k: v for k, v in data.items() if k in names}
         values.update(data)
     for sec, field, value in parse_overrides(rest):
+        if sec is not None and sec not in SECTIONS:
+            raise ValueError(f"override {sec}.{field}={value!r}: unknown section {sec!r}; known: {', '.join(SECTIONS)}")
         if sec is not None and section is not None and sec != section:
             continue
         values[field] = value

@@ -30,9 +30,9 @@ class Toy:
 
 def test_yaml_section_then_overrides_with_types(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("toy:\n  lr: 1e-5\n  steps: 7\nother:\n  steps: 99\n")
-    cfg = load_config(Toy, ["--config", str(f), "toy.flag=true", "seeds=[1,2]", "weights={A: 3}", "other.x=1"],
-                      section="toy")
+    f.write_text("gen:\n  lr: 1e-5\n  steps: 7\neval:\n  steps: 99\n")
+    cfg = load_config(Toy, ["--config", str(f), "gen.flag=true", "seeds=[1,2]", "weights={A: 3}", "eval.x=1"],
+                      section="gen")
     assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)  # PyYAML alone reads 1e-5 as the string "1e-5"
     assert cfg.steps == 7 and cfg.flag is True and cfg.seeds == [1, 2] and cfg.weights == {"A": 3.0}
     assert load_config(Toy, ["maybe=null"]).maybe is None
@@ -43,7 +43,7 @@ def test_yaml_section_then_overrides_with_types(tmp_path):
                                       (["steps"], "key=value"), (["--config", "/nonexistent.yaml"], "no such file")])
 def test_bad_input_is_named(argv, msg):
     with pytest.raises(ValueError, match=msg):
-        load_config(Toy, argv, section="toy")
+        load_config(Toy, argv, section="gen")
 
 
 def test_demo_config_wires_the_loop():
@@ -74,3 +74,9 @@ def test_seed_config_sections_parse():
     assert ev.seeds == [0, 1, 2] and ev.problems == "humaneval"
     sections = yaml.safe_load(Path(path).read_text())
     assert sections["gen"]["problems"] != sections["eval"]["problems"]  # trained problems never evaluated
+
+
+def test_override_for_an_unknown_section_is_refused():
+    # `ray job submit` quoting or a typo (gne.n=3) must not be silently dropped
+    with pytest.raises(ValueError, match="unknown section 'gne'"):
+        load_config(Toy, ["gne.steps=3"], section="gen")
