@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import os
@@ -128,13 +129,19 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str):
+    """Loaded once per process: eval renders the same prompts for every (variant, seed) run (~1 s a load)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
 class _Renderer:
     """Prompt text and per-request token budget for each problem, from the model's tokenizer."""
 
     def __init__(self, model_path: str, style: str, max_model_len: int, response_prefix: str = "") -> None:
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.tok = _tokenizer(model_path)
         if style == "auto":
             style = "chat" if getattr(self.tok, "chat_template", None) else "base"
         self.style = style
