@@ -98,7 +98,13 @@ def main() -> dict:
         t["interrupted_run"] = time.perf_counter()
         got = ShardStore(out).read_table()
         keys = _keys(got)
-        alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        # the GCS marks a crashed node dead only after its health checks fail: wait for it (bounded)
+        deadline = time.time() + 120
+        while True:
+            alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+            if victim.node_id not in alive or time.time() > deadline:
+                break
+            time.sleep(1)
         after = None
         if a.wait_restart:  # the lost engine's bundle is rescheduled to a live node and the actor restarts there
             after, deadline = [], time.time() + 300
