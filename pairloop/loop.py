@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pairloop.config import config_to_dict, load_config
+from pairloop.config import build_config, config_to_dict, load_config
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,6 @@ class StageConfigs:
     eval: Any
 
 
-def _with_fields(cls, values: dict[str, Any]):
-    """Build `cls` from a section dict plus the loop's wiring (validates like any stage config)."""
-    from pairloop.config import build_config
-
-    return build_config(cls, values)
-
-
 def stage_configs(argv: list[str]) -> StageConfigs:
     """Parse every section, then wire the stages together under run.out."""
     from eval.run import EvalConfig
@@ -70,16 +63,16 @@ def stage_configs(argv: list[str]) -> StageConfigs:
     out = loop.out
     split = dict(problems=loop.problems, eval_fraction=loop.eval_fraction, split_seed=loop.split_seed)
     raw = _raw_sections(argv)
-    gen = _with_fields(GenConfig, {**raw.get("gen", {}), **split, "split": "train", "limit": loop.train_limit,
+    gen = build_config(GenConfig, {**raw.get("gen", {}), **split, "split": "train", "limit": loop.train_limit,
                                    "out": os.path.join(out, "gen")})
-    pairs = _with_fields(PairsConfig, {**raw.get("pairs", {}), "inputs": [os.path.join(out, "gen")],
+    pairs = build_config(PairsConfig, {**raw.get("pairs", {}), "inputs": [os.path.join(out, "gen")],
                                        "out": os.path.join(out, "pairs"), "problems": loop.problems,
                                        "eval_problems": loop.problems, "eval_fraction": loop.eval_fraction,
                                        "split_seed": loop.split_seed})
-    train = _with_fields(TrainConfig, {**raw.get("train", {}), "pairs": [os.path.join(out, "pairs")],
+    train = build_config(TrainConfig, {**raw.get("train", {}), "pairs": [os.path.join(out, "pairs")],
                                        "out": os.path.join(out, "adapter"), "model": engine.model,
                                        "max_lora_rank": engine.max_lora_rank})
-    evl = _with_fields(EvalConfig, {**raw.get("eval", {}), **split, "split": "eval", "limit": loop.eval_limit,
+    evl = build_config(EvalConfig, {**raw.get("eval", {}), **split, "split": "eval", "limit": loop.eval_limit,
                                     "out": os.path.join(out, "eval")})
     return StageConfigs(loop, engine, gen, pairs, train, evl)
 
