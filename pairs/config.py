@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from eval.sandbox import Outcome, Phase
+from sandbox import Outcome, Phase
 
 BALANCES = ("uniform", "proportional", "weights")
 CATEGORY_KEYS = ("outcome", "outcome+phase")

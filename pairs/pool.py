@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from eval.sandbox import Outcome
+from sandbox import Outcome
 from gen.shards import ROW_SCHEMA, ShardStore, check_schema
 from pairs.config import PHASES
 

@@ -27,7 +27,7 @@ def eval_problem_ids(cfg: PairsConfig) -> tuple[set[str], str | None]:
     ids = set(cfg.eval_ids)
     parts = [f"{len(cfg.eval_ids)} listed ids"] if cfg.eval_ids else []
     if cfg.eval_problems is not None:
-        from eval.problems import load_problems, split_problems
+        from tasks.problems import load_problems, split_problems
 
         problems = load_problems(cfg.eval_problems)
         if cfg.eval_fraction is not None:
@@ -48,9 +48,9 @@ def prompt_format(cfg: PairsConfig, pool: Pool) -> str:
 
 
 def chat_messages_source(cfg: PairsConfig, pool: Pool) -> Callable[[str], list[dict[str, str]]]:
-    """problem id -> the chat messages gen rendered its prompt from (eval.prompts.chat_messages)."""
-    from eval.problems import load_problems
-    from eval.prompts import chat_messages
+    """problem id -> the chat messages gen rendered its prompt from (tasks.prompts.chat_messages)."""
+    from tasks.problems import load_problems
+    from tasks.prompts import chat_messages
 
     spec = cfg.problems
     if spec is None:

@@ -51,7 +51,7 @@ def test_demo_config_wires_the_loop():
 
     c = stage_configs(["--config", str(ROOT / "configs" / "demo.yaml")])
     assert c.gen.split == "train" and c.eval.split == "eval"
-    assert c.gen.problems == c.eval.problems == c.pairs.eval_problems == "humaneval"
+    assert c.gen.problems == c.tasks.problems == c.pairs.eval_problems == "humaneval"
     assert c.gen.eval_fraction == c.eval.eval_fraction == c.pairs.eval_fraction
     assert c.pairs.inputs == [c.gen.out] and list(c.train.pairs) == [c.pairs.out]
     assert c.train.max_lora_rank == c.engine.max_lora_rank and c.train.lora_r <= c.engine.max_lora_rank

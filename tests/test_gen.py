@@ -99,7 +99,7 @@ def test_every_row_records_its_derived_seed(first_run):
 
 
 def test_rows_are_labelled_and_infra_errors_absent(first_run):
-    from eval.sandbox import Outcome
+    from sandbox import Outcome
 
     _, table = first_run
     outcomes = set(table.column("outcome").to_pylist())

@@ -52,7 +52,7 @@ def test_loop_runs_every_stage_and_writes_a_report(loop_run):
 def test_pairs_never_use_eval_problems(loop_run):
     import pyarrow.parquet as pq
 
-    from eval.problems import load_problems, split_problems
+    from tasks.problems import load_problems, split_problems
 
     _, out, cfg = loop_run
     problems = yaml.safe_load(cfg.read_text())["run"]["problems"]

@@ -409,7 +409,7 @@ def test_leakage_guard_refuses_and_writes_nothing(tmp_path):
 
 
 def test_leakage_guard_checks_the_named_problem_set_split(tmp_path, toy_problems):
-    from eval.problems import load_problems, split_problems
+    from tasks.problems import load_problems, split_problems
 
     _, held_out = split_problems(load_problems(toy_problems), 0.5, 0)
     inp = simple_pool(tmp_path, problems=[held_out[0].id, "p/x"])
@@ -543,11 +543,11 @@ def chat_pool(d: Path, tokenizer, prefix: str) -> tuple[str, dict]:
 
 
 def test_chat_format_rebuilds_the_messages_gen_rendered(tmp_path, tiny_model, toy_problems):
-    """auto format + the problem set named in gen's manifest: prompts are eval.prompts.chat_messages."""
+    """auto format + the problem set named in gen's manifest: prompts are tasks.prompts.chat_messages."""
     from transformers import AutoTokenizer
 
-    from eval.problems import load_problems
-    from eval.prompts import build_prompt, chat_messages
+    from tasks.problems import load_problems
+    from tasks.prompts import build_prompt, chat_messages
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     problems = {p.id: p for p in load_problems(toy_problems)}

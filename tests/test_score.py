@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.problems import load_problems
+from tasks.problems import load_problems
 from eval.score import main, pass_at_k, summarize
 
 REPO = Path(__file__).resolve().parents[1]

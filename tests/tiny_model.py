@@ -102,8 +102,8 @@ def build_tiny_coder(path: str | Path, problems_jsonl: str | Path, steps: int = 
         return path
     base = build_tiny_model(path.parent / (path.name + "-base"), seed=seed)
     tok = AutoTokenizer.from_pretrained(base)
-    from eval.problems import load_problems
-    from eval.prompts import build_prompt
+    from tasks.problems import load_problems
+    from tasks.prompts import build_prompt
 
     texts = [build_prompt(p, "chat", tokenizer=tok) + "```python\n" + p.reference + "```<|im_end|>"
              for p in load_problems(str(problems_jsonl))]

@@ -1,6 +1,6 @@
-"""Fork-server worker of eval/sandbox.py (private; standard library only, imports nothing from the project).
+"""Fork-server worker of sandbox/executor.py (private; standard library only, imports nothing from the project).
 
-`Sandbox` starts one per core as `python -s -P eval/_sandbox_worker.py CONFIG_JSON` and talks to it through
+`Sandbox` starts one per core as `python -s -P sandbox/_worker.py CONFIG_JSON` and talks to it through
 length-prefixed marshal frames on its stdin/stdout. At start the worker imports the standard library modules
 solutions use, enters fresh namespaces (mount, pid, network, ipc; a user namespace first when not root) and
 becomes the "zygote": pid 1 of its pid namespace, one job at a time. Per job it forks a child that drops to a
@@ -30,7 +30,7 @@ import struct
 import sys
 import types
 
-# --- constants shared with eval/sandbox.py (kept in sync by tests/test_sandbox.py) -------------------------------
+# --- constants shared with sandbox/executor.py (kept in sync by tests/test_sandbox.py) -------------------------------
 
 OUTCOMES = (
     "PASS", "SYNTAX_ERROR", "NAME_ERROR", "IMPORT_ERROR", "TYPE_ERROR", "ASSERTION_FAIL", "INDEX_ERROR",

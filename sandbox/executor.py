@@ -3,7 +3,7 @@
     with Sandbox(limits=Limits(cpu_s=5)) as box:
         results = box.run([Job(program, test, entry_point), ...], progress=True)  # input order, never raises
 
-A pool of warm fork-server workers, one per core (eval/_sandbox_worker.py, a fresh interpreter each): each has
+A pool of warm fork-server workers, one per core (sandbox/_worker.py, a fresh interpreter each): each has
 already imported the standard library modules solutions use and lives in its own mount, pid, network and ipc
 namespaces; per job it forks a child that switches to an unprivileged uid of its own, sets rlimits (CPU time as
 the primary timeout, address space, file size, process count), runs the program as module `__candidate__`
@@ -148,7 +148,7 @@ PRELOAD = (
     "calendar", "json", "array", "struct", "textwrap", "unicodedata", "enum", "abc", "io", "contextlib", "types",
 )
 
-_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
 _FEATURES = ("setuid", "userns", "mountns", "pidns", "netns", "ipcns")
 _UID_BASE = 1 << 30  # jobs run as uid/gid _UID_BASE + random: no such user exists, so nothing on the host is theirs
 _DEPTH = 2  # jobs queued per worker, so a worker never waits for the parent between jobs

