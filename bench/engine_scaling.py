@@ -54,7 +54,8 @@ def main() -> int:
 
     from gen.engine import EngineConfig, EnginePool
     from gen.model_source import resolve_model
-    from gen.run import GenConfig, run_generation
+    from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+    from gen.run import run_generation
     from gen.shards import ShardStore
 
     work = Path(tempfile.mkdtemp(prefix="pl-engine-scaling-"))
@@ -75,8 +76,9 @@ def main() -> int:
         nonlocal runs
         runs += 1
         cfg = GenConfig(out=str(work / f"{name}-{runs}"), problems="humaneval", limit=problems, n=a.n,
-                        max_tokens=a.max_tokens, ignore_eos=True, execute=False, problems_per_unit=1,
-                        samples_per_unit=a.samples_per_unit, logprobs=False, progress=False, seed=runs)
+                        sampling=SamplingConfig(max_tokens=a.max_tokens, ignore_eos=True, logprobs=False),
+                        execution=ExecutionConfig(execute=False), problems_per_unit=1,
+                        samples_per_unit=a.samples_per_unit, progress=False, seed=runs)
         t0 = time.perf_counter()
         res = run_generation(cfg, base, pool=pool)
         wall = time.perf_counter() - t0

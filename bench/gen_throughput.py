@@ -68,7 +68,8 @@ def run_pipeline(a) -> dict:
     import ray
 
     from gen.engine import EngineConfig, EnginePool, ensure_ray
-    from gen.run import GenConfig, run_generation
+    from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+    from gen.run import run_generation
 
     problems = Path(a.tmp) / "problems.jsonl"
     from tasks.problems import load_problems
@@ -82,13 +83,16 @@ def run_pipeline(a) -> dict:
     pool = EnginePool(ecfg, a.model_path, use_gpu=False)
     ray.get(pool.generate(0, ["def f():"], [{"n": 2, "max_tokens": 4}]))  # warm, like bare
     # warm the driver too (imports, tokenizer): bare's process has them loaded before its timer starts
-    run_generation(GenConfig(out=str(Path(a.tmp) / "warm"), problems=str(problems), n=1, max_tokens=2,
-                             execute=False, progress=False, prompt_style="chat"), ecfg, pool=pool)
+    run_generation(GenConfig(out=str(Path(a.tmp) / "warm"), problems=str(problems), n=1,
+                             sampling=SamplingConfig(max_tokens=2, prompt_style="chat"),
+                             execution=ExecutionConfig(execute=False), progress=False), ecfg, pool=pool)
     out = {}
     for n in a.n:
-        cfg = GenConfig(out=str(Path(a.tmp) / f"pipe-n{n}"), problems=str(problems), n=n, max_tokens=a.max_tokens,
-                        ignore_eos=True, execute=False, problems_per_unit=a.prompts, logprobs=False,
-                        seed=1, progress=False, prompt_style="chat")
+        cfg = GenConfig(out=str(Path(a.tmp) / f"pipe-n{n}"), problems=str(problems), n=n,
+                        sampling=SamplingConfig(max_tokens=a.max_tokens, ignore_eos=True, logprobs=False,
+                                                prompt_style="chat"),
+                        execution=ExecutionConfig(execute=False), problems_per_unit=a.prompts, seed=1,
+                        progress=False)
         t0 = time.perf_counter()
         res = run_generation(cfg, ecfg, pool=pool)
         dt = time.perf_counter() - t0
@@ -99,8 +103,10 @@ def run_pipeline(a) -> dict:
     if a.exec_compare:
         for execute in (False, True):
             cfg = GenConfig(out=str(Path(a.tmp) / f"exec-{execute}"), problems=str(problems), n=a.exec_n,
-                            max_tokens=a.exec_max_tokens, execute=execute, problems_per_unit=1, seed=2,
-                            progress=False, prompt_style="chat", logprobs=False)
+                            sampling=SamplingConfig(max_tokens=a.exec_max_tokens, prompt_style="chat",
+                                                    logprobs=False),
+                            execution=ExecutionConfig(execute=execute), problems_per_unit=1, seed=2,
+                            progress=False)
             t0 = time.perf_counter()
             run_generation(cfg, ecfg, pool=pool)
             out[f"exec_{execute}"] = {"seconds": time.perf_counter() - t0}

@@ -54,6 +54,7 @@ def main() -> None:
     import ray
 
     from eval.run import EvalConfig, run_eval
+    from gen.config import SamplingConfig
     from gen.engine import EngineConfig, EnginePool, ensure_ray
     from gen.model_source import resolve_model
 
@@ -64,7 +65,8 @@ def main() -> None:
 
         def cfg(tag: str, adapter: str) -> EvalConfig:
             return EvalConfig(out=str(Path(tmp) / tag), problems="humaneval", limit=a.problems, seeds=a.seeds, k=1,
-                              max_tokens=a.max_tokens, include_base=False, adapters=[adapter], progress=False)
+                              sampling=SamplingConfig(max_tokens=a.max_tokens, temperature=0.2), include_base=False,
+                              adapters=[adapter], progress=False)
 
         ensure_ray()
         t0 = time.perf_counter()

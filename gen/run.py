@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import functools
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,78 +26,9 @@ from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.plan import Unit, make_plan
+from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.shards import ShardStore, rows_to_table
-from tasks.problems import SPLITS
 
-EXECUTORS = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class GenConfig:
-    out: str = "runs/gen"  # run folder: local path or pyarrow URI (s3://...); holds exactly one run
-    problems: str = "humaneval"  # humaneval | mbpp | path/to/problems.jsonl
-    split: str = "all"  # all | train | eval (deterministic hash split, see tasks.problems.split_problems)
-    eval_fraction: float = 0.5  # share of problems in the eval split
-    split_seed: int = 0
-    limit: int = 0  # first N problems of the split (0 = all); for quick runs
-    n: int = 64  # samples per problem; a problem yields pairs only if it has >=1 pass and >=1 fail
-    max_tokens: int = 512  # HumanEval solutions are < 300 tokens; longer is rambling
-    temperature: float = 0.8  # diversity for oversampling; eval uses its own (lower) temperature
-    top_p: float = 0.95
-    prompt_style: str = "auto"  # chat | base | auto (chat if the tokenizer has a chat template)
-    # Chat style only: the assistant turn is pre-filled with an opening fence and generation stops at the closing
-    # one, so completions are code only: ~2-3x fewer tokens than code + explanation, and no prose to parse.
-    response_prefix: str = "```python\n"
-    seed: int = 0  # run seed; every sample's seed derives from (seed, problem, sample index)
-    problems_per_unit: int = 4  # a unit is this many problems x samples_per_unit samples
-    samples_per_unit: int = 0  # 0 = n (one block); smaller blocks rebalance faster on big n
-    inflight_per_engine: int = 2  # units queued per engine so it never idles between units
-    logprobs: bool = True  # record cumulative logprob of each completion
-    ignore_eos: bool = False  # benchmarks only: force max_tokens per completion
-    execute: bool = True  # False: record completions only (outcome INFRA_ERROR "not executed"); benchmarks
-    # local: a sandbox on the driver's machine (a cluster's head node); ray: each unit's execution is a Ray task
-    # asking for 1 CPU, run wherever the cluster has one (a HumanEval unit of 4 x 64 samples is ~3 s of one core).
-    executor: str = "local"
-    exec_workers: int = 0  # executor=local: sandbox workers (0 = all cores); ray: 1 per task
-    cpu_timeout_s: float = 5.0  # CPU-seconds per execution (primary timeout)
-    max_unit_attempts: int = 3  # a unit failing this often is reported, not retried forever
-    adapter: str = ""  # optional LoRA folder to sample from (rows record it)
-    adapter_name: str = ""  # label recorded in rows' adapter column (default: the folder path)
-    run_id: str = ""  # default: derived from the run's identity
-    ray_address: str = ""  # "" = $RAY_ADDRESS or a local Ray
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.n <= 0:
-            raise ValueError(f"gen.n must be > 0, got {self.n}")
-        if self.split not in SPLITS:
-            raise ValueError(f"gen.split must be one of {SPLITS}, got {self.split!r}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"gen.eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.limit < 0:
-            raise ValueError(f"gen.limit must be >= 0, got {self.limit}")
-        if self.max_tokens <= 0:
-            raise ValueError(f"gen.max_tokens must be > 0, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 2:
-            raise ValueError(f"gen.temperature must be in [0, 2] (vLLM's range), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"gen.top_p must be in (0, 1], got {self.top_p}")
-        if self.prompt_style not in ("auto", "chat", "base"):
-            raise ValueError(f"gen.prompt_style must be auto|chat|base, got {self.prompt_style!r}")
-        if self.problems_per_unit <= 0:
-            raise ValueError(f"gen.problems_per_unit must be > 0, got {self.problems_per_unit}")
-        if self.samples_per_unit < 0:
-            raise ValueError(f"gen.samples_per_unit must be >= 0, got {self.samples_per_unit}")
-        if self.inflight_per_engine <= 0:
-            raise ValueError(f"gen.inflight_per_engine must be > 0, got {self.inflight_per_engine}")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"gen.executor must be one of {EXECUTORS}, got {self.executor!r}")
-        if self.max_unit_attempts <= 0:
-            raise ValueError(f"gen.max_unit_attempts must be > 0, got {self.max_unit_attempts}")
-        if self.cpu_timeout_s <= 0:
-            raise ValueError(f"gen.cpu_timeout_s must be > 0, got {self.cpu_timeout_s}")
-        if not self.out:
-            raise ValueError("gen.out must name an output folder")
 
 
 @dataclass
@@ -164,7 +95,8 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
 
     rows, jobs, job_rows = [], [], []
     for req, comps in zip(unit.requests, outputs, strict=True):
-        assert len(comps) == req.size, f"unit {unit.unit_id}: {req.problem_id} got {len(comps)} of {req.size}"
+        if len(comps) != req.size:
+            raise RuntimeError(f"unit {unit.unit_id}: {req.problem_id} got {len(comps)} completions of {req.size}")
         problem = problems[req.problem_id]
         for k, c in enumerate(comps):
             row = {
@@ -197,17 +129,18 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
     return rows
 
 
-_WORKER_SANDBOXES: dict[float, Any] = {}  # executor=ray: one warm sandbox per Ray worker process, reused by tasks
+_WORKER_SANDBOXES: dict[tuple, Any] = {}  # executor=ray: one warm sandbox per Ray worker process and limits
 
 
 def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ctx: dict,
-                      cpu_timeout_s: float) -> list[dict]:
-    """Body of the Ray task behind gen.executor=ray: label one unit's completions in this worker's sandbox."""
-    box = _WORKER_SANDBOXES.get(cpu_timeout_s)
+                      limits: dict[str, Any]) -> list[dict]:
+    """Body of the Ray task behind execution.executor=ray: label one unit's completions in this worker's sandbox."""
+    key = tuple(sorted(limits.items()))
+    box = _WORKER_SANDBOXES.get(key)
     if box is None:
         from sandbox import Limits, Sandbox
 
-        box = _WORKER_SANDBOXES[cpu_timeout_s] = Sandbox(workers=1, limits=Limits(cpu_s=cpu_timeout_s, wall_s=max(30.0, 4 * cpu_timeout_s)))
+        box = _WORKER_SANDBOXES[key] = Sandbox(workers=1, limits=Limits(**limits))
     return _execute_unit(box, problems, style, unit, outputs, ctx)
 
 
@@ -233,249 +166,345 @@ def summarize(store: ShardStore) -> dict[str, Any]:
     }
 
 
+@dataclass
+class RunSpec:
+    """Everything a run needs before any engine work: problems, prompts, budgets, its identity and its plan."""
+
+    problems: dict[str, Any]  # problem id -> tasks.problems.Problem
+    style: str  # the prompt style the renderer chose (auto resolved)
+    prompts: dict[str, str]
+    budgets: dict[str, int]  # problem id -> max new tokens (max_tokens, capped by what the context leaves)
+    stop: list[str]
+    identity: dict[str, Any]
+    run_id: str
+    units: list[Unit]
+    adapter_label: str | None
+
+
+def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any], problem_set: str,
+                 style: str, response_prefix: str, samples_per_unit: int, adapter_label: str | None) -> dict[str, Any]:
+    """Every setting that changes a row: two runs with equal identities are the same run (resume), else not."""
+    asdict = dataclasses.asdict
+    return {
+        "model": model["name"], "model_fingerprint": model["fingerprint"], "adapter": adapter_label,
+        "problems": cfg.problems, "problem_set": problem_set, "split": cfg.split,
+        "eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed, "limit": cfg.limit, "n": cfg.n,
+        "sampling": asdict(cfg.sampling),
+        "prompt_style": style, "response_prefix": response_prefix,  # as resolved; pairs reads these two
+        "seed": cfg.seed, "problems_per_unit": cfg.problems_per_unit, "samples_per_unit": samples_per_unit,
+        "execute": cfg.execution.execute,
+        "sandbox_limits": asdict(cfg.execution.limits()) if cfg.execution.execute else None,
+        # engine settings that change outputs: the context cap bounds every budget, dtype changes the numerics
+        "engine": {"max_model_len": engine_cfg.max_model_len, "dtype": engine_cfg.dtype,
+                   "tensor_parallel_size": engine_cfg.tensor_parallel_size},
+    }
+
+
+def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora: dict | None = None) -> RunSpec:
+    """Select problems, render prompts, fix budgets and identity, plan units. No engine, no Ray."""
+    from gen.model_source import model_identity
+    from tasks.problems import problem_set_fingerprint
+
+    problems_list = select_problems(cfg)
+    if cfg.adapter and not os.path.isdir(cfg.adapter):
+        raise ValueError(f"gen.adapter: no such adapter folder {cfg.adapter!r}")
+    adapter_label = cfg.adapter_name or (os.path.abspath(cfg.adapter) if cfg.adapter else None)
+    if lora is not None and adapter_label is None:
+        adapter_label = lora["path"]
+    samples_per_unit = cfg.samples_per_unit or cfg.n
+    renderer = _Renderer(model_path, cfg.sampling.prompt_style, engine_cfg.max_model_len,
+                         cfg.sampling.response_prefix)
+    identity = run_identity(cfg, engine_cfg, model_identity(engine_cfg.model), problem_set_fingerprint(problems_list),
+                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label)
+    prompts = {p.id: renderer.prompt(p) for p in problems_list}
+    return RunSpec(
+        problems={p.id: p for p in problems_list}, style=renderer.style, prompts=prompts,
+        budgets={pid: renderer.budget(pr, cfg.sampling.max_tokens, pid) for pid, pr in prompts.items()},
+        stop=renderer.stop, identity=identity, run_id=cfg.run_id or f"gen-{_digest(identity)[:12]}",
+        units=make_plan(list(prompts), cfg.n, cfg.seed, cfg.problems_per_unit, samples_per_unit),
+        adapter_label=adapter_label,
+    )
+
+
+def sampling_params(s: SamplingConfig, req, max_tokens: int, stop: list[str]) -> dict[str, Any]:
+    """vLLM SamplingParams fields for one request of a unit (n children, seeds seed..seed+n-1)."""
+    p = {"n": req.size, "temperature": s.temperature, "top_p": s.top_p, "seed": req.seed, "max_tokens": max_tokens,
+         "ignore_eos": s.ignore_eos}
+    if stop and not s.ignore_eos:
+        p["stop"] = stop
+    if s.logprobs:
+        p["logprobs"] = 0
+    return p
+
+
+class _Executor:
+    """Labels finished units: on local sandbox workers fed by one background thread, or as 1-CPU Ray tasks.
+
+    A failed execution (our infrastructure, never the model's) is retried up to `max_attempts` times, the same way
+    for both kinds; after that the unit is reported as failed, not scored.
+    """
+
+    def __init__(self, ex: ExecutionConfig, spec: RunSpec, ctx: dict) -> None:
+        import ray
+
+        self.ex, self.spec, self.ctx = ex, spec, ctx
+        self.remote = ex.execute and ex.executor == "ray"
+        self.sandbox = None
+        if ex.execute and not self.remote:
+            from sandbox import Sandbox
+
+            self.sandbox = Sandbox(workers=ex.workers or None, limits=ex.limits())
+        self.thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairloop-exec")
+        self.futs: dict[cf.Future, tuple[Unit, list]] = {}
+        self.refs: dict[Any, tuple[Unit, list]] = {}
+        self.attempts: collections.Counter = collections.Counter()
+        self.retried = 0
+        self._task = ray.remote(execute_unit_task).options(num_cpus=1, max_retries=3)  # retries: lost node
+        if self.remote and ray.available_resources().get("CPU", 0) < 1:
+            print(f"pairloop gen: execution.executor=ray but the cluster has no free CPU for execution tasks "
+                  f"({ray.cluster_resources().get('CPU', 0):g} CPUs, engines hold some); they wait for one "
+                  "(an autoscaler adds nodes; on one machine use execution.executor=local)", file=sys.stderr)
+
+    def pending(self) -> bool:
+        return bool(self.futs or self.refs)
+
+    def submit(self, u: Unit, outputs: list) -> None:
+        if not self.remote:
+            fut = self.thread.submit(_execute_unit, self.sandbox, self.spec.problems, self.spec.style, u, outputs,
+                                     self.ctx)
+            self.futs[fut] = (u, outputs)
+            return
+        pids = [r.problem_id for r in u.requests]
+        uctx = dict(self.ctx, prompts={p: self.ctx["prompts"][p] for p in pids})
+        ref = self._task.remote({p: self.spec.problems[p] for p in pids}, self.spec.style, u, outputs, uctx,
+                                dataclasses.asdict(self.ex.limits()))
+        self.refs[ref] = (u, outputs)
+
+    def collect_local(self, record, failed: dict[str, str]) -> None:
+        """Record every finished local execution (or retry/fail it)."""
+        for fut in [f for f in self.futs if f.done()]:
+            u, outputs = self.futs.pop(fut)
+            try:
+                rows = fut.result()
+            except Exception as e:  # a bug or a sandbox fault on our side: retried like a failed Ray task
+                self._retry_or_fail(u, outputs, failed, f"local execution failed: {type(e).__name__}: {e}")
+                continue
+            record(u, rows)
+
+    def on_ref(self, ref, record, failed: dict[str, str]) -> None:
+        import ray
+
+        u, outputs = self.refs.pop(ref)
+        try:
+            rows = ray.get(ref)
+        except ray.exceptions.RayError as e:  # Ray's own retries (lost worker or node) are spent
+            self._retry_or_fail(u, outputs, failed, f"execution task failed: {type(e).__name__}: {str(e)[-300:]}")
+            return
+        record(u, rows)
+
+    def _retry_or_fail(self, u: Unit, outputs: list, failed: dict[str, str], why: str) -> None:
+        self.attempts[u.unit_id] += 1
+        if self.attempts[u.unit_id] >= self.ex.max_attempts:
+            failed[u.unit_id] = f"{why} ({self.attempts[u.unit_id]} attempts)"
+        else:
+            self.retried += 1
+            self.submit(u, outputs)
+
+    def wait_local(self, timeout: float) -> None:
+        cf.wait(list(self.futs), timeout=timeout, return_when=cf.FIRST_COMPLETED)
+
+    def close(self, wait: bool) -> None:
+        import ray
+
+        if not wait:
+            for ref in self.refs:  # Ctrl-C: don't leave execution tasks running on the cluster
+                try:
+                    ray.cancel(ref)
+                except Exception:
+                    pass
+        self.thread.shutdown(wait=wait, cancel_futures=not wait)
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+
+class _Driver:
+    """One call's event loop: keep every engine fed with units, hand finished ones to the executor, record rows,
+    and bring dead engines back (Ray restarts the actor; past that, a bounded number of fresh actors)."""
+
+    def __init__(self, cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool, lora: dict | None,
+                 spec: RunSpec, store: ShardStore, manifest, todo: collections.deque, progress_bar) -> None:
+        self.cfg, self.engine_cfg, self.pool, self.lora, self.spec = cfg, engine_cfg, pool, lora, spec
+        self.store, self.manifest, self.todo, self.bar = store, manifest, todo, progress_bar
+        self.inflight: dict[Any, tuple[int, Unit, int]] = {}  # ObjectRef -> (engine, unit, engine epoch)
+        self.epoch: collections.Counter = collections.Counter()  # bumps when an engine dies: one death counts once
+        self.recovering: dict[Any, int] = {}  # health-probe ObjectRef -> engine, while a dead engine comes back
+        self.replacements: collections.Counter = collections.Counter()
+        self.disabled: set[int] = set()
+        self.attempts: collections.Counter = collections.Counter()
+        self.failed: dict[str, str] = {}
+        self.requeued = 0
+        self.stats = {"tokens": 0, "pass": 0, "scored": 0, "t0": time.perf_counter()}
+        self.executor: _Executor | None = None
+
+    def load(self, i: int) -> int:
+        return sum(1 for e, _, _ in self.inflight.values() if e == i)
+
+    def dispatch(self) -> None:
+        busy = set(self.recovering.values()) | self.disabled
+        for i in range(len(self.pool)):
+            while i not in busy and self.todo and self.load(i) < self.cfg.inflight_per_engine:
+                u = self.todo.popleft()
+                params = [sampling_params(self.cfg.sampling, r, self.spec.budgets[r.problem_id], self.spec.stop)
+                          for r in u.requests]
+                ref = self.pool.generate(i, [self.spec.prompts[r.problem_id] for r in u.requests], params, self.lora)
+                self.inflight[ref] = (i, u, self.epoch[i])
+
+    def record(self, u: Unit, rows: list[dict]) -> None:
+        self.store.write_unit(self.manifest, u.unit_id, rows_to_table(rows))
+        self.stats["pass"] += sum(r["outcome"] == "PASS" for r in rows)
+        self.stats["scored"] += sum(r["outcome"] != "INFRA_ERROR" for r in rows)
+        self.bar.update(len(rows))
+        el = time.perf_counter() - self.stats["t0"]
+        post = {"tok/s": f"{self.stats['tokens'] / el:.0f}"}
+        if self.stats["scored"]:
+            post["pass"] = f"{self.stats['pass'] / self.stats['scored']:.1%}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def probe(self, i: int) -> None:
+        self.recovering[self.pool.actors[i].info.remote()] = i
+
+    def on_probe(self, ref) -> None:
+        import ray
+
+        i = self.recovering.pop(ref)
+        try:
+            ray.get(ref)  # the engine is back (Ray restarted the actor and rebuilt its LLM)
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(0.5)  # still restarting
+            self.probe(i)
+        except ray.exceptions.RayActorError:
+            # Ray's restarts are used up: replace the actor with a fresh one, a bounded number of times
+            self.replacements[i] += 1
+            if self.replacements[i] > self.engine_cfg.max_restarts:
+                self.disabled.add(i)
+                print(f"pairloop gen: engine {i} keeps dying; disabled", file=sys.stderr)
+                return
+            self.pool.replace_engine(i)
+            self.probe(i)
+
+    def on_engine_death(self, i: int, u: Unit, ep: int, e: Exception) -> None:
+        if ep == self.epoch[i]:  # first report of this death; the engine's other in-flight units fail with it
+            self.epoch[i] += 1
+            self.attempts[u.unit_id] += 1  # the unit that was running when it died is the suspect
+            self.probe(i)
+        if self.attempts[u.unit_id] >= self.cfg.max_unit_attempts:
+            self.failed[u.unit_id] = f"engine died {self.attempts[u.unit_id]} times while running it: {type(e).__name__}"
+        else:
+            self.requeued += 1
+            self.todo.appendleft(u)
+
+    def on_engine_output(self, ref) -> None:
+        import ray
+
+        i, u, ep = self.inflight.pop(ref)
+        try:
+            outputs = ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # died, or unavailable while restarting
+            self.on_engine_death(i, u, ep, e)
+            return
+        except ray.exceptions.RayTaskError as e:
+            self.attempts[u.unit_id] += 1
+            if self.attempts[u.unit_id] >= self.cfg.max_unit_attempts:
+                self.failed[u.unit_id] = f"{type(e.cause).__name__ if e.cause else 'error'}: {str(e)[-300:]}"
+            else:
+                self.requeued += 1
+                self.todo.append(u)
+            return
+        self.stats["tokens"] += sum(c["tokens"] for comps in outputs for c in comps)
+        self.executor.submit(u, outputs)
+
+    def run(self, executor: _Executor) -> None:
+        import ray
+
+        self.executor = ex = executor
+        self.dispatch()
+        while self.inflight or ex.pending() or (self.recovering and self.todo):
+            ex.collect_local(self.record, self.failed)
+            if len(self.disabled) == len(self.pool):
+                for u in list(self.todo) + [u for _, u, _ in self.inflight.values()]:
+                    self.failed[u.unit_id] = "no live engine left"
+                self.todo.clear()
+                self.inflight.clear()  # and fall through: executions already under way still finish
+            waitables = list(self.inflight) + list(self.recovering) + list(ex.refs)
+            if not waitables:
+                ex.wait_local(timeout=0.5)
+                continue
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=0.5)
+            for ref in ready:
+                if ref in self.recovering:
+                    self.on_probe(ref)
+                elif ref in ex.refs:
+                    ex.on_ref(ref, self.record, self.failed)
+                else:
+                    self.on_engine_output(ref)
+            self.dispatch()
+        ex.collect_local(self.record, self.failed)
+
+
 def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | None = None,
                    lora: dict | None = None) -> GenResult:
     """Run (or resume) one generation run. With `pool`, reuse running engines (and `lora` if given)."""
     import ray
     from tqdm.auto import tqdm
 
-    from gen.model_source import model_identity, resolve_model
+    from gen.model_source import resolve_model
 
-    problems_list = select_problems(cfg)
-    problems = {p.id: p for p in problems_list}
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
-    ident_model = model_identity(engine_cfg.model)
-    from tasks.problems import problem_set_fingerprint
-
-    adapter_label = cfg.adapter_name or (os.path.abspath(cfg.adapter) if cfg.adapter else None)
-    if lora is not None and adapter_label is None:
-        adapter_label = lora["path"]
-    if cfg.adapter and not os.path.isdir(cfg.adapter):
-        raise ValueError(f"gen.adapter: no such adapter folder {cfg.adapter!r}")
-    samples_per_unit = cfg.samples_per_unit or cfg.n
-    renderer = _Renderer(model_path, cfg.prompt_style, engine_cfg.max_model_len, cfg.response_prefix)
-    identity = {
-        "model": ident_model["name"], "model_fingerprint": ident_model["fingerprint"],
-        "adapter": adapter_label, "problems": cfg.problems,
-        "problem_set": problem_set_fingerprint(problems_list), "split": cfg.split,
-        "eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed, "limit": cfg.limit, "n": cfg.n,
-        "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-        "prompt_style": renderer.style, "response_prefix": renderer.response_prefix, "seed": cfg.seed, "problems_per_unit": cfg.problems_per_unit,
-        "samples_per_unit": samples_per_unit, "ignore_eos": cfg.ignore_eos, "execute": cfg.execute,
-    }
-    run_id = cfg.run_id or f"gen-{_digest(identity)[:12]}"
-    units = make_plan([p.id for p in problems_list], cfg.n, cfg.seed, cfg.problems_per_unit, samples_per_unit)
-    prompts = {p.id: renderer.prompt(p) for p in problems_list}
-    budgets = {pid: renderer.budget(pr, cfg.max_tokens, pid) for pid, pr in prompts.items()}
-
+    spec = prepare_run(cfg, engine_cfg, model_path, lora)
     store = ShardStore(cfg.out)
-    manifest = store.open_run(run_id, identity)
-    todo = collections.deque(u for u in units if u.unit_id not in manifest.units)
-    total = sum(u.num_samples for u in units)
-    done_samples = total - sum(u.num_samples for u in todo)
-    ctx = {"run_id": run_id, "seed": cfg.seed, "model": ident_model["name"], "adapter": adapter_label,
-           "prompts": prompts}
-
-    def sampling(req) -> dict[str, Any]:
-        s = {"n": req.size, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": req.seed,
-             "max_tokens": budgets[req.problem_id], "ignore_eos": cfg.ignore_eos}
-        if renderer.stop and not cfg.ignore_eos:
-            s["stop"] = renderer.stop
-        if cfg.logprobs:
-            s["logprobs"] = 0
-        return s
-
-    failed: dict[str, str] = {}
-    attempts: collections.Counter = collections.Counter()
-    requeued = 0
+    manifest = store.open_run(spec.run_id, spec.identity)
+    todo = collections.deque(u for u in spec.units if u.unit_id not in manifest.units)
     if not todo:
         manifest.complete = True
         manifest.summary = summarize(store)
         store.write_manifest(manifest)
-        return GenResult(cfg.out, run_id, manifest.summary["rows"], True, {}, manifest.summary)
+        return GenResult(cfg.out, spec.run_id, manifest.summary["rows"], True, {}, manifest.summary)
 
+    total = sum(u.num_samples for u in spec.units)
+    ctx = {"run_id": spec.run_id, "seed": cfg.seed, "model": spec.identity["model"], "adapter": spec.adapter_label,
+           "prompts": spec.prompts}
     started_ray = ensure_ray(cfg.ray_address or None)
     own_pool = pool is None
-    sandbox = None
-    remote_exec = cfg.execute and cfg.executor == "ray"
-    exec_refs: dict[Any, tuple[Unit, list]] = {}  # executor=ray: task ObjectRef -> (unit, engine outputs)
-    pool_ = pool
     interrupted = False
+    executor = driver = None
     try:
         if own_pool:
-            pool_ = EnginePool(engine_cfg, model_path)
+            pool = EnginePool(engine_cfg, model_path)
         if cfg.adapter and lora is None:
-            lora = pool_.load_adapter(cfg.adapter)
-        if remote_exec and ray.available_resources().get("CPU", 0) < 1:
-            print(f"pairloop gen: gen.executor=ray but the cluster has no free CPU for execution tasks "
-                  f"({ray.cluster_resources().get('CPU', 0):g} CPUs, engines hold some); they wait for one "
-                  "(an autoscaler adds nodes; on one machine use gen.executor=local)", file=sys.stderr)
-        if cfg.execute and not remote_exec:
-            from sandbox import Limits, Sandbox
-
-            sandbox = Sandbox(workers=cfg.exec_workers or None, limits=Limits(cpu_s=cfg.cpu_timeout_s, wall_s=max(30.0, 4 * cfg.cpu_timeout_s)))
-        executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairloop-exec")
-        inflight: dict[Any, tuple[int, Unit, int]] = {}  # ObjectRef -> (engine, unit, engine epoch)
-        epoch: collections.Counter = collections.Counter()  # bumps when an engine dies, so one death counts once
-        exec_futs: dict[cf.Future, Unit] = {}
-        stats = {"tokens": 0, "pass": 0, "scored": 0, "t0": time.perf_counter()}
-        bar = tqdm(total=total, initial=done_samples, unit="sample", desc=f"gen {run_id}", disable=not cfg.progress,
-                   dynamic_ncols=True)
-
-        def load(i: int) -> int:
-            return sum(1 for e, _, _ in inflight.values() if e == i)
-
-        exec_task = ray.remote(execute_unit_task).options(num_cpus=1, max_retries=3)  # retries: lost node
-
-        def submit_exec(u: Unit, outputs: list) -> None:
-            if not remote_exec:
-                exec_futs[executor.submit(_execute_unit, sandbox, problems, renderer.style, u, outputs, ctx)] = u
-                return
-            pids = [r.problem_id for r in u.requests]
-            uctx = dict(ctx, prompts={p: prompts[p] for p in pids})
-            ref = exec_task.remote({p: problems[p] for p in pids}, renderer.style, u, outputs, uctx,
-                                   cfg.cpu_timeout_s)
-            exec_refs[ref] = (u, outputs)
-
-        def on_exec_task(ref) -> None:
-            nonlocal requeued
-            u, outputs = exec_refs.pop(ref)
-            try:
-                rows = ray.get(ref)
-            except ray.exceptions.RayError as e:  # Ray's own retries (lost worker or node) are spent
-                attempts[u.unit_id] += 1
-                if attempts[u.unit_id] >= cfg.max_unit_attempts:
-                    failed[u.unit_id] = f"execution task failed: {type(e).__name__}: {str(e)[-300:]}"
-                else:
-                    requeued += 1
-                    submit_exec(u, outputs)
-                return
-            record(u, rows)
-
-        def finish_exec(fut: cf.Future) -> None:
-            record(exec_futs.pop(fut), fut.result())
-
-        def record(u: Unit, rows: list[dict]) -> None:
-            store.write_unit(manifest, u.unit_id, rows_to_table(rows))
-            stats["pass"] += sum(r["outcome"] == "PASS" for r in rows)
-            stats["scored"] += sum(r["outcome"] != "INFRA_ERROR" for r in rows)
-            bar.update(len(rows))
-            el = time.perf_counter() - stats["t0"]
-            post = {"tok/s": f"{stats['tokens'] / el:.0f}"}
-            if stats["scored"]:
-                post["pass"] = f"{stats['pass'] / stats['scored']:.1%}"
-            bar.set_postfix(post, refresh=False)
-
-        recovering: dict[Any, int] = {}  # health probe ObjectRef -> engine, while a dead engine comes back
-        replacements: collections.Counter = collections.Counter()
-        disabled: set[int] = set()
-
-        def dispatch() -> None:
-            busy = set(recovering.values()) | disabled
-            for i in range(len(pool_)):
-                while i not in busy and todo and load(i) < cfg.inflight_per_engine:
-                    u = todo.popleft()
-                    ref = pool_.generate(i, [prompts[r.problem_id] for r in u.requests],
-                                         [sampling(r) for r in u.requests], lora)
-                    inflight[ref] = (i, u, epoch[i])
-
-        def probe(i: int) -> None:
-            recovering[pool_.actors[i].info.remote()] = i
-
-        def on_probe(ref) -> None:
-            i = recovering.pop(ref)
-            try:
-                ray.get(ref)  # the engine is back (Ray restarted the actor and rebuilt its LLM)
-            except ray.exceptions.ActorUnavailableError:
-                time.sleep(0.5)  # still restarting
-                probe(i)
-            except ray.exceptions.RayActorError:
-                # Ray's restarts are used up: replace the actor with a fresh one, a bounded number of times
-                replacements[i] += 1
-                try:
-                    ray.kill(pool_.actors[i], no_restart=True)
-                except Exception:
-                    pass
-                if replacements[i] > engine_cfg.max_restarts:
-                    disabled.add(i)
-                    print(f"pairloop gen: engine {i} keeps dying; disabled", file=sys.stderr)
-                    return
-                pool_.actors[i] = pool_._start_actor(i)
-                probe(i)
-
-        def on_engine_death(i: int, u: Unit, ep: int, e: Exception) -> None:
-            nonlocal requeued
-            if ep == epoch[i]:  # first report of this death; the engine's other in-flight units fail with it
-                epoch[i] += 1
-                attempts[u.unit_id] += 1  # the unit that was running when it died is the suspect
-                probe(i)
-            if attempts[u.unit_id] >= cfg.max_unit_attempts:
-                failed[u.unit_id] = f"engine died {attempts[u.unit_id]} times while running it: {type(e).__name__}"
-            else:
-                requeued += 1
-                todo.appendleft(u)
-
-        dispatch()
-        while inflight or exec_futs or exec_refs or (recovering and todo):
-            for fut in [f for f in exec_futs if f.done()]:
-                finish_exec(fut)
-            if len(disabled) == len(pool_):
-                for u in list(todo) + [u for _, u, _ in inflight.values()]:
-                    failed[u.unit_id] = "no live engine left"
-                todo.clear()
-                inflight.clear()  # and fall through: executions already under way still finish
-            waitables = list(inflight) + list(recovering) + list(exec_refs)
-            if not waitables:
-                cf.wait(list(exec_futs), timeout=0.5, return_when=cf.FIRST_COMPLETED)
-                continue
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=0.5)
-            for ref in ready:
-                if ref in recovering:
-                    on_probe(ref)
-                    continue
-                if ref in exec_refs:
-                    on_exec_task(ref)
-                    continue
-                i, u, ep = inflight.pop(ref)
-                try:
-                    outputs = ray.get(ref)
-                except ray.exceptions.RayActorError as e:  # died, or unavailable while restarting
-                    on_engine_death(i, u, ep, e)
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    attempts[u.unit_id] += 1
-                    if attempts[u.unit_id] >= cfg.max_unit_attempts:
-                        failed[u.unit_id] = f"{type(e.cause).__name__ if e.cause else 'error'}: {str(e)[-300:]}"
-                    else:
-                        requeued += 1
-                        todo.append(u)
-                    continue
-                stats["tokens"] += sum(c["tokens"] for comps in outputs for c in comps)
-                submit_exec(u, outputs)
-            dispatch()
+            lora = pool.load_adapter(cfg.adapter)
+        bar = tqdm(total=total, initial=total - sum(u.num_samples for u in todo), unit="sample",
+                   desc=f"gen {spec.run_id}", disable=not cfg.progress, dynamic_ncols=True)
+        driver = _Driver(cfg, engine_cfg, pool, lora, spec, store, manifest, todo, bar)
+        executor = _Executor(cfg.execution, spec, ctx)
+        driver.run(executor)
         bar.close()
-        executor.shutdown(wait=True)
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
-        for ref in exec_refs:  # Ctrl-C: don't leave execution tasks running on the cluster
-            try:
-                ray.cancel(ref)
-            except Exception:
-                pass
-        if sandbox is not None:
-            sandbox.close()
-        if own_pool and pool_ is not None:
-            pool_.shutdown()
+        if executor is not None:
+            executor.close(wait=not interrupted)
+        if own_pool and pool is not None:
+            pool.shutdown()
         if started_ray and (own_pool or interrupted):
             ray.shutdown()
+    failed = driver.failed
     manifest.summary = summarize(store)
     manifest.summary["failed_units"] = failed
-    manifest.complete = not failed and len(manifest.units) == len(units)
+    manifest.complete = not failed and len(manifest.units) == len(spec.units)
     store.write_manifest(manifest)
-    return GenResult(cfg.out, run_id, manifest.summary["rows"], manifest.complete, failed, manifest.summary,
-                     requeued)
+    return GenResult(cfg.out, spec.run_id, manifest.summary["rows"], manifest.complete, failed, manifest.summary,
+                     driver.requeued + executor.retried)
 
 
 def print_summary(res: GenResult) -> None:
@@ -491,24 +520,3 @@ def print_summary(res: GenResult) -> None:
         print(f"  ({s['infra_errors']} INFRA_ERROR rows are harness faults, excluded from the pass rate)")
     for uid, why in res.failed_units.items():
         print(f"  FAILED unit {uid}: {why}")
-
-
-def main(argv: list[str]) -> int:
-    from pairloop.config import load_config
-
-    try:
-        cfg = load_config(GenConfig, argv, section="gen")
-        engine_cfg = load_config(EngineConfig, argv, section="engine")
-    except ValueError as e:
-        print(f"pairloop gen: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = run_generation(cfg, engine_cfg)
-    except ValueError as e:
-        print(f"pairloop gen: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\npairloop gen: interrupted; finished units are kept, rerun to resume", file=sys.stderr)
-        return 130
-    print_summary(res)
-    return 0 if res.complete else 1

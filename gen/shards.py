@@ -11,6 +11,7 @@ crashed before the manifest update is invisible, and its retry overwrites it (sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -101,11 +102,35 @@ def join_uri(uri: str, *parts: str) -> str:
     return posixpath.join(base, *parts) + sep + query
 
 
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-safe dict of a config dataclass for manifests, nested configs included (Paths -> str, tuples -> lists)."""
+
+    def clean(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: clean(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        return v
+
+    return clean(cfg)
+
+
 def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)  # atomic rename locally; copy+delete on object stores (the manifest is the truth there)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """The one atomic write: `data` lands whole at `uri` (local path or URI) or not at all; parents are created."""
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path) if "://" in uri else os.path.dirname(path), recursive=True)
+    _write_bytes_atomic(fs, path, data)
 
 
 @dataclass

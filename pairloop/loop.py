@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from pairloop.config import build_config, config_to_dict, load_config
+import pyarrow.fs as pafs
+
+from pairloop.config import build_config, read_sections
 
 
 @dataclass(frozen=True)
@@ -50,86 +50,136 @@ class StageConfigs:
     eval: Any
 
 
-def stage_configs(argv: list[str]) -> StageConfigs:
-    """Parse every section, then wire the stages together under run.out."""
+# What the loop sets in each stage's section (it ties the stages together): a user value there is refused, not
+# silently replaced.
+WIRED = {
+    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit"),
+    "pairs": ("inputs", "out", "problems", "eval_problems", "eval_fraction", "split_seed", "eval_ids"),
+    "train": ("pairs", "out", "model", "max_lora_rank"),
+    "eval": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "adapters", "include_base"),
+}
+
+
+def loop_configs(argv: list[str]) -> StageConfigs:
+    """Parse every section (pairloop.config, the one parser), then wire the stages together under run.out."""
     from eval.run import EvalConfig
+    from gen.config import GenConfig
     from gen.engine import EngineConfig
-    from gen.run import GenConfig
+    from gen.shards import join_uri
     from pairs.config import PairsConfig
     from train.dpo import TrainConfig
 
-    loop = load_config(LoopConfig, argv, section="run")
-    engine = load_config(EngineConfig, argv, section="engine")
+    raw = read_sections(argv)
+    for sec, fields in WIRED.items():
+        clash = sorted(set(raw.get(sec, {})) & set(fields))
+        if clash:
+            raise ValueError(f"pairloop run: {', '.join(f'{sec}.{f}' for f in clash)} is set by the loop "
+                             "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit and "
+                             f"engine.model); remove it from the {sec} section")
+    loop = build_config(LoopConfig, raw.get("run", {}), "run")
+    engine = build_config(EngineConfig, raw.get("engine", {}), "engine")
     out = loop.out
     split = dict(problems=loop.problems, eval_fraction=loop.eval_fraction, split_seed=loop.split_seed)
-    raw = _raw_sections(argv)
     gen = build_config(GenConfig, {**raw.get("gen", {}), **split, "split": "train", "limit": loop.train_limit,
-                                   "out": os.path.join(out, "gen")})
-    pairs = build_config(PairsConfig, {**raw.get("pairs", {}), "inputs": [os.path.join(out, "gen")],
-                                       "out": os.path.join(out, "pairs"), "problems": loop.problems,
+                                   "out": join_uri(out, "gen")}, "gen")
+    pairs = build_config(PairsConfig, {**raw.get("pairs", {}), "inputs": [join_uri(out, "gen")],
+                                       "out": join_uri(out, "pairs"), "problems": loop.problems,
                                        "eval_problems": loop.problems, "eval_fraction": loop.eval_fraction,
-                                       "split_seed": loop.split_seed})
-    train = build_config(TrainConfig, {**raw.get("train", {}), "pairs": [os.path.join(out, "pairs")],
-                                       "out": os.path.join(out, "adapter"), "model": engine.model,
-                                       "max_lora_rank": engine.max_lora_rank})
+                                       "split_seed": loop.split_seed}, "pairs")
+    train = build_config(TrainConfig, {**raw.get("train", {}), "pairs": [join_uri(out, "pairs")],
+                                       "out": join_uri(out, "adapter"), "model": engine.model,
+                                       "max_lora_rank": engine.max_lora_rank}, "train")
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **split, "split": "eval", "limit": loop.eval_limit,
-                                    "out": os.path.join(out, "eval")})
+                                    "out": join_uri(out, "eval")}, "eval")
     return StageConfigs(loop, engine, gen, pairs, train, evl)
 
 
-def _raw_sections(argv: list[str]) -> dict[str, dict[str, Any]]:
-    """Each section's values from the YAML file and section.field=value overrides (unconverted)."""
-    import yaml
-
-    from pairloop.config import parse_overrides
-
-    sections: dict[str, dict[str, Any]] = {}
-    rest = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--config":
-            data = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
-            for k, v in data.items():
-                if isinstance(v, dict):
-                    sections.setdefault(k, {}).update(v)
-            i += 2
-            continue
-        if argv[i].startswith("--config="):
-            i += 1
-            continue
-        rest.append(argv[i])
-        i += 1
-    for sec, field, value in parse_overrides(rest):
-        if sec is None:
-            raise ValueError(f"pairloop run: override {field}={value!r} needs a section, e.g. gen.{field}={value}")
-        sections.setdefault(sec, {})[field] = value
-    unknown = sorted(set(sections) - {"run", "engine", "gen", "pairs", "train", "eval"})
-    if unknown:
-        raise ValueError(f"pairloop run: unknown config section(s) {unknown}; known: run engine gen pairs train eval")
-    return sections
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _digest(cfg: Any) -> str:
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+def file_sha256(uri: str) -> str:
+    from gen.shards import resolve
+
+    fs, path = resolve(uri)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def adapter_sha256(folder: str) -> str:
+    """One hash over an adapter folder's weight and config files (what vLLM loads)."""
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update(name.encode() + b"\0" + file_sha256(os.path.join(folder, name)).encode())
+    return h.hexdigest()
 
 
 class StageLog:
-    """`<out>/loop_state.json`: which stages completed with which config (atomic, written after each stage)."""
+    """`<out>/loop_state.json`: which stages completed, with which identity (atomic, written after each stage).
+
+    A stage's identity is its own config plus the identities of everything it reads: the model's content
+    fingerprint and the engine settings that change outputs, the gen manifest, the pairs file, the adapter. A stage
+    whose identity differs from the recorded one runs again, and its old output is moved aside to
+    `<out>/superseded/` first, so nothing from the old run can be picked up; everything after it then sees new
+    inputs and reruns too. Nothing is ever reused on a config digest alone.
+    """
 
     def __init__(self, out: str) -> None:
-        self.path = Path(out) / "loop_state.json"
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+        from gen.shards import join_uri, resolve
 
-    def done(self, stage: str, cfg: Any) -> bool:
+        self.out = out
+        self.path = join_uri(out, "loop_state.json")
+        self.state: dict[str, Any] = {"stages": {}}
+        fs, path = resolve(self.path)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            with fs.open_input_stream(path) as f:
+                try:
+                    self.state = json.loads(f.read().decode())
+                except json.JSONDecodeError:
+                    raise ValueError(f"{self.path}: not valid JSON; delete it to rerun every stage") from None
+
+    @staticmethod
+    def identity(cfg: Any, inputs: dict[str, Any]) -> str:
+        from gen.shards import config_to_dict
+
+        return _digest({"config": config_to_dict(cfg), "inputs": inputs})
+
+    def done(self, stage: str, ident: str) -> bool:
         s = self.state["stages"].get(stage)
-        return bool(s) and s["config"] == _digest(cfg)
+        return bool(s) and s.get("identity") == ident
 
-    def mark(self, stage: str, cfg: Any, seconds: float, info: dict[str, Any] | None = None) -> None:
-        self.state["stages"][stage] = {"config": _digest(cfg), "seconds": round(seconds, 1), **(info or {})}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+    def supersede(self, stage: str, outputs: list[str]) -> None:
+        """The recorded `stage` ran with another identity: move its outputs aside before it runs again."""
+        from gen.shards import join_uri, resolve
+
+        old = self.state["stages"].pop(stage, None)
+        if old is None:
+            return
+        for uri in outputs:
+            fs, path = resolve(uri)
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                continue
+            dest = join_uri(self.out, "superseded", f"{stage}-{old.get('identity', 'unknown')}",
+                            os.path.basename(path.rstrip("/")))
+            dfs, dpath = resolve(dest)
+            if dfs.get_file_info(dpath).type != pafs.FileType.NotFound:
+                dfs.delete_dir(dpath)  # the same old identity superseded twice: keep the latest copy
+            dfs.create_dir(os.path.dirname(dpath), recursive=True)
+            fs.move(path, dpath)
+            print(f"pairloop run: {stage}'s inputs or settings changed; its old output {uri} moved to {dest}")
+        self._write()
+
+    def mark(self, stage: str, ident: str, seconds: float, info: dict[str, Any] | None = None) -> None:
+        self.state["stages"][stage] = {"identity": ident, "seconds": round(seconds, 1), **(info or {})}
+        self._write()
+
+    def _write(self) -> None:
+        from gen.shards import write_bytes_atomic
+
+        write_bytes_atomic(self.path, json.dumps(self.state, indent=1, sort_keys=True).encode())
 
 
 def check_disjoint(gen_cfg, eval_cfg) -> tuple[list[str], list[str]]:
@@ -144,14 +194,25 @@ def check_disjoint(gen_cfg, eval_cfg) -> tuple[list[str], list[str]]:
     return train_ids, eval_ids
 
 
+def engine_output_identity(engine: Any) -> dict[str, Any]:
+    """The model's content fingerprint and the engine settings that change what it generates."""
+    from gen.model_source import model_identity
+
+    ident = model_identity(engine.model)
+    return {"model": ident["name"], "fingerprint": ident["fingerprint"], "dtype": engine.dtype,
+            "max_model_len": engine.max_model_len, "tensor_parallel_size": engine.tensor_parallel_size,
+            "device": engine.device, "seed": engine.seed}
+
+
 def run_loop(c: StageConfigs) -> dict[str, Any]:
     import ray
 
     from eval.report import build_report, render_terminal, write_report
-    from eval.run import run_eval
+    from eval.run import adapter_label, result_dirs, run_eval
     from gen.engine import EnginePool, ensure_ray
     from gen.model_source import resolve_model
     from gen.run import print_summary, run_generation
+    from gen.shards import MANIFEST_NAME, join_uri
     from pairs.run import print_summary as print_pairs_summary
     from pairs.run import run as run_pairs
     from train.dpo import train
@@ -162,6 +223,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     log = StageLog(c.loop.out)
     t_all = time.perf_counter()
     model_path = resolve_model(c.engine.model)
+    engine_ident = engine_output_identity(c.engine)
     started_ray = ensure_ray(c.gen.ray_address or None)
     pool = None
 
@@ -173,62 +235,60 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             print(f"pairloop run: {len(pool)} engine(s) up in {time.perf_counter() - t0:.0f} s")
         return pool
 
+    def stage(name: str, title: str, cfg: Any, inputs, outputs: list[str], body) -> None:
+        ident = log.identity(cfg, inputs())
+        if log.done(name, ident):
+            return
+        log.supersede(name, outputs)
+        print(f"\n== {title}")
+        t0 = time.perf_counter()
+        info = body()
+        log.mark(name, ident, time.perf_counter() - t0, info)
+
+    base_eval = replace(c.eval, adapters=[], include_base=True)
+    adapter_eval = replace(c.eval, adapters=[c.train.out], include_base=True)
+
+    def eval_base() -> None:
+        run_eval(base_eval, c.engine, pool=engines(), report=False)
+
+    def gen() -> dict[str, Any]:
+        res = run_generation(c.gen, c.engine, pool=engines())
+        print_summary(res)
+        if not res.complete:
+            raise RuntimeError(f"gen incomplete: {res.failed_units}")
+        return {"rows": res.rows}
+
+    def pairs() -> None:
+        print_pairs_summary(run_pairs(c.pairs))
+
+    def train_adapter() -> None:
+        train(c.train)
+
+    def eval_adapter() -> None:
+        run_eval(adapter_eval, c.engine, pool=engines(), report=False)
+
     try:
-        base_eval = replace(c.eval, adapters=[], include_base=True)
-        if not log.done("eval_base", base_eval):
-            print("\n== 1/5 base eval (held-out split)")
-            t0 = time.perf_counter()
-            run_eval(base_eval, c.engine, pool=engines(), report=False)
-            log.mark("eval_base", base_eval, time.perf_counter() - t0)
-        if not log.done("gen", c.gen):
-            print("\n== 2/5 gen (train split)")
-            t0 = time.perf_counter()
-            res = run_generation(c.gen, c.engine, pool=engines())
-            print_summary(res)
-            if not res.complete:
-                raise RuntimeError(f"gen incomplete: {res.failed_units}")
-            log.mark("gen", c.gen, time.perf_counter() - t0, {"rows": res.rows})
-        if not log.done("pairs", c.pairs):
-            print("\n== 3/5 pairs")
-            t0 = time.perf_counter()
-            rep = run_pairs(c.pairs)
-            print_pairs_summary(rep)
-            log.mark("pairs", c.pairs, time.perf_counter() - t0)
-        if not log.done("train", c.train):
-            print("\n== 4/5 train (DPO + LoRA)")
-            t0 = time.perf_counter()
-            train(c.train)
-            log.mark("train", c.train, time.perf_counter() - t0)
-        adapter_eval = replace(c.eval, adapters=[c.train.out], include_base=True)
-        if not log.done("eval_adapter", adapter_eval):
-            print("\n== 5/5 adapter eval (hot-loaded) + report")
-            t0 = time.perf_counter()
-            run_eval(adapter_eval, c.engine, pool=engines(), report=False)
-            log.mark("eval_adapter", adapter_eval, time.perf_counter() - t0)
+        # each stage's inputs are read when it is reached: after the stage before it has (re)written them
+        stage("eval_base", "1/5 base eval (held-out split)", base_eval, lambda: {"engine": engine_ident},
+              [join_uri(c.eval.out, "base")], eval_base)
+        stage("gen", "2/5 gen (train split)", c.gen, lambda: {"engine": engine_ident}, [c.gen.out], gen)
+        stage("pairs", "3/5 pairs", c.pairs, lambda: {"gen_manifest": file_sha256(join_uri(c.gen.out, MANIFEST_NAME))},
+              [c.pairs.out], pairs)
+        stage("train", "4/5 train (DPO + LoRA)", c.train,
+              lambda: {"pairs": file_sha256(join_uri(c.pairs.out, "pairs.parquet")),
+                       "model": engine_ident["fingerprint"]}, [c.train.out], train_adapter)
+        stage("eval_adapter", "5/5 adapter eval (hot-loaded) + report", adapter_eval,
+              lambda: {"engine": engine_ident, "adapter": adapter_sha256(c.train.out)},
+              [join_uri(c.eval.out, adapter_label(c.train.out))], eval_adapter)
     finally:
         if pool is not None:
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    from eval.run import result_dirs
-
     dirs = [d for ds in result_dirs(adapter_eval).values() for d in ds]
     report = build_report(dirs)
-    report_dir = os.path.join(c.loop.out, "report")
+    report_dir = join_uri(c.loop.out, "report")
     write_report(report, report_dir)
     print(render_terminal(report))
     print(f"\npairloop run: done in {(time.perf_counter() - t_all) / 60:.1f} min; report in {report_dir}/report.md")
     return report
-
-
-def main(argv: list[str]) -> int:
-    try:
-        cfgs = stage_configs(argv)
-        run_loop(cfgs)
-    except ValueError as e:
-        print(f"pairloop run: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\npairloop run: interrupted; completed stages and units are kept, rerun to resume", file=sys.stderr)
-        return 130
-    return 0

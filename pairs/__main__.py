@@ -1,8 +1,8 @@
-"""Choose balanced DPO pairs from gen runs.  python -m pairs --config configs/demo.yaml pairs.num_pairs=500"""
+"""Choose balanced DPO pairs from gen runs.  python -m pairs --config configs/demo.yaml pairs.num_pairs=500
 
-import sys
+Same code as `pairloop pairs` (pairloop/cli.py parses the config)."""
 
-from pairs.run import main
+from pairloop.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    stage_main("pairs")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pairloop.config import config_to_dict
+from gen.shards import config_to_dict
 from pairs.config import PairsConfig
 from pairs.output import build_report, pairs_table, report_markdown, write_outputs
 from pairs.pool import OUTCOMES, Pool, fetch_columns, scan_pool
@@ -171,16 +171,3 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"  note: {note}")
     for w in report["warnings"]:
         print(f"  WARNING: {w}")
-
-
-def main(argv: list[str]) -> int:
-    from pairloop.config import load_config
-
-    try:
-        cfg = load_config(PairsConfig, argv, section="pairs")
-        report = run(cfg)
-    except ValueError as e:
-        print(f"pairloop pairs: {e}", file=sys.stderr)
-        return 2
-    print_summary(report)
-    return 0

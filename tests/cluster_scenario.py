@@ -47,7 +47,8 @@ def main() -> dict:
     from ray.cluster_utils import Cluster
 
     from gen.engine import EngineConfig, EnginePool
-    from gen.run import GenConfig, run_generation
+    from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+    from gen.run import run_generation
     from gen.shards import ShardStore
 
     t = {"start": time.perf_counter()}
@@ -66,8 +67,9 @@ def main() -> dict:
         t["engines_up"] = time.perf_counter()
 
         def cfg(out: str) -> GenConfig:
-            return GenConfig(out=out, problems=a.problems, limit=4, n=4, max_tokens=32, problems_per_unit=1,
-                             samples_per_unit=1, executor="ray", cpu_timeout_s=2.0, progress=False)
+            return GenConfig(out=out, problems=a.problems, limit=4, n=4, problems_per_unit=1, samples_per_unit=1,
+                             sampling=SamplingConfig(max_tokens=32),
+                             execution=ExecutionConfig(executor="ray", cpu_timeout_s=2.0), progress=False)
 
         ref = run_generation(cfg(os.path.join(a.out, "uninterrupted")), ecfg, pool=pool)
         ref_keys = _keys(ShardStore(ref.out).read_table())

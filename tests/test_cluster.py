@@ -27,7 +27,8 @@ import yaml
 
 from gen.engine import EngineConfig, EnginePool, cpu_slice
 from gen.plan import sample_seed
-from gen.run import GenConfig, run_generation
+from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+from gen.run import run_generation
 from gen.shards import ShardStore, join_uri
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,9 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def _cfg(out, problems, **kw) -> GenConfig:
-    base = dict(out=str(out), problems=problems, n=5, max_tokens=16, problems_per_unit=2, samples_per_unit=3,
-                progress=False, exec_workers=1, cpu_timeout_s=2.0)
+    base = dict(out=str(out), problems=problems, n=5, problems_per_unit=2, samples_per_unit=3, progress=False,
+                sampling=SamplingConfig(max_tokens=16),
+                execution=ExecutionConfig(workers=1, cpu_timeout_s=2.0, executor=kw.pop("executor", "local")))
     base.update(kw)
     return GenConfig(**base)
 
@@ -109,7 +111,7 @@ def test_cpu_slices_with_fixed_cores_per_engine():
 
 
 @pytest.mark.parametrize("cls,field,value", [(EngineConfig, "cpu_cores", -1), (EngineConfig, "device", "tpu"),
-                                             (GenConfig, "executor", "dask")])
+                                             (ExecutionConfig, "executor", "dask")])
 def test_cluster_config_fields_reject_bad_values(cls, field, value):
     with pytest.raises(ValueError, match=rf"\.{field}"):
         cls(**{field: value})
@@ -353,8 +355,8 @@ def test_ray_job_submit_runs_pairloop_gen_on_the_cluster_into_s3(ray_head, s3, t
     out = uri("runs/job")
     runtime_env = {"env_vars": AWS_ENV}  # how credentials reach the job's driver on a real cluster, too
     # `ray job submit` shell-quotes each argument after `--` (shlex.join): a URI with '&' stays one argument
-    entry = ["pairloop", "gen", f"gen.out={out}", f"gen.problems={toy_problems}", "gen.n=3", "gen.max_tokens=16",
-             "gen.executor=ray", "gen.progress=false", f"engine.model={tiny_model}", "engine.max_model_len=512",
+    entry = ["pairloop", "gen", f"gen.out={out}", f"gen.problems={toy_problems}", "gen.n=3", "gen.sampling.max_tokens=16",
+             "gen.execution.executor=ray", "gen.progress=false", f"engine.model={tiny_model}", "engine.max_model_len=512",
              "engine.cpu_kv_cache_gib=0.25"]
     proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
                            "--runtime-env-json", json.dumps(runtime_env), "--"] + entry,

@@ -1,4 +1,5 @@
-"""Typed configs: YAML + overrides, conversions PyYAML gets wrong, bad input named; shipped configs parse."""
+"""The one config parser: YAML sections + overrides, nested sub-configs, conversions PyYAML gets wrong, bad input
+named; every command parses the same way; shipped configs parse."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pairloop.config import load_config
+from pairloop.config import build_config, read_sections
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "configs" / "demo.yaml")
+SEED = str(ROOT / "configs" / "seed-3b.yaml")
+
+
+@dataclass(frozen=True)
+class Inner:
+    a: int = 1
+    b: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -22,61 +31,132 @@ class Toy:
     seeds: list[int] = field(default_factory=lambda: [0])
     weights: dict[str, float] = field(default_factory=dict)
     maybe: str | None = None
+    inner: Inner = field(default_factory=lambda: Inner(a=7))
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
             raise ValueError(f"toy.steps must be > 0, got {self.steps}")
 
 
+def _toy(argv, section="gen"):
+    return build_config(Toy, read_sections(argv, default_section=section).get(section, {}), section)
+
+
 def test_yaml_section_then_overrides_with_types(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("gen:\n  lr: 1e-5\n  steps: 7\neval:\n  steps: 99\n")
-    cfg = load_config(Toy, ["--config", str(f), "gen.flag=true", "seeds=[1,2]", "weights={A: 3}", "eval.x=1"],
-                      section="gen")
+    cfg = _toy(["--config", str(f), "gen.flag=true", "seeds=[1,2]", "weights={A: 3}", "eval.x=1"])
     assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)  # PyYAML alone reads 1e-5 as the string "1e-5"
     assert cfg.steps == 7 and cfg.flag is True and cfg.seeds == [1, 2] and cfg.weights == {"A": 3.0}
-    assert load_config(Toy, ["maybe=null"]).maybe is None
+    assert _toy(["maybe=null"]).maybe is None
 
 
-@pytest.mark.parametrize("argv,msg", [(["steps=abc"], "Toy.steps"), (["steps=0"], "toy.steps"),
-                                      (["stesp=3"], "unknown field"), (["flag=maybe"], "Toy.flag"),
-                                      (["steps"], "key=value"), (["--config", "/nonexistent.yaml"], "no such file")])
+def test_nested_sub_config_keeps_the_defaults_it_does_not_name(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gen:\n  inner:\n    b: 2\n")
+    cfg = _toy(["--config", str(f)])
+    assert cfg.inner == Inner(a=7, b=2.0)  # a=7 is Toy's own default for inner, not Inner's a=1
+    assert _toy(["gen.inner.a=3"]).inner == Inner(a=3, b=0.5)
+    assert _toy(["--config", str(f), "gen.inner.a=4"]).inner == Inner(a=4, b=2.0)
+
+
+@pytest.mark.parametrize("argv,msg", [(["steps=abc"], "gen.steps: expected an int"), (["steps=0"], "toy.steps"),
+                                      (["stesp=3"], r"gen: unknown field\(s\) \['stesp'\]"),
+                                      (["flag=maybe"], "gen.flag"), (["inner.c=1"], r"gen.inner: unknown field"),
+                                      (["inner.a=x"], "gen.inner.a: expected an int"), (["inner=3"], "gen.inner"),
+                                      (["steps"], "section.field=value"),
+                                      (["--config", "/nonexistent.yaml"], "no such file"),
+                                      (["--config"], "needs a file path"), (["steps=1.5"], "gen.steps")])
 def test_bad_input_is_named(argv, msg):
     with pytest.raises(ValueError, match=msg):
-        load_config(Toy, argv, section="gen")
+        _toy(argv)
+
+
+def test_unknown_section_in_file_or_override_is_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gne:\n  steps: 3\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        read_sections(["--config", str(f)], default_section="gen")
+    # a typo (gne.n=3) or `ray job submit` quoting must not be silently dropped
+    with pytest.raises(ValueError, match="unknown section 'gne'"):
+        read_sections(["gne.steps=3"])
+
+
+@pytest.mark.parametrize("form", ["--config={}", "--config {}"])
+def test_both_config_forms_give_identical_loop_configs(form):
+    """`pairloop run --config=FILE` once dropped every stage section (two parsers); now both forms are one parse."""
+    from pairloop.loop import loop_configs
+
+    c = loop_configs(form.format(DEMO).split(" "))
+    demo = yaml.safe_load(Path(DEMO).read_text())
+    assert c.gen.n == demo["gen"]["n"] and c.gen.sampling.temperature == demo["gen"]["sampling"]["temperature"]
+    assert c.pairs.num_pairs == demo["pairs"]["num_pairs"]
+    assert c.train.learning_rate == demo["train"]["learning_rate"]
+    assert c.eval.sampling.max_tokens == demo["eval"]["sampling"]["max_tokens"]
+    assert c == loop_configs(["--config", DEMO])
+
+
+@pytest.mark.parametrize("stage", ["gen", "pairs", "train", "eval"])
+def test_single_stage_commands_read_the_file_the_same_way(stage):
+    from pairloop.cli import stage_configs
+    from pairloop.loop import loop_configs
+
+    loop = loop_configs(["--config", DEMO])
+    extra = {"eval": ["eval.adapters=[]"], "pairs": ["pairs.inputs=[runs/x/gen]"],
+             "train": ["train.pairs=[runs/x/pairs]", "train.out=runs/x/adapter"]}.get(stage, [])
+    own = stage_configs(["--config", DEMO, *extra], stage, (stage,))[stage]
+    wired = getattr(loop, stage)
+    # every field the loop does not wire comes out the same from either command
+    from pairloop.loop import WIRED
+
+    for name in own.__dataclass_fields__:
+        if name not in WIRED[stage]:
+            assert getattr(own, name) == getattr(wired, name), name
+
+
+def test_single_stage_command_refuses_a_typo_in_another_section():
+    from pairloop.cli import stage_configs
+
+    with pytest.raises(ValueError, match=r"pairs: unknown field\(s\) \['num_pair'\]"):
+        stage_configs(["--config", DEMO, "pairs.num_pair=3"], "gen", ("gen", "engine"))
+
+
+def test_loop_refuses_a_wired_field_set_by_hand():
+    from pairloop.loop import loop_configs
+
+    with pytest.raises(ValueError, match="gen.out is set by the loop"):
+        loop_configs(["--config", DEMO, "gen.out=/tmp/elsewhere"])
+    with pytest.raises(ValueError, match="needs a section"):
+        loop_configs(["--config", DEMO, "n=4"])
 
 
 def test_demo_config_wires_the_loop():
-    from pairloop.loop import stage_configs
+    from tasks.problems import select_problems
 
-    c = stage_configs(["--config", str(ROOT / "configs" / "demo.yaml")])
+    from pairloop.loop import loop_configs
+
+    c = loop_configs(["--config", DEMO])
     assert c.gen.split == "train" and c.eval.split == "eval"
-    assert c.gen.problems == c.tasks.problems == c.pairs.eval_problems == "humaneval"
-    assert c.gen.eval_fraction == c.eval.eval_fraction == c.pairs.eval_fraction
     assert c.pairs.inputs == [c.gen.out] and list(c.train.pairs) == [c.pairs.out]
     assert c.train.max_lora_rank == c.engine.max_lora_rank and c.train.lora_r <= c.engine.max_lora_rank
+    # the problem sets the stages see, not the strings naming them
+    gen_ids = {p.id for p in select_problems(c.gen.problems, c.gen.split, c.gen.eval_fraction, c.gen.split_seed)}
+    eval_ids = {p.id for p in select_problems(c.eval.problems, c.eval.split, c.eval.eval_fraction,
+                                              c.eval.split_seed)}
+    held_out = {p.id for p in select_problems(c.pairs.eval_problems, "eval", c.pairs.eval_fraction,
+                                              c.pairs.split_seed)}
+    assert gen_ids and eval_ids and not gen_ids & eval_ids
+    assert held_out == eval_ids  # the pairs stage's leakage guard looks at exactly the problems eval uses
+    assert len(gen_ids | eval_ids) == 164
 
 
 def test_seed_config_sections_parse():
-    from eval.run import EvalConfig
-    from gen.engine import EngineConfig
-    from gen.run import GenConfig
-    from pairs.config import PairsConfig
-    from train.dpo import TrainConfig
+    from pairloop.cli import stage_configs
 
-    path = str(ROOT / "configs" / "seed-3b.yaml")
-    assert load_config(EngineConfig, ["--config", path], section="engine").tensor_parallel_size >= 1
-    gen = load_config(GenConfig, ["--config", path], section="gen")
-    assert gen.n >= 100
-    assert load_config(PairsConfig, ["--config", path], section="pairs").num_pairs == 500
-    assert load_config(TrainConfig, ["--config", path], section="train").lora_r <= 16
-    ev = load_config(EvalConfig, ["--config", path, "eval.adapters=[]"], section="eval")
-    assert ev.seeds == [0, 1, 2] and ev.problems == "humaneval"
-    sections = yaml.safe_load(Path(path).read_text())
-    assert sections["gen"]["problems"] != sections["eval"]["problems"]  # trained problems never evaluated
-
-
-def test_override_for_an_unknown_section_is_refused():
-    # `ray job submit` quoting or a typo (gne.n=3) must not be silently dropped
-    with pytest.raises(ValueError, match="unknown section 'gne'"):
-        load_config(Toy, ["gne.steps=3"], section="gen")
+    c = stage_configs(["--config", SEED, "eval.adapters=[]"], "eval", ("engine", "gen", "pairs", "train", "eval"))
+    assert c["engine"].tensor_parallel_size >= 1
+    assert c["gen"].n >= 100 and c["gen"].execution.executor == "ray"
+    assert c["pairs"].num_pairs == 500
+    assert c["train"].lora_r <= c["engine"].max_lora_rank
+    assert c["eval"].seeds == [0, 1, 2] and c["eval"].problems == "humaneval"
+    assert c["gen"].problems != c["eval"].problems  # MBPP for training, HumanEval for evaluation

@@ -91,8 +91,11 @@ def test_labels_follow_the_weights(adapters, tmp_path):
 
 
 def _eval_cfg(out, problems, **kw) -> EvalConfig:
-    base = dict(out=str(out), problems=problems, seeds=[0, 1], k=2, temperature=1.0, max_tokens=16,
-                progress=False, exec_workers=1, cpu_timeout_s=2.0)
+    from gen.config import ExecutionConfig, SamplingConfig
+
+    base = dict(out=str(out), problems=problems, seeds=[0, 1], k=2, progress=False,
+                sampling=SamplingConfig(temperature=1.0, max_tokens=16),
+                execution=ExecutionConfig(workers=1, cpu_timeout_s=2.0))
     base.update(kw)
     return EvalConfig(**base)
 

@@ -15,15 +15,17 @@ import pytest
 
 from gen.engine import EngineConfig
 from gen.plan import make_plan, sample_seed
-from gen.run import GenConfig, run_generation
+from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+from gen.run import run_generation
 from gen.shards import ROW_SCHEMA, ShardStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(out, problems, **kw) -> GenConfig:
-    base = dict(out=str(out), problems=problems, n=5, max_tokens=16, problems_per_unit=2, samples_per_unit=3,
-                progress=False, exec_workers=1, cpu_timeout_s=2.0)
+    base = dict(out=str(out), problems=problems, n=5, problems_per_unit=2, samples_per_unit=3, progress=False,
+                sampling=SamplingConfig(max_tokens=kw.pop("max_tokens", 16)),
+                execution=ExecutionConfig(workers=1, cpu_timeout_s=2.0))
     base.update(kw)
     return GenConfig(**base)
 
@@ -66,10 +68,13 @@ def test_plan_rejects_bad_input():
 
 
 @pytest.mark.parametrize("field,value,msg", [("n", 0, "gen.n"), ("n", -3, "gen.n"), ("split", "dev", "gen.split"),
-                                              ("top_p", 0.0, "gen.top_p")])
+                                              ("sampling", {"top_p": 0.0}, "sampling.top_p"),
+                                              ("execution", {"executor": "dask"}, "execution.executor")])
 def test_config_rejects_bad_values(field, value, msg):
+    from pairloop.config import build_config
+
     with pytest.raises(ValueError, match=msg):
-        GenConfig(**{field: value})
+        build_config(GenConfig, {field: value}, "gen")
 
 
 # ---- real engines --------------------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_set(first_run, tmp_p
     _, table = first_run
     out = tmp_path / "sigkill"
     args = [sys.executable, "-m", "gen", f"gen.out={out}", f"gen.problems={toy_problems}", "gen.n=5",
-            "gen.max_tokens=16", "gen.problems_per_unit=1", "gen.samples_per_unit=1", "gen.exec_workers=1",
+            "gen.sampling.max_tokens=16", "gen.problems_per_unit=1", "gen.samples_per_unit=1", "gen.execution.workers=1",
             "gen.progress=false", f"engine.model={tiny_model}", "engine.max_model_len=512"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

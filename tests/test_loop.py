@@ -13,12 +13,13 @@ def _config(tmp_path: Path, model: str, problems: str) -> Path:
     cfg = {
         "run": {"out": str(tmp_path / "run"), "problems": problems, "eval_fraction": 0.5, "split_seed": 0},
         "engine": {"model": model, "max_model_len": 512, "cpu_kv_cache_gib": 0.5, "max_lora_rank": 16},
-        "gen": {"n": 8, "max_tokens": 64, "temperature": 1.0, "top_p": 1.0, "exec_workers": 1, "progress": False},
+        "gen": {"n": 8, "sampling": {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0},
+                "execution": {"workers": 1}, "progress": False},
         "pairs": {"num_pairs": 8, "max_pairs_per_problem": 4, "pass_rate_min": 0.0, "pass_rate_max": 1.0,
                   "length_ratio_min": 0.1, "length_ratio_max": 10.0, "progress": False},
         "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 256, "learning_rate": 1e-3,
                   "lora_r": 8, "gradient_checkpointing": False},
-        "eval": {"seeds": [0, 1], "k": 2, "temperature": 1.0, "max_tokens": 64, "exec_workers": 1,
+        "eval": {"seeds": [0, 1], "k": 2, "sampling": {"temperature": 1.0, "max_tokens": 64}, "execution": {"workers": 1},
                  "progress": False},
     }
     path = tmp_path / "tiny.yaml"

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from gen.shards import ROW_SCHEMA, ShardStore, rows_to_table
 from pairs.config import PairsConfig, category_names, category_of, rejectable_outcomes
 from pairs.output import PAIRS_SCHEMAS, check_pairs_schema
-from pairs.run import main, run
+from pairloop.cli import main as cli
+from pairs.run import run
 from pairs.select import apportion, normalize_whitespace
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -474,7 +475,7 @@ def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys
     with pytest.raises(ValueError, match=r"unknown category \['NO_CODE'\]"):  # excluded by default
         PairsConfig(inputs=["x"], balance="weights", weights={"NO_CODE": 1.0})
     inp = simple_pool(tmp_path)
-    assert main([f"inputs={inp}", f"out={tmp_path / 'out'}", "balance=weights", "weights={BOGUS: 1}"]) == 2
+    assert cli(["pairs", f"inputs={inp}", f"out={tmp_path / 'out'}", "balance=weights", "weights={BOGUS: 1}"]) == 2
     assert "pairs.weights: unknown category ['BOGUS']" in capsys.readouterr().err
 
 

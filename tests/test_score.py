@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 
 from tasks.problems import load_problems
-from eval.score import main, pass_at_k, summarize
+from eval.score import pass_at_k, summarize
+from pairloop.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> int:
+    """`pairloop score ...` as a user runs it (the one CLI; there is no separate argv parser)."""
+    return cli(["score", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def scored(he, tmp_path_factory):
         {"task_id": "HumanEval/0", "completion": "    return undefined_name\n", "model": "m", "seed": 8},
     ]
     path = _write(tmp_path_factory.mktemp("score") / "samples.jsonl", samples)
-    proc = subprocess.run([sys.executable, "-m", "eval.score", str(path), "--workers", "2", "--k", "1,2,3"],
+    proc = subprocess.run([sys.executable, "-m", "pairloop", "score", str(path), "--workers", "2", "--k", "1,2,3"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     out = Path(f"{path}_results.jsonl")
     return samples, _read(out) if out.exists() else None, proc.returncode, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from train.__main__ import main
+from pairloop.cli import main as cli
 from train.dpo import (
     TrainConfig,
     build_trainer,
@@ -24,6 +24,24 @@ from train.dpo import (
 STEPS = 6
 # A learning rate far above the default (5e-6) so a few steps move the tiny model measurably.
 FAST = ["learning_rate=2e-3", f"max_steps={STEPS}", "batch_size=4", "grad_accum=1", "warmup_ratio=0"]
+
+
+def main(argv: list[str]) -> int:
+    """`pairloop train ...` as a user runs it (the same code as `python -m train`)."""
+    return cli(["train", *argv])
+
+
+def refused(capsys, argv: list[str], pattern: str) -> bool:
+    """Bad input: exit 2 with a message matching `pattern` on stderr, and no traceback."""
+    import re
+
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err, err
+    return True
 
 
 def learnable_pairs(n: int, model: str) -> list[dict]:
@@ -191,53 +209,47 @@ def test_rerun_with_same_config_reuses_the_adapter(tiny, pairs_path, adapter):
     assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_rerun_with_other_config_refuses_to_overwrite(tiny, pairs_path, adapter):
-    with pytest.raises(ValueError, match="learning_rate"):
-        main([f"pairs={pairs_path}", f"out={adapter}", f"model={tiny}", *FAST, "learning_rate=1e-3"])
+def test_rerun_with_other_config_refuses_to_overwrite(tiny, pairs_path, adapter, capsys):
+    assert refused(capsys, [f"pairs={pairs_path}", f"out={adapter}", f"model={tiny}", *FAST, "learning_rate=1e-3"], "learning_rate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: clear errors, nothing left behind
 
 
-def test_pairs_missing_columns_is_an_error_naming_them(tiny, tmp_path):
+def test_pairs_missing_columns_is_an_error_naming_them(tiny, tmp_path, capsys):
     rows = [{k: v for k, v in r.items() if k != "rejected"} for r in learnable_pairs(4, str(tiny))]
     bad = write_pairs(tmp_path / "bad.parquet", rows)
     out = tmp_path / "adapter"
-    with pytest.raises(ValueError, match=r"lacks required column\(s\) \['rejected'\]"):
-        main([f"pairs={bad}", f"out={out}", f"model={tiny}", *FAST])
+    assert refused(capsys, [f"pairs={bad}", f"out={out}", f"model={tiny}", *FAST], r"lacks required column\(s\) \['rejected'\]")
     assert no_leftovers(out)
 
 
-def test_empty_pairs_file_is_an_error(tiny, tmp_path):
+def test_empty_pairs_file_is_an_error(tiny, tmp_path, capsys):
     schema = pa.Table.from_pylist(learnable_pairs(1, str(tiny))).schema
     empty = write_pairs(tmp_path / "empty.parquet", [], schema=schema)
     out = tmp_path / "adapter"
-    with pytest.raises(ValueError, match="no rows"):
-        main([f"pairs={empty}", f"out={out}", f"model={tiny}", *FAST])
+    assert refused(capsys, [f"pairs={empty}", f"out={out}", f"model={tiny}", *FAST], "no rows")
     assert no_leftovers(out)
 
 
-def test_lora_rank_above_engine_limit_is_refused_before_training(tiny, pairs_path, tmp_path):
+def test_lora_rank_above_engine_limit_is_refused_before_training(tiny, pairs_path, tmp_path, capsys):
     out = tmp_path / "adapter"
-    with pytest.raises(ValueError, match=r"lora_r=32 exceeds max_lora_rank=16"):
-        main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", "lora_r=32", "max_lora_rank=16"])
+    assert refused(capsys, [f"pairs={pairs_path}", f"out={out}", f"model={tiny}", "lora_r=32", "max_lora_rank=16"], r"lora_r=32 exceeds max_lora_rank=16")
     assert no_leftovers(out)
 
 
-def test_pairs_from_another_model_are_refused(tiny, tmp_path):
+def test_pairs_from_another_model_are_refused(tiny, tmp_path, capsys):
     other = write_pairs(tmp_path / "other.parquet", learnable_pairs(4, "Qwen/Qwen2.5-Coder-7B-Instruct"))
     out = tmp_path / "adapter"
-    with pytest.raises(ValueError, match=r"sampled from model\(s\) \['Qwen/Qwen2.5-Coder-7B-Instruct'\]"):
-        main([f"pairs={other}", f"out={out}", f"model={tiny}", *FAST])
+    assert refused(capsys, [f"pairs={other}", f"out={out}", f"model={tiny}", *FAST], r"sampled from model\(s\) \['Qwen/Qwen2.5-Coder-7B-Instruct'\]")
     assert no_leftovers(out)
 
 
-def test_failure_during_training_leaves_no_folder(tiny, pairs_path, tmp_path):
+def test_failure_during_training_leaves_no_folder(tiny, pairs_path, tmp_path, capsys):
     """max_length shorter than every prompt: TRL drops every pair; the temp folder must go too."""
     out = tmp_path / "adapter"
-    with pytest.raises(ValueError, match="max_length=16"):
-        main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *FAST, "max_length=16"])
+    assert refused(capsys, [f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *FAST, "max_length=16"], "max_length=16")
     assert no_leftovers(out)
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 

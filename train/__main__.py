@@ -5,22 +5,10 @@
     accelerate launch --num_processes 8 -m train --config configs/demo.yaml     # several GPUs (DDP)
 
 Fields and defaults: train.dpo.TrainConfig. Output: see train/dpo.py.
-"""
 
-from __future__ import annotations
+Same code as `pairloop train` (pairloop/cli.py parses the config)."""
 
-import sys
-
-from pairloop.config import load_config
-from train.dpo import TrainConfig, train
-
-
-def main(argv: list[str]) -> int:
-    cfg = load_config(TrainConfig, argv, section="train")
-    out = train(cfg)
-    print(f"train: adapter in {out}")
-    return 0
-
+from pairloop.cli import stage_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    stage_main("train")

@@ -1,0 +1,124 @@
+"""gen's typed configs. Sampling and execution are sub-configs that eval reuses as they are (`eval.sampling`,
+`eval.execution`), so the two stages can never drift apart in what a sample means or how it is judged.
+
+    gen:
+      n: 64
+      sampling: {temperature: 0.8, top_p: 0.95, max_tokens: 512}
+      execution: {executor: local, cpu_timeout_s: 5}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sandbox import Limits
+from tasks.problems import SPLITS
+
+EXECUTORS = ("local", "ray")
+PROMPT_STYLES = ("auto", "chat", "base")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What the engine is asked for; every field changes the completions, so all of it is in a run's identity."""
+
+    max_tokens: int = 512  # HumanEval solutions are < 300 tokens; longer is rambling
+    temperature: float = 0.8  # diversity for oversampling; eval uses its own (lower) default
+    top_p: float = 0.95
+    prompt_style: str = "auto"  # chat | base | auto (chat if the tokenizer has a chat template)
+    # Chat style only: the assistant turn is pre-filled with an opening fence and generation stops at the closing
+    # one, so completions are code only: ~2-3x fewer tokens than code + explanation, and no prose to parse.
+    response_prefix: str = "```python\n"
+    logprobs: bool = True  # record the cumulative logprob of each completion
+    ignore_eos: bool = False  # benchmarks only: force max_tokens per completion
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"sampling.max_tokens must be > 0, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"sampling.temperature must be in [0, 2] (vLLM's range), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"sampling.prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How completions are judged. The limits are in a run's identity: they change outcomes (TIMEOUT, MEMORY)."""
+
+    execute: bool = True  # False: record completions only (outcome INFRA_ERROR "not executed"); benchmarks
+    # local: a sandbox on the driver's machine (a cluster's head node); ray: each unit's execution is a Ray task
+    # asking for 1 CPU, run wherever the cluster has one (a HumanEval unit of 4 x 64 samples is ~3 s of one core).
+    executor: str = "local"
+    workers: int = 0  # executor=local: sandbox workers (0 = all cores); ray: 1 per task
+    cpu_timeout_s: float = 5.0  # CPU-seconds per execution (primary timeout; load can't cause a false TIMEOUT)
+    wall_timeout_s: float = 0.0  # wall-clock backstop for jobs that sleep; 0 = max(30 s, 4 x cpu_timeout_s)
+    memory_mb: int = Limits.memory_mb  # address-space limit per job process
+    max_attempts: int = 3  # a unit whose execution fails this often (our fault, not the model's) is reported
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"execution.executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.workers < 0:
+            raise ValueError(f"execution.workers must be >= 0 (0 = all cores), got {self.workers}")
+        if self.cpu_timeout_s <= 0:
+            raise ValueError(f"execution.cpu_timeout_s must be > 0, got {self.cpu_timeout_s}")
+        if self.wall_timeout_s < 0:
+            raise ValueError(f"execution.wall_timeout_s must be >= 0 (0 = derived), got {self.wall_timeout_s}")
+        if self.max_attempts <= 0:
+            raise ValueError(f"execution.max_attempts must be > 0, got {self.max_attempts}")
+        self.limits()  # memory_mb and the timeouts are checked by the sandbox's own rules, named here
+
+    def limits(self) -> Limits:
+        wall = self.wall_timeout_s or max(30.0, 4 * self.cpu_timeout_s)
+        try:
+            return Limits(cpu_s=self.cpu_timeout_s, wall_s=wall, memory_mb=self.memory_mb)
+        except ValueError as e:
+            raise ValueError(f"execution: {e}") from None
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    out: str = "runs/gen"  # run folder: local path or pyarrow URI (s3://...); holds exactly one run
+    problems: str = "humaneval"  # humaneval | mbpp | path/to/problems.jsonl
+    split: str = "all"  # all | train | eval (deterministic hash split, see tasks.problems.split_problems)
+    eval_fraction: float = 0.5  # share of problems in the eval split
+    split_seed: int = 0
+    limit: int = 0  # first N problems of the split (0 = all); for quick runs
+    n: int = 64  # samples per problem; a problem yields pairs only if it has >=1 pass and >=1 fail
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    seed: int = 0  # run seed; every sample's seed derives from (seed, problem, sample index)
+    problems_per_unit: int = 4  # a unit is this many problems x samples_per_unit samples
+    samples_per_unit: int = 0  # 0 = n (one block); smaller blocks rebalance faster on big n
+    inflight_per_engine: int = 2  # units queued per engine so it never idles between units
+    max_unit_attempts: int = 3  # a unit whose engine dies this often is reported, not retried forever
+    adapter: str = ""  # optional LoRA folder to sample from (rows record it)
+    adapter_name: str = ""  # label recorded in rows' adapter column (default: the folder path)
+    run_id: str = ""  # default: derived from the run's identity
+    ray_address: str = ""  # "" = $RAY_ADDRESS or a local Ray
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n <= 0:
+            raise ValueError(f"gen.n must be > 0, got {self.n}")
+        if self.split not in SPLITS:
+            raise ValueError(f"gen.split must be one of {SPLITS}, got {self.split!r}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"gen.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.limit < 0:
+            raise ValueError(f"gen.limit must be >= 0, got {self.limit}")
+        if self.problems_per_unit <= 0:
+            raise ValueError(f"gen.problems_per_unit must be > 0, got {self.problems_per_unit}")
+        if self.samples_per_unit < 0:
+            raise ValueError(f"gen.samples_per_unit must be >= 0, got {self.samples_per_unit}")
+        if self.inflight_per_engine <= 0:
+            raise ValueError(f"gen.inflight_per_engine must be > 0, got {self.inflight_per_engine}")
+        if self.max_unit_attempts <= 0:
+            raise ValueError(f"gen.max_unit_attempts must be > 0, got {self.max_unit_attempts}")
+        if not self.out:
+            raise ValueError("gen.out must name an output folder")
+        if not isinstance(self.sampling, SamplingConfig) or not isinstance(self.execution, ExecutionConfig):
+            raise ValueError(f"gen.sampling/gen.execution must be SamplingConfig/ExecutionConfig, got "
+                             f"{type(self.sampling).__name__}/{type(self.execution).__name__}")
