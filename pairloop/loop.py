@@ -151,14 +151,14 @@ class StageLog:
         s = self.state["stages"].get(stage)
         return bool(s) and s.get("identity") == ident
 
-    def supersede(self, stage: str, outputs: list[str]) -> None:
-        """The recorded `stage` ran with another identity: move its outputs aside before it runs again."""
+    def supersede(self, stage: str) -> None:
+        """The recorded `stage` ran with another identity: move the outputs it recorded aside before it reruns."""
         from gen.shards import join_uri, resolve
 
         old = self.state["stages"].pop(stage, None)
         if old is None:
             return
-        for uri in outputs:
+        for uri in old.get("outputs", []):
             fs, path = resolve(uri)
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 continue
@@ -172,8 +172,10 @@ class StageLog:
             print(f"pairloop run: {stage}'s inputs or settings changed; its old output {uri} moved to {dest}")
         self._write()
 
-    def mark(self, stage: str, ident: str, seconds: float, info: dict[str, Any] | None = None) -> None:
-        self.state["stages"][stage] = {"identity": ident, "seconds": round(seconds, 1), **(info or {})}
+    def mark(self, stage: str, ident: str, outputs: list[str], seconds: float,
+             info: dict[str, Any] | None = None) -> None:
+        self.state["stages"][stage] = {"identity": ident, "outputs": outputs, "seconds": round(seconds, 1),
+                                       **(info or {})}
         self._write()
 
     def _write(self) -> None:
@@ -235,15 +237,17 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             print(f"pairloop run: {len(pool)} engine(s) up in {time.perf_counter() - t0:.0f} s")
         return pool
 
-    def stage(name: str, title: str, cfg: Any, inputs, outputs: list[str], body) -> None:
-        ident = log.identity(cfg, inputs())
+    def stage(name: str, title: str, cfg: Any, inputs, outputs, body) -> None:
+        """Run `body` unless the log holds this stage with the same identity. Each call below is made after the
+        stage before it ran, so `inputs` describes what that stage just wrote."""
+        ident = log.identity(cfg, inputs)
         if log.done(name, ident):
             return
-        log.supersede(name, outputs)
+        log.supersede(name)
         print(f"\n== {title}")
         t0 = time.perf_counter()
         info = body()
-        log.mark(name, ident, time.perf_counter() - t0, info)
+        log.mark(name, ident, outputs, time.perf_counter() - t0, info)
 
     base_eval = replace(c.eval, adapters=[], include_base=True)
     adapter_eval = replace(c.eval, adapters=[c.train.out], include_base=True)
@@ -268,17 +272,16 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         run_eval(adapter_eval, c.engine, pool=engines(), report=False)
 
     try:
-        # each stage's inputs are read when it is reached: after the stage before it has (re)written them
-        stage("eval_base", "1/5 base eval (held-out split)", base_eval, lambda: {"engine": engine_ident},
+        stage("eval_base", "1/5 base eval (held-out split)", base_eval, {"engine": engine_ident},
               [join_uri(c.eval.out, "base")], eval_base)
-        stage("gen", "2/5 gen (train split)", c.gen, lambda: {"engine": engine_ident}, [c.gen.out], gen)
-        stage("pairs", "3/5 pairs", c.pairs, lambda: {"gen_manifest": file_sha256(join_uri(c.gen.out, MANIFEST_NAME))},
+        stage("gen", "2/5 gen (train split)", c.gen, {"engine": engine_ident}, [c.gen.out], gen)
+        stage("pairs", "3/5 pairs", c.pairs, {"gen_manifest": file_sha256(join_uri(c.gen.out, MANIFEST_NAME))},
               [c.pairs.out], pairs)
         stage("train", "4/5 train (DPO + LoRA)", c.train,
-              lambda: {"pairs": file_sha256(join_uri(c.pairs.out, "pairs.parquet")),
-                       "model": engine_ident["fingerprint"]}, [c.train.out], train_adapter)
+              {"pairs": file_sha256(join_uri(c.pairs.out, "pairs.parquet")),
+               "model": engine_ident["fingerprint"]}, [c.train.out], train_adapter)
         stage("eval_adapter", "5/5 adapter eval (hot-loaded) + report", adapter_eval,
-              lambda: {"engine": engine_ident, "adapter": adapter_sha256(c.train.out)},
+              {"engine": engine_ident, "adapter": adapter_sha256(c.train.out)},
               [join_uri(c.eval.out, adapter_label(c.train.out))], eval_adapter)
     finally:
         if pool is not None:

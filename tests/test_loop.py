@@ -82,3 +82,27 @@ def test_unsectioned_override_is_refused(tmp_path, tiny_coder, toy_problems):
 
     cfg = _config(tmp_path, tiny_coder, toy_problems)
     assert main(["run", "--config", str(cfg), "n=4"]) == 2
+
+
+def test_changing_a_gen_setting_reruns_gen_and_every_stage_after_it(loop_run, capsys):
+    """Resume must never reuse a stage whose inputs changed: a new gen config -> new pool -> new pairs -> new
+    adapter -> its eval; the base eval (which reads none of them) is kept."""
+    from pairloop.cli import main
+
+    _, out, cfg = loop_run
+    before = json.loads((out / "loop_state.json").read_text())["stages"]
+    old_manifest = (out / "gen" / "manifest.json").read_text()
+    assert main(["run", "--config", str(cfg), "gen.seed=1"]) == 0
+    printed = capsys.readouterr().out
+    after = json.loads((out / "loop_state.json").read_text())["stages"]
+    for stage in ("gen", "pairs", "train", "eval_adapter"):
+        assert after[stage]["identity"] != before[stage]["identity"], stage
+    assert after["eval_base"] == before["eval_base"]
+    assert "== 1/5" not in printed and "== 2/5" in printed and "== 5/5" in printed
+    assert json.loads((out / "gen" / "manifest.json").read_text())["identity"]["seed"] == 1
+    # the old pool was moved aside, not mixed in or deleted
+    superseded = list((out / "superseded").glob("gen-*/gen/manifest.json"))
+    assert [p.read_text() for p in superseded] == [old_manifest]
+    # and the rerun now skips everything, as before
+    assert main(["run", "--config", str(cfg), "gen.seed=1"]) == 0
+    assert "== " not in capsys.readouterr().out
