@@ -539,8 +539,8 @@ def folder_fingerprint(folder: str | Path, *, cache: str | Path | None = None) -
     Each file's sha256 is cached in `<cache>/file-sha256.json` (cache: `$PAIRLOOP_CACHE`, default
     `~/.cache/pairloop`) under its resolved path, keyed by (size, mtime_ns, ctime_ns, inode): computed once per
     file version (a file modified in the last 2 s is not cached yet, see _RACY_NS). Measured: a 1 GiB file hashes
-    at ~790 MB/s from page cache (1 MiB reads, OpenSSL 3 with SHA-NI, one core of a shared 2-core CPU), so the 1.98 GB fp32 default model costs ~2.5 s once (plus disk reads when
-    cold); a cached lookup is a few stat calls.
+    at ~790 MB/s from page cache (1 MiB reads, OpenSSL 3 with SHA-NI, one core of a shared 2-core CPU), so
+    the 1.98 GB fp32 default model costs ~2.5 s once (plus disk reads when cold); a cached lookup is a few stats.
     A file that changes while it is hashed raises ValueError (the hash would describe neither version).
     """
     folder = Path(folder)
