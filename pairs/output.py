@@ -15,6 +15,7 @@ assistant content is prefix + completion + "```"; in text format the prefix is a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -216,7 +217,10 @@ def build_report(
         "pairs": n,
         "asked": cfg_dict["num_pairs"],
         "config": cfg_dict,
-        "inputs": [{"uri": r.uri, "run_id": r.run_id, "shards": r.shards, "rows": r.rows} for r in pool.runs],
+        # The model identity of each run, from its gen manifest: train checks its base model against these.
+        "inputs": [{"uri": r.uri, "run_id": r.run_id, "shards": r.shards, "rows": r.rows,
+                    "model": r.identity.get("model"), "model_fingerprint": r.identity.get("model_fingerprint")}
+                   for r in pool.runs],
         "pool": {
             "rows": len(pool),
             "outcomes": {OUTCOMES[i]: int(v) for i, v in enumerate(outcome_counts) if v},
@@ -319,8 +323,10 @@ def write_outputs(out: str, table: pa.Table, report: dict[str, Any], markdown: s
     fs.create_dir(root, recursive=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
+    pairs_bytes = sink.getvalue().to_pybytes()
+    report = {**report, "pairs_sha256": hashlib.sha256(pairs_bytes).hexdigest()}  # ties the report to its table
     payloads = {
-        PAIRS_FILE: sink.getvalue().to_pybytes(),
+        PAIRS_FILE: pairs_bytes,
         REPORT_JSON: (json.dumps(report, indent=1, default=_json_default) + "\n").encode(),
         REPORT_MD: markdown.encode(),
     }

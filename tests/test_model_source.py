@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from gen.model_source import (
     WheelPart,
     assemble_gguf,
     cached_builtin,
+    folder_fingerprint,
     local_wheel_fetcher,
     main,
     model_identity,
@@ -442,6 +444,154 @@ def test_identity_ignores_location(tmp_path, tiny_gguf):
     shutil.copytree(hf_dir, tmp_path / "a")
     shutil.copytree(hf_dir, tmp_path / "b")
     assert model_identity(str(tmp_path / "a"))["fingerprint"] == model_identity(str(tmp_path / "b"))["fingerprint"]
+
+
+def small_model(folder: Path, value: float = 0.0, *, extra: bytes = b"") -> Path:
+    """A model folder as cheap as it gets: config, tokenizer file, one safetensors file whose weight [0, 0] is
+    `value`; files dated a day back, so the fingerprint cache may keep them (see _RACY_NS)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    (folder / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    weight = torch.zeros(8, 8)
+    weight[0, 0] = value
+    save_file({"w": weight}, str(folder / "model.safetensors"))
+    if extra:
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes() + extra)
+    backdate(folder)
+    return folder
+
+
+def backdate(folder: Path) -> None:
+    day_ago = time.time_ns() - 86_400 * 10**9
+    for f in folder.iterdir():
+        os.utime(f, ns=(day_ago, day_ago))
+
+
+@pytest.fixture
+def hash_calls(monkeypatch):
+    """Counts the files read for hashing (gen.model_source.file_sha256 calls), by file name."""
+    import gen.model_source as ms
+
+    calls: list[str] = []
+    real = ms.file_sha256
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(ms, "file_sha256", counting)
+    return calls
+
+
+def test_fine_tunes_differing_in_one_weight_differ(tmp_path):
+    # Same architecture, same file names and sizes: only the bytes of one float tell them apart.
+    a, b = small_model(tmp_path / "a", 0.0), small_model(tmp_path / "b", 1.0)
+    assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
+    assert folder_fingerprint(a, cache=tmp_path) != folder_fingerprint(b, cache=tmp_path)
+
+
+def test_tokenizer_file_is_part_of_the_fingerprint(tmp_path):
+    a, b = small_model(tmp_path / "a"), small_model(tmp_path / "b")
+    (b / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    assert folder_fingerprint(a, cache=tmp_path) != folder_fingerprint(b, cache=tmp_path)
+
+
+def test_same_bytes_at_two_paths_and_behind_symlinks_agree(tmp_path):
+    a = small_model(tmp_path / "a", 0.5)
+    b = tmp_path / "b"  # a hub-cache-like folder: every file a symlink to a blob elsewhere
+    (tmp_path / "blobs").mkdir()
+    b.mkdir()
+    for f in a.iterdir():
+        blob = tmp_path / "blobs" / hashlib.sha256(f.name.encode()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (b / f.name).symlink_to(blob)
+    assert folder_fingerprint(a, cache=tmp_path) == folder_fingerprint(b, cache=tmp_path)
+
+
+def test_cached_hashes_are_reused(tmp_path, hash_calls):
+    folder = small_model(tmp_path / "m")
+    first = folder_fingerprint(folder, cache=tmp_path / "cache")
+    assert sorted(hash_calls) == ["config.json", "model.safetensors", "tokenizer.json"]
+    hash_calls.clear()
+    assert folder_fingerprint(folder, cache=tmp_path / "cache") == first
+    assert hash_calls == []
+
+
+def test_editing_a_file_invalidates_its_cached_hash(tmp_path, hash_calls):
+    folder = small_model(tmp_path / "m", 0.0)
+    first = folder_fingerprint(folder, cache=tmp_path / "cache")
+    small_model(folder, 2.0)  # same size, new bytes, another (back-dated) mtime
+    hash_calls.clear()
+    second = folder_fingerprint(folder, cache=tmp_path / "cache")
+    assert "model.safetensors" in hash_calls and second != first
+    small_model(folder, 2.0, extra=b"\0" * 8)  # size change
+    assert folder_fingerprint(folder, cache=tmp_path / "cache") not in (first, second)
+
+
+def test_file_modified_just_now_is_not_cached(tmp_path, hash_calls):
+    folder = small_model(tmp_path / "m")
+    soon = time.time_ns() + 3600 * 10**9  # "modified now" without depending on how fast this test runs
+    os.utime(folder / "model.safetensors", ns=(soon, soon))
+    folder_fingerprint(folder, cache=tmp_path / "cache")
+    hash_calls.clear()
+    folder_fingerprint(folder, cache=tmp_path / "cache")
+    assert hash_calls == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b"\xff\xfe", b"[]", b'{"schema": "other", "files": {}}'])
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path, hash_calls, garbage):
+    from gen.model_source import FINGERPRINT_CACHE
+
+    folder = small_model(tmp_path / "m")
+    expected = folder_fingerprint(folder, cache=tmp_path / "clean")
+    cache_file = tmp_path / "cache" / FINGERPRINT_CACHE
+    cache_file.parent.mkdir()
+    cache_file.write_bytes(garbage)
+    hash_calls.clear()
+    assert folder_fingerprint(folder, cache=tmp_path / "cache") == expected
+    assert len(hash_calls) == 3  # nothing taken from the garbage
+    files = json.loads(cache_file.read_text())["files"]
+    assert {Path(k).name for k in files} == {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_cache_entry_with_a_malformed_hash_is_not_trusted(tmp_path):
+    from gen.model_source import FINGERPRINT_CACHE
+
+    folder = small_model(tmp_path / "m")
+    expected = folder_fingerprint(folder, cache=tmp_path)
+    cache_file = tmp_path / FINGERPRINT_CACHE
+    data = json.loads(cache_file.read_text())
+    for entry in data["files"].values():
+        entry["sha256"] = "not-a-hash"
+    cache_file.write_text(json.dumps(data))
+    assert folder_fingerprint(folder, cache=tmp_path) == expected
+
+
+def test_hub_id_fingerprints_its_cached_snapshot(tmp_path, monkeypatch):
+    # The HF cache layout: blobs, a snapshot folder of symlinks, refs/main naming the commit.
+    import huggingface_hub.constants
+
+    plain = small_model(tmp_path / "plain", 0.25)
+    repo = tmp_path / "hf" / "models--someorg--tiny"
+    commit = "c" * 40
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in plain.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blob)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    ident = model_identity("someorg/tiny", cache=tmp_path / "cache")
+    assert ident["kind"] == "hub" and ident["path"] == str(snap)
+    assert ident["fingerprint"] == folder_fingerprint(plain, cache=tmp_path / "cache")
 
 
 # ------------------------------------------------------------------------------------------------ CLI

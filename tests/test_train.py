@@ -16,8 +16,8 @@ from train.dpo import (
     build_trainer,
     check_pairs_model,
     file_sha256,
-    model_names,
     pairs_files,
+    pairs_provenance,
     read_pairs,
 )
 
@@ -55,6 +55,8 @@ def learnable_pairs(n: int, model: str) -> list[dict]:
                 "rejected": [{"role": "assistant", "content": f"import json\nprint(json.dumps({i}))\n"}],
                 "model": model,
                 "problem_id": f"p{i % 4}",
+                "chosen_run_id": "gen-run-t",
+                "rejected_run_id": "gen-run-t",
             }
         )
     return rows
@@ -64,6 +66,14 @@ def write_pairs(path: Path, rows: list[dict], schema: pa.Schema | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
+
+
+def write_report(pairs: Path, model: str, fingerprint: str | None, run_id: str = "gen-run-t") -> Path:
+    """The part of pairs/'s report.json that train reads (test_provenance_of_real_pairs_stage_output checks the
+    real one has it): the pairs file's sha256 and each input run's model identity from its gen manifest."""
+    inputs = [{"uri": "runs/x/gen", "run_id": run_id, "model": model, "model_fingerprint": fingerprint}]
+    (pairs.parent / "report.json").write_text(json.dumps({"pairs_sha256": file_sha256(pairs), "inputs": inputs}))
+    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +90,16 @@ def tiny_name(tiny) -> str:
 
 
 @pytest.fixture(scope="module")
-def pairs_path(tiny_name, tmp_path_factory) -> Path:
-    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", learnable_pairs(16, tiny_name))
+def tiny_fingerprint(tiny) -> str:
+    from gen.model_source import model_identity
+
+    return model_identity(str(tiny))["fingerprint"]
+
+
+@pytest.fixture(scope="module")
+def pairs_path(tiny_name, tiny_fingerprint, tmp_path_factory) -> Path:
+    path = write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", learnable_pairs(16, tiny_name))
+    return write_report(path, tiny_name, tiny_fingerprint)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +206,8 @@ def test_output_folder_has_adapter_and_manifest_with_provenance(tiny, pairs_path
     m = json.loads((adapter / "train_manifest.json").read_text())
     assert m["pairs"]["files"] == [{"path": str(pairs_path.resolve()), "sha256": file_sha256(pairs_path), "rows": 16}]
     assert m["base_model"]["fingerprint"] == model_identity(str(tiny))["fingerprint"]  # what eval checks
+    assert m["pairs"]["provenance"]["checked"] is True
+    assert m["pairs"]["provenance"]["fingerprints"] == [m["base_model"]["fingerprint"]]
     assert m["config"]["lora_r"] == json.loads((adapter / "adapter_config.json").read_text())["r"]
     assert {"trl", "peft", "transformers", "torch"} <= set(m["versions"])
     assert m["metrics"]["global_step"] == STEPS
@@ -239,11 +259,79 @@ def test_lora_rank_above_engine_limit_is_refused_before_training(tiny, pairs_pat
     assert no_leftovers(out)
 
 
-def test_pairs_from_another_model_are_refused(tiny, tmp_path, capsys):
-    other = write_pairs(tmp_path / "other.parquet", learnable_pairs(4, "Qwen/Qwen2.5-Coder-7B-Instruct"))
+def test_pairs_from_a_same_named_other_model_are_refused(tiny, tiny_name, tmp_path, capsys):
+    # A fine-tune of the tiny model in a folder of the same name: only the weights tell them apart.
+    import shutil
+
+    from gen.model_source import model_identity
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "elsewhere" / Path(tiny).name
+    shutil.copytree(tiny, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] += 1.0
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    other_fp = model_identity(str(other))["fingerprint"]
+    base_fp = model_identity(str(tiny))["fingerprint"]
+    assert model_identity(str(other))["name"] == tiny_name and other_fp != base_fp
+    pairs = write_report(write_pairs(tmp_path / "pairs" / "pairs.parquet", learnable_pairs(4, tiny_name)),
+                         tiny_name, other_fp)
     out = tmp_path / "adapter"
-    assert refused(capsys, [f"pairs={other}", f"out={out}", f"model={tiny}", *FAST], r"sampled from model\(s\) \['Qwen/Qwen2.5-Coder-7B-Instruct'\]")
+    assert refused(capsys, [f"pairs={pairs}", f"out={out}", f"model={tiny}", *FAST], f"sampled from another model.*fingerprint {other_fp}.*fingerprint {base_fp}")
     assert no_leftovers(out)
+
+
+def test_pairs_without_provenance_are_refused(tiny, tiny_name, tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "pairs" / "pairs.parquet", learnable_pairs(4, tiny_name))  # no report.json
+    out = tmp_path / "adapter"
+    assert refused(capsys, [f"pairs={pairs}", f"out={out}", f"model={tiny}", *FAST], r"model the pairs were sampled from is unknown.*no report\.json.*"
+                                         r"allow_model_mismatch")
+    assert no_leftovers(out)
+
+
+def test_a_report_of_other_pairs_is_no_provenance(tiny_name, tiny_fingerprint, tmp_path):
+    pairs = write_report(write_pairs(tmp_path / "pairs.parquet", learnable_pairs(4, tiny_name)),
+                         tiny_name, tiny_fingerprint)
+    write_pairs(pairs, learnable_pairs(5, tiny_name))  # replaced after its report was written
+    sources, gaps = pairs_provenance([pairs], [file_sha256(pairs)])
+    assert sources == [] and len(gaps) == 1 and "describes another pairs file" in gaps[0]
+
+
+def test_check_pairs_model_compares_fingerprints_not_names(tmp_path, capsys):
+    ident = {"name": "qwen2.5-coder-0.5b-instruct", "path": str(tmp_path / "m"), "fingerprint": "a" * 64}
+    same = [{"file": "p.parquet", "run_id": "r", "model": "anything", "model_fingerprint": "a" * 64}]
+    other = [{"file": "p.parquet", "run_id": "r", "model": ident["name"], "model_fingerprint": "b" * 64}]
+    assert check_pairs_model(same, [], "m", ident, allow_mismatch=False)["checked"] is True
+    with pytest.raises(ValueError, match=f"fingerprint {'b' * 64}.*fingerprint {'a' * 64}"):
+        check_pairs_model(other, [], "m", ident, allow_mismatch=False)
+    with pytest.raises(ValueError, match="unknown: no report"):
+        check_pairs_model(same, ["no report"], "m", ident, allow_mismatch=False)
+    with pytest.raises(ValueError, match="base model's fingerprint is unknown"):
+        check_pairs_model(same, [], "m", {**ident, "fingerprint": None}, allow_mismatch=False)
+    record = check_pairs_model(other, ["no report"], "m", ident, allow_mismatch=True)
+    assert record["checked"] is False and len(record["problems"]) == 2
+    assert capsys.readouterr().err.count("WARNING: allow_model_mismatch=true") == 2
+
+
+def test_provenance_of_real_pairs_stage_output(tmp_path):
+    """Contract with gen/ and pairs/: the model fingerprint in a gen manifest reaches train through pairs' report."""
+    from pairs.config import PairsConfig
+    from pairs.run import run as run_pairs
+    from tests.test_pairs import sample_row, write_run
+
+    rows = []
+    for p in ("p/0", "p/1"):
+        rows += [sample_row(p, "m", None, "PASS", None, i, 0) | {"completion_tokens": 10} for i in range(3)]
+        rows += [sample_row(p, "m", None, "ASSERTION_FAIL", "test", 10 + i, 0) | {"completion_tokens": 10}
+                 for i in range(3)]
+    identity = {"prompt_style": "base", "response_prefix": "", "model": "m", "model_fingerprint": "c" * 64}
+    gen = write_run(tmp_path / "gen", rows, run_id="gen-abc", identity=identity)
+    run_pairs(PairsConfig(inputs=[gen], out=str(tmp_path / "pairs"), eval_ids=["none"], progress=False))
+    files = pairs_files([str(tmp_path / "pairs")])
+    sources, gaps = pairs_provenance(files, [file_sha256(f) for f in files])
+    assert gaps == []
+    assert {(s["run_id"], s["model"], s["model_fingerprint"]) for s in sources} == {("gen-abc", "m", "c" * 64)}
 
 
 def test_failure_during_training_leaves_no_folder(tiny, pairs_path, tmp_path, capsys):
@@ -292,24 +380,6 @@ def test_reads_what_the_pairs_stage_writes(tmp_path, fmt):
     row.update(prompt=turn("user", "q"), chosen=turn("assistant", "a"), rejected=turn("assistant", "b"), adapter=None)
     path = write_pairs(tmp_path / "pairs" / "pairs.parquet", [row, row], schema=schema)
     assert read_pairs(pairs_files([str(path.parent)])).num_rows == 2
-
-
-def test_model_identity_matches_local_copy_of_hub_model_only(tmp_path):
-    from gen.model_source import model_identity
-
-    local = tmp_path / "models" / "qwen2.5-coder-0.5b-instruct"
-    local.mkdir(parents=True)
-    (local / "config.json").write_text("{}")
-    (local / "model.safetensors").write_bytes(b"0" * 8)
-    ident = model_identity(str(local))
-    same = ["Qwen/Qwen2.5-Coder-0.5B-Instruct", str(local), "qwen2.5-coder-0.5b-instruct"]
-    check_pairs_model(same, str(local), ident, allow_mismatch=False)
-    with pytest.raises(ValueError, match="allow_model_mismatch"):
-        check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], str(local), ident, allow_mismatch=False)
-    check_pairs_model(["Qwen/Qwen2.5-Coder-1.5B-Instruct"], str(local), ident, allow_mismatch=True)
-    snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-Coder-0.5B-Instruct" / "snapshots" / ("a" * 40)
-    snap.mkdir(parents=True)
-    assert "Qwen/Qwen2.5-Coder-0.5B-Instruct" in model_names(str(snap))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 This is a thin, configured adapter over TRL's `DPOTrainer` and `peft.LoraConfig`. What it adds:
 
 - the pairs files are checked at the boundary (required columns, not empty, one model);
-- the base model must be the model the pairs were sampled from (DPO's reference is that model);
+- the base model must be the model the pairs were sampled from (DPO's reference is that model), compared by weight
+  fingerprint: gen's manifest records it, the pairs report carries it, train checks it (`check_pairs_model`);
 - the adapter's rank must fit the engines' `max_lora_rank`, checked before anything is loaded;
 - the result is one folder, written atomically: `adapter_config.json`, `adapter_model.safetensors`,
   `train_manifest.json` (base model identity, pairs hashes, config, versions, final metrics), `metrics.jsonl`
@@ -31,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -60,7 +62,9 @@ class TrainConfig:
     pairs: tuple[str, ...] = ()  # pairs Parquet files, or folders whose *.parquet are read (pairs/ output)
     out: str = ""  # the adapter folder to create; an existing complete one with the same manifest is reused
     model: str = "default"  # hub id, local folder, or an alias gen.model_source knows ("default")
-    allow_model_mismatch: bool = False  # train even if the pairs were sampled from another model (off-policy DPO)
+    # Train even if the pairs were sampled from another model (off-policy DPO) or from a model their files don't
+    # record (no pairs report); the manifest's pairs.provenance says which.
+    allow_model_mismatch: bool = False
 
     # LoRA. vLLM serves adapters up to the engines' max_lora_rank (its default is 16); r=16 fits it.
     lora_r: int = 16
@@ -228,36 +232,83 @@ def _hub_name(path: Path) -> str | None:
     return None
 
 
-def model_names(spec: str) -> set[str]:
-    """The names a model goes by: as given, its short name (last component, lowercase), and for a local folder its
-    absolute path, folder name, and hub id when it is a Hugging Face cache snapshot.
+PAIRS_REPORT = "report.json"  # pairs/ writes it beside pairs.parquet: pairs_sha256 + each input run's model identity
+_RUN_ID_COLUMNS = ("chosen_run_id", "rejected_run_id")  # which gen runs each pair's two completions came from
 
-    The short name lets a hub id (`Qwen/Qwen2.5-Coder-0.5B-Instruct`) match a local copy named after it
-    (`~/.cache/pairloop/models/qwen2.5-coder-0.5b-instruct`, whose identity name is `qwen2.5-coder-0.5b-instruct`).
+
+def pairs_provenance(files: list[Path], sha256s: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(sources, gaps) for the pairs files: a source is a gen run one of the files' pairs came from, with the model
+    name and fingerprint its gen manifest recorded (carried by the pairs report's `inputs`); a gap is a file or
+    run whose model identity is not known, with the reason.
+
+    A file's report counts only when its `pairs_sha256` is the file's sha256 (the report describes these bytes).
     """
-    spec = spec.strip().rstrip("/")
-    names = {spec, spec.split("/")[-1].lower()}
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        local = local.resolve()
-        names |= {str(local), local.name.lower()}
-        hub = _hub_name(local)
-        if hub:
-            names |= {hub, hub.split("/")[-1].lower()}
-    return names
+    sources: list[dict[str, Any]] = []
+    gaps: list[str] = []
+    for f, sha in zip(files, sha256s):
+        report_path = f.parent / PAIRS_REPORT
+        try:
+            report = json.loads(report_path.read_text())
+        except FileNotFoundError:
+            gaps.append(f"{str(f)!r}: no {PAIRS_REPORT} beside it (not written by the pairs stage)")
+            continue
+        except (OSError, ValueError) as e:
+            gaps.append(f"{str(f)!r}: {str(report_path)!r} is unreadable ({e})")
+            continue
+        if not isinstance(report, dict) or report.get("pairs_sha256") != sha:
+            recorded = report.get("pairs_sha256") if isinstance(report, dict) else None
+            gaps.append(f"{str(f)!r}: {str(report_path)!r} describes another pairs file (its pairs_sha256 is "
+                        f"{recorded!r}, the file's is {sha!r})")
+            continue
+        names = pq.read_schema(f).names
+        if not all(c in names for c in _RUN_ID_COLUMNS):
+            gaps.append(f"{str(f)!r}: no {list(_RUN_ID_COLUMNS)} columns, so its pairs can't be traced to gen runs")
+            continue
+        cols = pq.read_table(f, columns=list(_RUN_ID_COLUMNS))
+        used = sorted({r for c in _RUN_ID_COLUMNS for r in cols.column(c).to_pylist()}, key=str)
+        inputs = [i for i in report.get("inputs") or [] if isinstance(i, dict)]
+        for run_id in used:
+            runs = [i for i in inputs if i.get("run_id") == run_id]
+            if not runs:
+                gaps.append(f"{str(f)!r}: run {run_id!r} is not among the inputs of {str(report_path)!r}")
+            for run in runs:
+                if not run.get("model_fingerprint"):
+                    gaps.append(f"{str(f)!r}: run {run_id!r} ({run.get('uri')}) records no model fingerprint")
+                else:
+                    sources.append({"file": str(f), "run_id": run_id, "uri": run.get("uri"),
+                                    "model": run.get("model"), "model_fingerprint": run["model_fingerprint"]})
+    return sources, gaps
 
 
-def check_pairs_model(pair_models: list[str], spec: str, ident: dict[str, Any], allow_mismatch: bool) -> None:
-    """Fail unless every model the pairs were sampled from is the base model: a pairs `model` value (gen writes the
-    identity name) must share a name (see `model_names`) with the base's spec, identity name or folder."""
-    base = model_names(spec) | model_names(ident["name"]) | model_names(ident["path"])
-    foreign = sorted(m for m in set(pair_models) if not (model_names(m) & base))
-    if foreign and not allow_mismatch:
-        raise ValueError(
-            f"pairs were sampled from model(s) {foreign}, but TrainConfig.model={spec!r} is {ident['name']!r} "
-            f"({ident['path']}): DPO's reference is the base model, so pairs must come from it. Train on the "
-            f"matching model, or set allow_model_mismatch=true to train off-policy on purpose"
+def check_pairs_model(
+    sources: list[dict[str, Any]], gaps: list[str], spec: str, ident: dict[str, Any], allow_mismatch: bool
+) -> dict[str, Any]:
+    """Fail unless every gen run the pairs came from sampled the base model, compared by weight fingerprint (a
+    folder name says nothing: two fine-tunes share one). Unknown provenance fails too. With allow_mismatch, both
+    pass with a warning; the returned record (for the train manifest) says what was and was not checked."""
+    base_fp = ident.get("fingerprint")
+    base = f"TrainConfig.model={spec!r} is {ident.get('name')!r} ({ident.get('path')}, fingerprint {base_fp})"
+    foreign = [s for s in sources if s["model_fingerprint"] != base_fp]
+    problems = []
+    if base_fp is None:
+        problems.append(f"{base}: the base model's fingerprint is unknown, so no pairs can be matched to it")
+    elif foreign:
+        listed = "; ".join(
+            f"{s['file']!r} run {s['run_id']!r} sampled {s['model']!r} (fingerprint {s['model_fingerprint']})"
+            for s in foreign[:5]
         )
+        problems.append(f"pairs were sampled from another model: {listed}{' ...' if len(foreign) > 5 else ''}; but "
+                        f"{base}. DPO's reference is the base model, so pairs must come from it")
+    if gaps:
+        problems.append(f"the model the pairs were sampled from is unknown: {'; '.join(gaps[:5])}"
+                        f"{' ...' if len(gaps) > 5 else ''}")
+    if problems and not allow_mismatch:
+        raise ValueError(". ".join(problems) + ". Train on the matching model and pairs made by `pairloop pairs`, "
+                         "or set allow_model_mismatch=true to train off-policy / without provenance on purpose")
+    for p in problems:
+        print(f"WARNING: allow_model_mismatch=true: {p}", file=sys.stderr)
+    return {"checked": not problems, "allowed_mismatch": bool(problems), "problems": problems,
+            "fingerprints": sorted({s["model_fingerprint"] for s in sources})}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,11 +477,12 @@ def train(cfg: TrainConfig) -> Path:
     pair_models = table.column("model").unique().to_pylist()
     if None in pair_models:
         raise ValueError(f"pairs: column 'model' has nulls in {[str(f) for f in files]}")
-    check_pairs_model(pair_models, cfg.model, base, cfg.allow_model_mismatch)
-
     pairs_info = [
         {"path": str(f.resolve()), "sha256": file_sha256(f), "rows": pq.read_metadata(f).num_rows} for f in files
     ]
+    sources, gaps = pairs_provenance(files, [p["sha256"] for p in pairs_info])
+    if base["fingerprint"] is not None:  # else (a hub id not in the local cache yet) checked once it is loaded
+        provenance = check_pairs_model(sources, gaps, cfg.model, base, cfg.allow_model_mismatch)
     identity = _identity(cfg, pairs_info, base)
     out = Path(cfg.out).expanduser().resolve()
     if _existing_output(out, identity):
@@ -457,6 +509,7 @@ def train(cfg: TrainConfig) -> Path:
             print(f"train: {table.num_rows - kept} of {table.num_rows} pairs dropped: prompt >= max_length tokens")
         if base["fingerprint"] is None:  # a hub id that was not in the local cache before loading it
             _, base = base_model(cfg.model)
+            provenance = check_pairs_model(sources, gaps, cfg.model, base, cfg.allow_model_mismatch)
         t0 = time.time()
         result = trainer.train()
         if not main_process:
@@ -475,6 +528,7 @@ def train(cfg: TrainConfig) -> Path:
                 "rows": table.num_rows,
                 "trained": kept,
                 "models": sorted(pair_models),
+                "provenance": provenance,  # the gen runs' model fingerprints, and whether they matched the base
                 "adapters": (  # samples drawn from base + an earlier adapter (a later loop round)
                     sorted({a for a in table.column("adapter").to_pylist() if a})
                     if "adapter" in table.column_names else []
