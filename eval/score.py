@@ -95,7 +95,10 @@ def score_samples(rows: Sequence[dict[str, Any]], problems: dict[str, Problem], 
         for r, program in zip(rows, programs)
         if program is not None
     ]
-    ran = iter(sandbox.run(jobs, progress=True)) if jobs else iter(())
+    from tqdm import tqdm
+
+    with tqdm(total=len(jobs), unit="job", desc="execute", dynamic_ncols=True) as bar:
+        ran = iter(sandbox.run(jobs, on_result=bar.update)) if jobs else iter(())
     results = [NO_CODE_RESULT if program is None else next(ran) for program in programs]
     assert next(ran, None) is None, f"sandbox returned more results than the {len(jobs)} jobs given"
     return results

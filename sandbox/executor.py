@@ -1,7 +1,7 @@
 """Execute untrusted programs against tests and label every run with one outcome.
 
     with Sandbox(limits=Limits(cpu_s=5)) as box:
-        results = box.run([Job(program, test, entry_point), ...], progress=True)  # input order, never raises
+        results = box.run([Job(program, test, entry_point), ...], on_result=bar.update)  # input order, never raises
 
 A pool of warm fork-server workers, one per core (sandbox/_worker.py, a fresh interpreter each): each has
 already imported the standard library modules solutions use and lives in its own mount, pid, network and ipc
@@ -37,7 +37,7 @@ import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class Outcome(str, enum.Enum):
@@ -299,7 +299,7 @@ class Sandbox:
     def workers(self) -> int:
         return len(self._workers)
 
-    def run(self, jobs: Sequence[Job], progress: bool = False) -> list[ExecResult]:
+    def run(self, jobs: Sequence[Job], on_result: Callable[[], object] | None = None) -> list[ExecResult]:
         jobs = list(jobs)
         for i, job in enumerate(jobs):
             if not isinstance(job, Job):
@@ -317,27 +317,15 @@ class Sandbox:
                 results[i] = ExecResult(Outcome.NO_CODE, None, None, None, 0.0)
             else:
                 todo.append(i)
-        bar = None
-        if progress:
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="job", desc="execute",
-                           dynamic_ncols=True)
-            except ImportError:
-                bar = None
         with self._lock:
             if self._closed:
                 raise RuntimeError("Sandbox.run called after close()")
-            try:
-                self._schedule(jobs, todo, results, bar)
-            finally:
-                if bar is not None:
-                    bar.close()
+            self._schedule(jobs, todo, results, on_result)
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"jobs {missing[:10]} got no result"
         return results  # type: ignore[return-value]
 
-    def _schedule(self, jobs: list[Job], todo: deque, results: list, bar) -> None:
+    def _schedule(self, jobs: list[Job], todo: deque, results: list, on_result) -> None:
         budget = self.limits.wall_s + _GRACE_S
         attempts: dict[int, int] = {}
         remaining = len(todo)
@@ -359,8 +347,8 @@ class Sandbox:
             nonlocal remaining
             results[i] = result
             remaining -= 1
-            if bar is not None:
-                bar.update(1)
+            if on_result is not None:
+                on_result()
 
         def lost(w: _Worker, why: str) -> None:
             """A worker died or hung: requeue what it held (the running job once), start a replacement."""

