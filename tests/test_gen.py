@@ -231,3 +231,71 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_set(first_run, tmp_p
     got = ShardStore(str(out)).read_table()
     assert got.num_rows == 30
     assert _keys(got) == _keys(table)
+
+
+@pytest.mark.parametrize("change", [
+    {"sampling": {"temperature": 0.5}}, {"sampling": {"top_p": 0.5}}, {"sampling": {"max_tokens": 17}},
+    {"sampling": {"logprobs": False}}, {"sampling": {"response_prefix": ""}},
+    {"execution": {"cpu_timeout_s": 3.0}}, {"execution": {"memory_mb": 1024}}, {"execution": {"wall_timeout_s": 99}},
+    {"execution": {"execute": False}}, {"n": 6}, {"seed": 1}, {"samples_per_unit": 2}, {"limit": 2},
+    {"engine": {"max_model_len": 384}}, {"engine": {"dtype": "bfloat16"}},
+])
+def test_every_setting_that_changes_a_row_changes_the_run_identity(change, tiny_model, toy_problems, tmp_path):
+    """A resumed run may only reuse units made under the same settings: each one here changes rows."""
+    from gen.engine import EngineConfig
+    from gen.run import prepare_run
+    from pairloop.config import build_config
+
+    engine = EngineConfig(model=tiny_model, max_model_len=512)
+    base_cfg = _cfg(tmp_path / "a", toy_problems)
+    base = prepare_run(base_cfg, engine, tiny_model)
+    change = dict(change)
+    engine2 = build_config(EngineConfig, change.pop("engine", {}), "engine", base=engine)
+    cfg2 = build_config(GenConfig, change, "gen", base=base_cfg)
+    other = prepare_run(cfg2, engine2, tiny_model)
+    assert other.run_id != base.run_id
+    # and settings that do not change rows leave it alone (resume across them works)
+    same = prepare_run(build_config(GenConfig, {"progress": True, "inflight_per_engine": 5,
+                                                "execution": {"workers": 2}}, "gen", base=base_cfg),
+                       build_config(EngineConfig, {"engines": 2, "max_num_seqs": 32}, "engine", base=engine),
+                       tiny_model)
+    assert same.run_id == base.run_id
+
+
+def test_a_crash_on_the_local_executor_thread_is_retried_not_fatal(tmp_path, engine_pool, engine_config,
+                                                                   toy_problems, monkeypatch):
+    """An exception while labelling a unit (our fault, e.g. a sandbox bug) is retried like a failed Ray task;
+    the run completes with every row exactly once. The fault is injected: it cannot be caused for real."""
+    import gen.run as gr
+
+    real = gr._execute_unit
+    crashed: list[str] = []
+
+    def flaky(sandbox, problems, style, unit, outputs, ctx):
+        if not crashed:
+            crashed.append(unit.unit_id)
+            raise OSError("injected: sandbox worker pipe broke")
+        return real(sandbox, problems, style, unit, outputs, ctx)
+
+    monkeypatch.setattr(gr, "_execute_unit", flaky)
+    res = run_generation(_cfg(tmp_path / "flaky", toy_problems, limit=2, n=2, samples_per_unit=1,
+                              problems_per_unit=1), engine_config, pool=engine_pool)
+    assert crashed and res.complete and res.requeued >= 1, (crashed, res.failed_units)
+    t = ShardStore(res.out).read_table(columns=["problem_id", "sample_index", "unit_id"])
+    keys = list(zip(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == 4
+    assert crashed[0] in set(t.column("unit_id").to_pylist())
+
+
+def test_a_unit_whose_execution_keeps_failing_is_reported_not_scored(tmp_path, engine_pool, engine_config,
+                                                                     toy_problems, monkeypatch):
+    import gen.run as gr
+
+    def broken(*a, **k):
+        raise OSError("injected: sandbox gone")
+
+    monkeypatch.setattr(gr, "_execute_unit", broken)
+    res = run_generation(_cfg(tmp_path / "broken", toy_problems, limit=1, n=1), engine_config, pool=engine_pool)
+    assert not res.complete and res.rows == 0
+    (why,) = res.failed_units.values()
+    assert "local execution failed: OSError: injected: sandbox gone (3 attempts)" in why
