@@ -206,3 +206,58 @@ def find_overlap(train: Iterable[ProblemLike], evals: Iterable[ProblemLike], n: 
 
 def problem_texts(problems: Iterable[Problem]) -> list[ProblemText]:
     return [ProblemText(p.id, p.prompt, p.test) for p in problems]
+
+
+# ------------------------------------------------------------------------------------- provenance record
+# pairs/ writes this JSON into the key-value metadata of every pairs.parquet it writes, so the record travels
+# with the file; eval/ reads it back through the adapter's train_manifest.json. Defined here, once, because both
+# stages need it and neither may import the other.
+
+PROVENANCE_KEY = b"pairloop.problem_provenance"
+PROVENANCE_SCHEMA = "pairloop.problem-provenance/v1"
+
+
+def provenance_record(problem_sets: list[dict[str, Any]], problems: list[dict[str, Any]]) -> dict[str, Any]:
+    """problem_sets: where the problems came from (spec, fingerprint, split, ..., verified, note), one per gen run;
+    problems: per trained problem {"id", "prompt", "test" (None when the problem set was not available),
+    "trained_prompts" (the exact prompt strings the pairs carry)}."""
+    return {"schema": PROVENANCE_SCHEMA, "problem_sets": problem_sets, "problems": problems}
+
+
+def parse_provenance(raw: bytes | str | None, where: str) -> tuple[list[ProblemText], dict[str, Any]]:
+    """The training problems a provenance record names, as texts to compare (each problem's prompt + test when
+    known, and every prompt string it was trained on), and the record; ValueError naming `where` if it is absent
+    or malformed."""
+    import json
+
+    if raw is None:
+        raise ValueError(f"{where}: no problem provenance record ({PROVENANCE_KEY.decode()}); written by an older "
+                         "pairloop pairs, or not by pairloop")
+    try:
+        rec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: problem provenance record is not JSON ({e})") from None
+    if not isinstance(rec, dict) or rec.get("schema") != PROVENANCE_SCHEMA:
+        got = rec.get("schema") if isinstance(rec, dict) else type(rec).__name__
+        raise ValueError(f"{where}: problem provenance schema is {got!r}, want {PROVENANCE_SCHEMA!r}")
+    problems = rec.get("problems")
+    if not isinstance(problems, list) or not problems:
+        raise ValueError(f"{where}: problem provenance lists no problems ({problems!r:.80})")
+    for i, p in enumerate(problems):
+        ok = (isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("trained_prompts"), list)
+              and all(isinstance(t, str) for t in p["trained_prompts"])
+              and all(p.get(k) is None or isinstance(p.get(k), str) for k in ("prompt", "test")))
+        if not ok:
+            raise ValueError(f"{where}: problem provenance entry {i} is malformed: {p!r:.120}")
+    return record_texts(problems), rec
+
+
+def record_texts(problems: list[dict[str, Any]]) -> list[ProblemText]:
+    """The texts to compare for provenance entries: the problem (prompt + test) when known, and each prompt string
+    it was trained on (the test unknown there), all under the problem's id."""
+    texts: list[ProblemText] = []
+    for p in problems:
+        if p.get("prompt") is not None:
+            texts.append(ProblemText(p["id"], p["prompt"], p.get("test") or ""))
+        texts += [ProblemText(p["id"], t, "") for t in p["trained_prompts"]]
+    return texts
