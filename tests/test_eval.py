@@ -98,9 +98,14 @@ def _eval_cfg(out, problems, **kw) -> EvalConfig:
 
 
 def test_multi_seed_eval_of_base_and_adapter(engine_pool, engine_config, adapters, toy_problems, tmp_path):
-    cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(adapters["v1"])])
+    from tasks.leakage import ProblemText
+
+    other = ProblemText("other/1", 'def zzz(q):\n    """An unrelated task."""\n', "def check(c):\n    pass\n")
+    trained = trained_adapter(tmp_path, [other], adapter=adapters["v1"])
+    cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(trained)])
     res = run_eval(cfg, engine_config, pool=engine_pool)
     assert set(res.result_dirs) == {"base", adapter_label(str(adapters["v1"]))}
+    assert res.warnings == [] and res.leakage[0]["checked"] and res.leakage[0]["train_problems"] == 1
     keys = {}
     for label, dirs in res.result_dirs.items():
         assert len(dirs) == 2
@@ -129,20 +134,121 @@ def test_adapter_for_another_base_is_refused(engine_config, adapters, toy_proble
     c["base_model_name_or_path"] = "Qwen/Qwen2.5-Coder-3B-Instruct"
     cfg_path.write_text(json.dumps(c))
     with pytest.raises(ValueError, match="base model"):
-        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(foreign)]), engine_config)
+        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(foreign)], allow_unknown_provenance=True),
+                 engine_config)
     assert not (tmp_path / "e").exists()
 
 
-def test_eval_overlapping_training_problems_is_refused(engine_config, adapters, toy_problems, tmp_path):
+# ------------------------------------------------------------------------ leakage guard (provenance, content)
+
+
+def trained_adapter(tmp_path: Path, problems: list, adapter: Path | None = None, name: str = "trained") -> Path:
+    """An adapter folder whose train_manifest.json names one pairs file that carries the provenance record pairs/
+    writes for `problems` (ProblemText-like). Without `adapter`, a bare folder (the guard reads only the files)."""
+    import hashlib
     import shutil
 
-    trained = tmp_path / "trained"
-    shutil.copytree(adapters["v1"], trained)
-    pairs = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"problem_id": ["toy/add", "toy/neg"], "prompt": ["a", "b"]}), pairs)
-    (trained / "train_manifest.json").write_text(json.dumps({"pairs": {"files": [{"path": str(pairs)}]}}))
-    with pytest.raises(ValueError, match="overlaps the training problems"):
-        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(trained)]), engine_config)
+    from tasks.leakage import PROVENANCE_KEY, provenance_record
+
+    out = tmp_path / name
+    if adapter is not None:
+        shutil.copytree(adapter, out)
+    else:
+        out.mkdir()
+        (out / "adapter_config.json").write_text("{}")
+    rec = provenance_record([{"spec": "test"}], [{"id": p.id, "prompt": p.prompt, "test": p.test,
+                                                  "trained_prompts": [p.prompt]} for p in problems])
+    table = pa.table({"problem_id": [p.id for p in problems], "prompt": [p.prompt for p in problems]})
+    pairs = tmp_path / f"{name}-pairs.parquet"
+    pq.write_table(table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(rec).encode()}), pairs)
+    sha = hashlib.sha256(pairs.read_bytes()).hexdigest()
+    (out / "train_manifest.json").write_text(json.dumps({"pairs": {"files": [{"path": str(pairs), "sha256": sha}]}}))
+    return out
+
+
+def _guard_cfg(problems, adapter, **kw) -> EvalConfig:
+    return EvalConfig(**{"out": "unused", "problems": problems, "adapters": [str(adapter)], "progress": False, **kw})
+
+
+def test_an_adapter_whose_pairs_file_is_missing_is_refused_before_any_engine_work(tmp_path, toy_problems):
+    from gen.engine import EngineConfig
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    (tmp_path / "trained-pairs.parquet").unlink()
+    # a model that does not exist: any engine work (resolving the model, starting engines) would fail differently
+    with pytest.raises(ValueError, match=r"pairs file .*trained-pairs.parquet.* is missing.*allow_unknown_provenance"):
+        run_eval(_guard_cfg(toy_problems, adapter, out=str(tmp_path / "e")), EngineConfig(model=str(tmp_path / "no-model")))
+    assert not (tmp_path / "e").exists()
+
+
+def test_an_adapter_without_train_manifest_is_refused(tmp_path, toy_problems):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    (adapter / "train_manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"has no train_manifest.json.*Refusing.*allow_unknown_provenance"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+
+
+def test_a_pairs_file_changed_since_training_or_without_provenance_is_refused(tmp_path, toy_problems):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    pairs = tmp_path / "trained-pairs.parquet"
+    pq.write_table(pq.read_table(pairs).replace_schema_metadata({}), pairs)  # same rows, record dropped
+    with pytest.raises(ValueError, match=r"changed since training"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+    manifest = json.loads((adapter / "train_manifest.json").read_text())
+    import hashlib
+
+    manifest["pairs"]["files"][0]["sha256"] = hashlib.sha256(pairs.read_bytes()).hexdigest()
+    (adapter / "train_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"no problem provenance record"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+
+
+def test_eval_overlapping_training_problems_is_refused(tmp_path, toy_problems):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    with pytest.raises(ValueError, match=r"overlaps the training problems.*toy/add \(same id\)"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+    warnings, compared = check_no_train_overlap(_guard_cfg(toy_problems, adapter, allow_train_overlap=True))
+    assert warnings[0].startswith("TRAIN OVERLAP") and compared[0]["found"]["id"] == 2
+
+
+def test_an_eval_set_holding_a_renamed_reformatted_training_prompt_is_refused(tmp_path):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    he = load_problems("humaneval")
+    adapter = trained_adapter(tmp_path, he[20:22])  # trained on HumanEval/20, /21
+    p = he[21]
+    edited = p.prompt.replace(p.entry_point, "rescale").replace("    ", "\t").replace(">>>", "Numbers are floats.\n>>>")
+    copy = {"task_id": "Mine/7", "prompt": edited,  # renamed, re-indented, a sentence added: near, not exact
+            "entry_point": "rescale", "test": p.test.replace("candidate", "fn"), "canonical_solution": ""}
+    unrelated = [{"task_id": q.id, "prompt": q.prompt, "entry_point": q.entry_point, "test": q.test} for q in he[30:40]]
+    path = tmp_path / "evalset.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in unrelated + [copy]))
+    with pytest.raises(ValueError, match=r"1 of 11 eval problems \(Mine/7 ~ HumanEval/21 \(87% of its prompt"):
+        check_no_train_overlap(_guard_cfg(str(path), adapter))
+    path.write_text("".join(json.dumps(r) + "\n" for r in unrelated))
+    assert check_no_train_overlap(_guard_cfg(str(path), adapter))[0] == []  # unrelated problems pass
+
+
+def test_allow_unknown_provenance_runs_and_the_report_says_so_first(engine_pool, engine_config, adapters,
+                                                                    toy_problems, tmp_path):
+    cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(adapters["v1"])], seeds=[0], k=1, limit=2,
+                    allow_unknown_provenance=True)  # adapters["v1"] has no train_manifest.json
+    res = run_eval(cfg, engine_config, pool=engine_pool)
+    assert res.warnings[0].startswith("UNKNOWN PROVENANCE") and res.leakage[0]["checked"] is False
+    md = (tmp_path / "eval" / "report" / "report.md").read_text()
+    assert md.splitlines()[0].startswith("**WARNING: UNKNOWN PROVENANCE")
+    assert json.loads((tmp_path / "eval" / "report" / "report.json").read_text())["warnings"] == res.warnings
 
 
 def test_bad_eval_config_values():
