@@ -8,6 +8,12 @@ per problem per seed. Adapters are hot-loaded into every running engine under a 
 removed afterwards; variants run one after another, so base and adapter requests never share a batch (vLLM CPU
 bug). Results are gen shards (same schema, `adapter` set), one run folder per (variant, seed), so anything that
 reads shards reads results, and a rerun resumes.
+
+Before any engine work, each adapter's training problems are found by following its provenance (train_manifest.json
+-> its pairs files, sha256-checked -> the problem record pairs wrote into them) and compared with the eval problems
+by id, exact content and near-duplicate prompt (tasks.leakage). A match refuses unless eval.allow_train_overlap; a
+missing or unreadable link refuses unless eval.allow_unknown_provenance. Either allowance puts a warning on the
+report's first line.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@
 
 Reads the runs' row metadata (streamed, small columns only), selects pairs (pairs.select), reads the texts of the
 chosen rows only, and writes pairs.parquet + report.json + report.md atomically into `out`.
+
+Leakage guard: every pool problem that can yield a pair is compared with the eval set (pairs.eval_problems and/or
+pairs.eval_ids) by id, exact content and near-duplicate prompt (tasks.leakage); a match refuses unless
+pairs.allow_leakage, and naming no eval set refuses unless pairs.allow_no_eval_set. pairs.parquet carries the
+problem provenance record (tasks.leakage.PROVENANCE_KEY) that eval/ follows from an adapter back to its problems.
 """
 
 from __future__ import annotations
@@ -228,6 +233,8 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
 
 
 def print_summary(report: dict[str, Any]) -> None:
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
     print(f"pairs: {report['pairs']} of {report['asked']} ({report['format']} format), "
           f"{report['problems_covered']} problems, {report['elapsed_s']:.2f} s -> {report['written']['pairs.parquet']}")
     width = max([len(k) for k in report["categories"]] + [8])
@@ -237,8 +244,6 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"  {k:<{width}}  {v['pool']:>8}  {v['asked']:>5}  {v['got']:>5}{flag}")
     for note in report["redistribution"]:
         print(f"  note: {note}")
-    for w in report["warnings"]:
-        print(f"  WARNING: {w}")
 
 
 def main(argv: list[str]) -> int:

@@ -248,6 +248,9 @@ def test_allow_unknown_provenance_runs_and_the_report_says_so_first(engine_pool,
     assert res.warnings[0].startswith("UNKNOWN PROVENANCE") and res.leakage[0]["checked"] is False
     md = (tmp_path / "eval" / "report" / "report.md").read_text()
     assert md.splitlines()[0].startswith("**WARNING: UNKNOWN PROVENANCE")
+    from eval.report import render_terminal
+
+    assert render_terminal(res.report).splitlines()[0].startswith("WARNING: UNKNOWN PROVENANCE")
     assert json.loads((tmp_path / "eval" / "report" / "report.json").read_text())["warnings"] == res.warnings
 
 
