@@ -104,7 +104,7 @@ def test_multi_seed_eval_of_base_and_adapter(engine_pool, engine_config, adapter
     trained = trained_adapter(tmp_path, [other], adapter=adapters["v1"])
     cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(trained)])
     res = run_eval(cfg, engine_config, pool=engine_pool)
-    assert set(res.result_dirs) == {"base", adapter_label(str(adapters["v1"]))}
+    assert set(res.result_dirs) == {"base", adapter_label(str(trained))}
     assert res.warnings == [] and res.leakage[0]["checked"] and res.leakage[0]["train_problems"] == 1
     keys = {}
     for label, dirs in res.result_dirs.items():
@@ -118,7 +118,7 @@ def test_multi_seed_eval_of_base_and_adapter(engine_pool, engine_config, adapter
                                  t.column("sample_index").to_pylist()))
     assert len({tuple(v) for v in keys.values()}) == 1  # same problems, seeds and k for every variant
     report = json.loads((tmp_path / "eval" / "report" / "report.json").read_text())
-    assert {v["label"] for v in report["variants"]} == {Path(engine_config.model).name, adapter_label(str(adapters["v1"]))}
+    assert {v["label"] for v in report["variants"]} == {Path(engine_config.model).name, adapter_label(str(trained))}
     assert len(report["comparisons"]) == 1
     assert report["comparisons"][0]["problems"] == 6
     assert engine_pool.loras == {}  # hot-loaded, then removed
@@ -238,6 +238,36 @@ def test_an_eval_set_holding_a_renamed_reformatted_training_prompt_is_refused(tm
         check_no_train_overlap(_guard_cfg(str(path), adapter))
     path.write_text("".join(json.dumps(r) + "\n" for r in unrelated))
     assert check_no_train_overlap(_guard_cfg(str(path), adapter))[0] == []  # unrelated problems pass
+
+
+def test_the_guard_follows_what_pairs_and_train_write(tmp_path, toy_problems):
+    """pairs/ output -> a train_manifest.json as train/ writes it -> the eval guard: held-out passes, train refused."""
+    from test_pairs import simple_pool
+
+    from eval.run import check_no_train_overlap
+    from pairs.config import PairsConfig
+    from pairs.run import run as run_pairs
+    from tasks.problems import problem_set_fingerprint, select_problems
+    from train.dpo import MANIFEST_NAME, file_sha256
+
+    train = select_problems(toy_problems, "train", 0.5, 0)
+    identity = {"prompt_style": "base", "response_prefix": "", "problems": toy_problems, "split": "train",
+                "eval_fraction": 0.5, "split_seed": 0, "limit": 0, "problem_set": problem_set_fingerprint(train)}
+    inp = simple_pool(tmp_path, problems=[p.id for p in train], identity=identity)
+    run_pairs(PairsConfig(inputs=[inp], out=str(tmp_path / "pairs"), eval_problems=toy_problems, eval_fraction=0.5,
+                          progress=False))
+    pairs = (tmp_path / "pairs" / "pairs.parquet").resolve()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / MANIFEST_NAME).write_text(json.dumps({"pairs": {"files": [
+        {"path": str(pairs), "sha256": file_sha256(pairs), "rows": pq.read_metadata(pairs).num_rows}]}}))
+    split = dict(eval_fraction=0.5, split_seed=0)
+    warnings, compared = check_no_train_overlap(_guard_cfg(toy_problems, adapter, split="eval", **split))
+    used = set(pq.read_table(pairs).column("problem_id").to_pylist())
+    assert warnings == [] and compared[0]["train_problems"] == len(used) and compared[0]["found"]["near"] == 0
+    with pytest.raises(ValueError, match="overlaps the training problems"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter, split="train", **split))
 
 
 def test_allow_unknown_provenance_runs_and_the_report_says_so_first(engine_pool, engine_config, adapters,
