@@ -200,7 +200,8 @@ def check_no_train_overlap(cfg: "EvalConfig") -> tuple[list[str], list[dict[str,
         except ValueError as e:
             if not cfg.allow_unknown_provenance:
                 raise ValueError(f"{e}. Refusing to evaluate it: its train/eval overlap cannot be checked. Set "
-                                 "eval.allow_unknown_provenance=true to evaluate anyway (the report says so first)") from None
+                                 "eval.allow_unknown_provenance=true to evaluate anyway (the report says so first)"
+                                 ) from None
             warnings.append(f"UNKNOWN PROVENANCE: {a} was NOT checked for train/eval overlap "
                             f"(eval.allow_unknown_provenance=true): {e}")
             compared.append({"adapter": a, "checked": False, "reason": str(e)})

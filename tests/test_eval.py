@@ -178,7 +178,8 @@ def test_an_adapter_whose_pairs_file_is_missing_is_refused_before_any_engine_wor
     (tmp_path / "trained-pairs.parquet").unlink()
     # a model that does not exist: any engine work (resolving the model, starting engines) would fail differently
     with pytest.raises(ValueError, match=r"pairs file .*trained-pairs.parquet.* is missing.*allow_unknown_provenance"):
-        run_eval(_guard_cfg(toy_problems, adapter, out=str(tmp_path / "e")), EngineConfig(model=str(tmp_path / "no-model")))
+        run_eval(_guard_cfg(toy_problems, adapter, out=str(tmp_path / "e")),
+                 EngineConfig(model=str(tmp_path / "no-model")))
     assert not (tmp_path / "e").exists()
 
 

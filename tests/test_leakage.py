@@ -48,7 +48,8 @@ def disguise(p, new_id: str) -> ProblemText:
 
 def test_content_key_ignores_whitespace_indentation_and_comments():
     a = ProblemText("a", "def f(x):\n    \"\"\"Add one.\"\"\"\n", "def check(c):\n    assert c(1) == 2\n")
-    b = ProblemText("b", "# a comment\ndef   f( x ):\n  \"\"\"Add\n  one.\"\"\"\n\n", "def check(c):\n\tassert c(1)==2  # ok\n")
+    b = ProblemText("b", "# a comment\ndef   f( x ):\n  \"\"\"Add\n  one.\"\"\"\n\n",
+                    "def check(c):\n\tassert c(1)==2  # ok\n")
     assert content_key(a) == content_key(b)
 
 

@@ -522,7 +522,8 @@ def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys
     with pytest.raises(ValueError, match=r"weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'NAME_"):
         PairsConfig(allow_no_eval_set=True, inputs=["x"], balance="weights", weights={"NAME_EROR": 2.0})
     with pytest.raises(ValueError, match=r"unknown category \['NAME_ERROR/runtime'\].*'NAME_ERROR/definition'"):
-        PairsConfig(allow_no_eval_set=True, inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0})
+        PairsConfig(inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0},
+                    allow_no_eval_set=True)
     with pytest.raises(ValueError, match=r"unknown category \['NO_CODE'\]"):  # excluded by default
         PairsConfig(allow_no_eval_set=True, inputs=["x"], balance="weights", weights={"NO_CODE": 1.0})
     inp = simple_pool(tmp_path)
@@ -565,8 +566,10 @@ def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypat
         for p in range(3):
             rows += [sample_row(f"p/{p}", "m", None, o, "test", i, 0) | {"completion_tokens": 10}
                      for i, o in enumerate(["PASS", "PASS", "NAME_ERROR", "ASSERTION_FAIL", "TYPE_ERROR"])]
-        local = run(PairsConfig(allow_no_eval_set=True, inputs=[write_run(tmp_path / "run", rows)], out=str(tmp_path / "out"), progress=False))
-        remote = run(PairsConfig(allow_no_eval_set=True, inputs=[write_run("s3://pool/run" + query, rows)], out="s3://pool/out" + query,
+        local = run(PairsConfig(inputs=[write_run(tmp_path / "run", rows)], out=str(tmp_path / "out"), progress=False,
+                                allow_no_eval_set=True))
+        remote = run(PairsConfig(inputs=[write_run("s3://pool/run" + query, rows)], out="s3://pool/out" + query,
+                                 allow_no_eval_set=True,
                                  progress=False))
         assert remote["written"]["pairs.parquet"] == "s3://pool/out/pairs.parquet"
         fs, path = pa.fs.FileSystem.from_uri("s3://pool/out/pairs.parquet" + query)
@@ -622,7 +625,8 @@ def test_chat_format_rebuilds_the_messages_gen_rendered(tmp_path, tiny_model, to
         json.dumps({"task_id": pid, "prompt": "def g():\n", "entry_point": "g",
                     "test": "def check(candidate):\n    pass\n"}) + "\n" for pid in problems))
     with pytest.raises(ValueError, match="message is not in the samples' prompt"):
-        run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out2"), problems=str(other), progress=False))
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out2"), problems=str(other), progress=False,
+                        allow_no_eval_set=True))
     assert not (tmp_path / "out2").exists()
 
 
@@ -636,7 +640,8 @@ def test_trl_dpo_trainer_reads_the_pairs_as_they_are(tmp_path, tiny_model, fmt):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prefix = "```python\n"
     inp, messages = chat_pool(tmp_path, tok, prefix)
-    run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), prompt_format=fmt, num_pairs=6, progress=False),
+    run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), prompt_format=fmt, num_pairs=6, progress=False,
+                    allow_no_eval_set=True),
         messages_for=messages.__getitem__)
     path = str(tmp_path / "out" / "pairs.parquet")
     assert check_pairs_schema(pq.read_schema(path), path) == fmt
