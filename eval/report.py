@@ -76,10 +76,14 @@ def build_report(
     sources: Sequence[str | os.PathLike | pa.Table] | str | os.PathLike | pa.Table,
     base: str | None = None,
     config: ReportConfig = ReportConfig(),
+    warnings: Sequence[str] = (),
+    leakage: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """All report numbers from results tables, results folders or Parquet files (JSON-ready dict).
 
-    `base` (or config.base) names the reference variant; by default the rows with adapter null.
+    `base` (or config.base) names the reference variant; by default the rows with adapter null. `warnings` (a
+    weaker check that ran, e.g. the eval leakage guard's) are rendered first; `leakage` is what the eval leakage
+    guard compared, per adapter (eval.run.check_no_train_overlap).
     """
     if isinstance(sources, (str, os.PathLike, pa.Table)):
         sources = [sources]
@@ -98,6 +102,8 @@ def build_report(
     ]
     return {
         "schema": REPORT_SCHEMA,
+        "warnings": list(warnings),
+        "leakage": list(leakage),
         "inputs": list(inputs),
         "base": ref.variant.label if ref is not None else None,
         "options": {
@@ -181,11 +187,32 @@ def _std_note(report: dict[str, Any]) -> str:
     return f" {', '.join(single)}: one seed, so std is undefined and shown as 0." if single else ""
 
 
+def _warning_lines(report: dict[str, Any]) -> list[str]:
+    return [f"WARNING: {w}" for w in report.get("warnings", [])]
+
+
+def _leakage_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in report.get("leakage", []):
+        if not c["checked"]:
+            lines.append(f"- `{c['adapter']}`: NOT checked (unknown provenance): {c['reason']}")
+            continue
+        found = ", ".join(f"{k} {v}" for k, v in c["found"].items())
+        lines.append(f"- `{c['adapter']}`: {c['eval_problems']} eval problems vs its {c['train_problems']} training "
+                     f"problems (from {len(c['pairs_files'])} pairs file(s)); {c['method']}; matches: {found}")
+        lines += [f"  - {f['kind']}: eval {f['eval_id']} ~ trained {f['train_id']} (score {f['score']:g})"
+                  for f in c["findings"]]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    out = ["# pairloop evaluation report", ""]
+    warnings = [f"**{w}**" for w in _warning_lines(report)]  # the first lines: a weaker check ran
+    out = warnings + ([""] if warnings else []) + ["# pairloop evaluation report", ""]
     for i in report["inputs"]:
         note = " (INCOMPLETE run: its manifest is not marked complete)" if i.get("complete") is False else ""
         out.append(f"- input `{i['source']}`: {i['rows']} rows{note}")
+    if report.get("leakage"):
+        out += ["", "## Train/eval leakage guard", ""] + _leakage_lines(report)
     out += [
         "",
         "## pass@1 and failure categories",
@@ -259,13 +286,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def render_terminal(report: dict[str, Any]) -> str:
-    parts = ["pass@1 and failure categories (mean ± std across seeds; failures = failing samples / k)" + _std_note(report),
+    parts = _warning_lines(report) + ([""] if report.get("warnings") else [])
+    parts += ["pass@1 and failure categories (mean ± std across seeds; failures = failing samples / k)" + _std_note(report),
              _text_table(*_main_rows(report)), "", "failures by phase", _text_table(*_phase_rows(report))]
     if report["comparisons"]:
         parts += ["", f"paired vs base {report['base']!r}", _text_table(*_comparison_rows(report)), ""]
         parts += [c["sentence"] for c in report["comparisons"]]
     infra = sum(v["infra"]["samples"] for v in report["variants"])
     parts += ["", f"INFRA_ERROR samples (excluded from all rates): {infra}"]
+    if report.get("leakage"):
+        parts += ["", "train/eval leakage guard"] + _leakage_lines(report)
     return "\n".join(parts)
 
 

@@ -8,6 +8,12 @@ per problem per seed. Adapters are hot-loaded into every running engine under a 
 removed afterwards; variants run one after another, so base and adapter requests never share a batch (vLLM CPU
 bug). Results are gen shards (same schema, `adapter` set), one run folder per (variant, seed), so anything that
 reads shards reads results, and a rerun resumes.
+
+Before any engine work, each adapter's training problems are found by following its provenance (train_manifest.json
+-> its pairs files, sha256-checked -> the problem record pairs wrote into them) and compared with the eval problems
+by id, exact content and near-duplicate prompt (tasks.leakage). A match refuses unless eval.allow_train_overlap; a
+missing or unreadable link refuses unless eval.allow_unknown_provenance. Either allowance puts a warning on the
+report's first line.
 """
 
 from __future__ import annotations
@@ -16,14 +22,15 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.run import run_generation
-from tasks.problems import SPLITS
+from tasks.leakage import PROVENANCE_KEY, ProblemText, find_overlap, parse_provenance, problem_texts
+from tasks.problems import SPLITS, select_problems
 from gen.shards import join_uri
 
 
@@ -45,6 +52,9 @@ class EvalConfig:
     adapters: list[str] = field(default_factory=list)  # PEFT adapter folders (train/ output)
     allow_foreign_adapter: bool = False  # skip the adapter-vs-base identity check (loudly)
     allow_train_overlap: bool = False  # evaluate an adapter on problems it was trained on (loudly; inflates pass@1)
+    # evaluate an adapter whose training problems cannot be found (no train_manifest.json, a pairs file missing or
+    # changed, no provenance record): the overlap guard cannot run, and the report's first line says so
+    allow_unknown_provenance: bool = False
     problems_per_unit: int = 32  # k=1 eval: one engine call per 32 problems; CPU throughput grows with batch size
     ray_address: str = ""
     progress: bool = True
@@ -78,26 +88,32 @@ def adapter_label(path: str) -> str:
 
 
 def check_adapter_base(adapter: str, model_spec: str, model_path: str) -> None:
-    """Refuse an adapter trained on another base model (train/'s manifest, else adapter_config.json)."""
+    """Refuse an adapter unless its train_manifest.json shows it was trained on exactly the weights the engines run
+    (content fingerprints, gen.model_source). A missing manifest or fingerprint is a refusal, not a pass: names
+    (adapter_config.json's base_model_name_or_path) cannot tell two fine-tunes of one architecture apart.
+    `eval.allow_foreign_adapter` skips this check, loudly."""
     from gen.model_source import model_identity
 
     ident = model_identity(model_spec)
     manifest = os.path.join(adapter, "train_manifest.json")
-    if os.path.isfile(manifest):
+    how = "set eval.allow_foreign_adapter=true to evaluate it anyway (the report says so)"
+    if not os.path.isfile(manifest):
+        raise ValueError(f"adapter {adapter!r} has no train_manifest.json: the base model it was trained on is "
+                         f"unknown; {how}")
+    try:
         m = json.loads(Path(manifest).read_text())
-        base = m.get("base_model") or {}
-        fp = base.get("fingerprint") if isinstance(base, dict) else None
-        if fp and fp != ident["fingerprint"]:
-            raise ValueError(
-                f"adapter {adapter!r} was trained on {base.get('name')!r} (fingerprint {fp[:12]}), but the engines "
-                f"run {ident['name']!r} (fingerprint {ident['fingerprint'][:12]})"
-            )
-        return
-    cfg = json.loads(Path(adapter, "adapter_config.json").read_text())
-    base_name = str(cfg.get("base_model_name_or_path") or "")
-    names = {model_spec, model_path, os.path.abspath(model_path), ident["name"], Path(model_path).name}
-    if base_name and base_name not in names and Path(base_name).name not in names:
-        raise ValueError(f"adapter {adapter!r} is for base model {base_name!r}, but the engines run {ident['name']!r}")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"adapter {adapter!r}: train_manifest.json is unreadable ({e}); {how}") from None
+    base = m.get("base_model") if isinstance(m, dict) else None
+    fp = base.get("fingerprint") if isinstance(base, dict) else None
+    if not fp or not ident.get("fingerprint"):
+        raise ValueError(f"adapter {adapter!r}: no base-model fingerprint to compare (adapter's: {fp!r}, engines' "
+                         f"{ident['name']!r}: {ident.get('fingerprint')!r}); {how}")
+    if fp != ident["fingerprint"]:
+        raise ValueError(
+            f"adapter {adapter!r} was trained on {base.get('name')!r} (fingerprint {fp}), but the engines "
+            f"run {ident['name']!r} (fingerprint {ident['fingerprint']})"
+        )
 
 
 def result_dirs(cfg: EvalConfig) -> dict[str, list[str]]:
@@ -106,36 +122,110 @@ def result_dirs(cfg: EvalConfig) -> dict[str, list[str]]:
     return {lab: [join_uri(cfg.out, lab, f"seed-{s}") for s in cfg.seeds] for lab in labels}
 
 
-def trained_problem_ids(adapter: str) -> set[str]:
-    """Problems an adapter was trained on, from the pairs files its train manifest names (empty if unknown)."""
+@dataclass(frozen=True)
+class TrainedProblems:
+    """An adapter's training problems, found by following its provenance."""
+
+    ids: set[str]
+    texts: list[ProblemText]  # problem prompt + test where pairs recorded them, and every prompt trained on
+    pairs_files: list[str]
+    problem_sets: list[dict[str, Any]]  # as pairs recorded them: spec, fingerprint, split, verified
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def trained_problems(adapter: str) -> TrainedProblems:
+    """Follow adapter -> train_manifest.json -> its pairs files (each checked against the sha256 train recorded)
+    -> the problem provenance record pairs wrote into each file. Fails closed: ValueError when any link is missing,
+    changed or unreadable, never an empty "no overlap"."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    where = f"adapter {adapter!r}"
     manifest = os.path.join(adapter, "train_manifest.json")
     if not os.path.isfile(manifest):
-        return set()
+        raise ValueError(f"{where} has no train_manifest.json (moved, copied without it, or not trained by "
+                         "pairloop train), so the problems it was trained on are unknown")
+    try:
+        m = json.loads(Path(manifest).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: train_manifest.json is unreadable ({e})") from None
+    files = m.get("pairs", {}).get("files") if isinstance(m, dict) and isinstance(m.get("pairs"), dict) else None
+    if not isinstance(files, list) or not files:
+        raise ValueError(f"{where}: train_manifest.json names no pairs files (pairs.files = {files!r:.80})")
     ids: set[str] = set()
-    for f in json.loads(Path(manifest).read_text()).get("pairs", {}).get("files", []):
-        path = f.get("path")
-        if path and os.path.isfile(path) and "problem_id" in pq.read_schema(path).names:
-            ids |= set(pq.read_table(path, columns=["problem_id"]).column(0).to_pylist())
-    return ids
+    texts: list[ProblemText] = []
+    paths: list[str] = []
+    sets: list[dict[str, Any]] = []
+    for f in files:
+        path = f.get("path") if isinstance(f, dict) else None
+        sha = f.get("sha256") if isinstance(f, dict) else None
+        if not isinstance(path, str) or not isinstance(sha, str):
+            raise ValueError(f"{where}: train_manifest.json pairs entry {f!r:.120} lacks a path or sha256")
+        if not os.path.isfile(path):
+            raise ValueError(f"{where}: its pairs file {path!r} (named by train_manifest.json) is missing: moved or "
+                             "deleted, so the problems it was trained on are unknown")
+        if _file_sha256(path) != sha:
+            raise ValueError(f"{where}: its pairs file {path!r} changed since training (sha256 differs from "
+                             "train_manifest.json), so it no longer says what the adapter was trained on")
+        try:
+            schema = pq.read_schema(path)
+            file_ids = set(pq.read_table(path, columns=["problem_id"]).column(0).to_pylist())
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            raise ValueError(f"{where}: pairs file {path!r} is unreadable or has no problem_id column ({e})") from None
+        file_texts, record = parse_provenance((schema.metadata or {}).get(PROVENANCE_KEY), f"pairs file {path!r}")
+        missing = sorted(file_ids - {t.id for t in file_texts})
+        if missing:
+            raise ValueError(f"{where}: pairs file {path!r} has pairs of {missing[:5]} ({len(missing)} problems) "
+                             "that its provenance record does not describe")
+        ids |= file_ids
+        texts += file_texts
+        paths.append(path)
+        sets += record.get("problem_sets") or []
+    return TrainedProblems(ids, texts, paths, sets)
 
 
-def check_no_train_overlap(cfg: "EvalConfig") -> None:
-    from gen.run import select_problems
-
-    gcfg = GenConfig(problems=cfg.problems, split=cfg.split, eval_fraction=cfg.eval_fraction,
-                     split_seed=cfg.split_seed, limit=cfg.limit)
-    eval_ids = {p.id for p in select_problems(gcfg)}
+def check_no_train_overlap(cfg: "EvalConfig") -> tuple[list[str], list[dict[str, Any]]]:
+    """Refuse (ValueError) to evaluate an adapter on problems it was trained on: the same id, the same content or a
+    near-duplicate prompt (tasks.leakage), or when its training problems cannot be found. Runs before any engine
+    work. Returns (warnings for the report, first; what was compared per adapter)."""
+    eval_problems = select_problems(cfg.problems, cfg.split, cfg.eval_fraction, cfg.split_seed, cfg.limit)
+    warnings: list[str] = []
+    compared: list[dict[str, Any]] = []
     for a in cfg.adapters:
-        overlap = sorted(eval_ids & trained_problem_ids(a))
-        if overlap and not cfg.allow_train_overlap:
+        try:
+            trained = trained_problems(a)
+        except ValueError as e:
+            if not cfg.allow_unknown_provenance:
+                raise ValueError(f"{e}. Refusing to evaluate it: its train/eval overlap cannot be checked. Set "
+                                 "eval.allow_unknown_provenance=true to evaluate anyway (the report says so first)"
+                                 ) from None
+            warnings.append(f"UNKNOWN PROVENANCE: {a} was NOT checked for train/eval overlap "
+                            f"(eval.allow_unknown_provenance=true): {e}")
+            compared.append({"adapter": a, "checked": False, "reason": str(e)})
+            continue
+        result = find_overlap(trained.texts, problem_texts(eval_problems))
+        hits = result.findings
+        if hits and not cfg.allow_train_overlap:
             raise ValueError(
-                f"eval split overlaps the training problems of adapter {a!r}: {overlap[:5]} ({len(overlap)} of "
-                f"{len(eval_ids)}); evaluate on held-out problems (eval.split=eval) or set eval.allow_train_overlap"
+                f"eval split overlaps the training problems of adapter {a!r}: {len(hits)} of {len(eval_problems)} "
+                f"eval problems ({', '.join(f.describe() for f in hits[:5])}{' ...' if len(hits) > 5 else ''}); "
+                "evaluate on held-out problems (eval.split=eval) or set eval.allow_train_overlap=true"
             )
-        if overlap:
-            print(f"WARNING: evaluating {a} on {len(overlap)} problems it was trained on", file=sys.stderr)
+        if hits:
+            warnings.append(f"TRAIN OVERLAP: {a} is evaluated on {len(hits)} of {len(eval_problems)} problems it was "
+                            f"trained on or near-duplicates of them (eval.allow_train_overlap=true; pass@1 is "
+                            f"inflated): {[f.describe() for f in hits[:5]]}")
+        compared.append({"adapter": a, "checked": True, "pairs_files": trained.pairs_files,
+                         **result.compared, "train_problems": len(trained.ids),
+                         "findings": [asdict(f) for f in hits[:50]]})
+    return warnings, compared
 
 
 @dataclass
@@ -143,6 +233,8 @@ class EvalResult:
     out: str
     result_dirs: dict[str, list[str]]  # variant label -> run folders (one per seed)
     report: dict[str, Any] | None
+    warnings: list[str] = field(default_factory=list)  # the leakage guard's; a report shows them first
+    leakage: list[dict[str, Any]] = field(default_factory=list)  # what the guard compared, per adapter
 
 
 def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None = None,
@@ -151,15 +243,18 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
 
     from gen.model_source import resolve_model
 
+    guard_warnings, leakage = check_no_train_overlap(cfg)  # first: a refusal costs no engine work
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
-    check_no_train_overlap(cfg)
     variants: list[tuple[str, str | None]] = [("base", None)] if cfg.include_base else []
     for a in cfg.adapters:
         if not cfg.allow_foreign_adapter:
             check_adapter_base(a, engine_cfg.model, model_path)
         else:
-            print(f"WARNING: eval.allow_foreign_adapter: not checking that {a} matches the base", file=sys.stderr)
+            guard_warnings.append(f"eval.allow_foreign_adapter: adapter {a} was NOT checked to be trained on the "
+                                  "weights the engines run; its comparison with the base may be meaningless")
         variants.append((adapter_label(a), a))
+    for w in guard_warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
     started_ray = ensure_ray(cfg.ray_address or None)
     own_pool = pool is None
     dirs: dict[str, list[str]] = {}
@@ -193,7 +288,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     if report:
         from eval.report import build_report, render_terminal, write_report
 
-        rep = build_report([d for ds in dirs.values() for d in ds])
+        rep = build_report([d for ds in dirs.values() for d in ds], warnings=guard_warnings, leakage=leakage)
         write_report(rep, os.path.join(cfg.out, "report"))
         print(render_terminal(rep))
-    return EvalResult(cfg.out, dirs, rep)
+    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage)

@@ -268,8 +268,9 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     def train_adapter() -> None:
         train(c.train)
 
-    def eval_adapter() -> None:
-        run_eval(adapter_eval, c.engine, pool=engines(), report=False)
+    def eval_adapter() -> dict[str, Any]:
+        res = run_eval(adapter_eval, c.engine, pool=engines(), report=False)
+        return {"warnings": res.warnings, "leakage": res.leakage}  # kept for the report (and its rebuilds)
 
     try:
         stage("eval_base", "1/5 base eval (held-out split)", base_eval, {"engine": engine_ident},
@@ -289,7 +290,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         if started_ray:
             ray.shutdown()
     dirs = [d for ds in result_dirs(adapter_eval).values() for d in ds]
-    report = build_report(dirs)
+    guard = log.state["stages"]["eval_adapter"]
+    report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []))
     report_dir = join_uri(c.loop.out, "report")
     write_report(report, report_dir)
     print(render_terminal(report))

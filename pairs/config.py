@@ -78,6 +78,9 @@ class PairsConfig:
     eval_fraction: float | None = None
     split_seed: int = 0
     allow_leakage: bool = False  # proceed even when pair problems are in the eval set (loud warning + report)
+    # Naming no eval set (eval_ids / eval_problems) is refused: the guard cannot check what it is not given.
+    # true: write pairs without the guard; the report's first warning says so.
+    allow_no_eval_set: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -131,6 +134,12 @@ class PairsConfig:
             raise ValueError(f"pairs.max_reuse must be > 0, got {self.max_reuse}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"pairs.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if not self.eval_ids and self.eval_problems is None and not self.allow_no_eval_set:
+            raise ValueError(
+                "pairs.eval_ids / pairs.eval_problems: no eval set named, so the leakage guard has nothing to check "
+                "against; name the problems the adapter will be evaluated on (e.g. pairs.eval_problems=humaneval "
+                "pairs.eval_fraction=0.5), or set pairs.allow_no_eval_set=true (the report will say so first)"
+            )
         if self.eval_fraction is not None:
             if self.eval_problems is None:
                 raise ValueError(f"pairs.eval_fraction={self.eval_fraction} needs pairs.eval_problems (the set split)")

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from gen.shards import resolve
 from pairs.pool import OUTCOMES, PHASE_NAMES, Pool
 from pairs.select import Plan, Selection
+from tasks.leakage import PROVENANCE_KEY
 
 PAIRS_SCHEMA_VERSION = 1
 MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
@@ -163,6 +164,14 @@ def pairs_table(
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
 
 
+def attach_provenance(table: pa.Table, record: dict[str, Any]) -> pa.Table:
+    """`table` with the problem provenance record (tasks.leakage.provenance_record) in its schema metadata, so the
+    record travels with pairs.parquet: eval/ follows an adapter's train manifest to it for its leakage guard."""
+    meta = dict(table.schema.metadata or {})
+    meta[PROVENANCE_KEY] = json.dumps(record, sort_keys=True).encode()
+    return table.replace_schema_metadata(meta)
+
+
 def _stats(x: np.ndarray) -> dict[str, float]:
     if len(x) == 0:
         return {}
@@ -264,9 +273,8 @@ def build_report(
 
 
 def report_markdown(rep: dict[str, Any]) -> str:
-    lines = [f"# Pairs: {rep['pairs']} of {rep['asked']} asked ({rep['format']} format)", ""]
-    if rep["warnings"]:
-        lines += ["## Warnings", ""] + [f"- **{w}**" for w in rep["warnings"]] + [""]
+    lines = [f"**WARNING: {w}**" for w in rep["warnings"]] + ([""] if rep["warnings"] else [])  # first, loudly
+    lines += [f"# Pairs: {rep['pairs']} of {rep['asked']} asked ({rep['format']} format)", ""]
     pool = rep["pool"]
     lines += [
         "## Pool", "",
@@ -307,12 +315,23 @@ def report_markdown(rep: dict[str, Any]) -> str:
     lines += [f"Reuse: {ru['distinct_chosen']} distinct chosen (max {ru['max_chosen_uses']} uses), "
               f"{ru['distinct_rejected']} distinct rejected (max {ru['max_rejected_uses']} uses).", ""]
     lk = rep["leakage"]
+    lines += ["## Leakage guard", ""]
     if lk["eval_set"] is None:
-        lines += ["## Leakage guard", "", "No eval set named: not checked.", ""]
+        lines += ["No eval set named (allow_no_eval_set=true): NOT checked.", ""]
     else:
-        lines += ["## Leakage guard", "", f"Eval set: {lk['eval_set']} ({lk['eval_problems']} problems); "
-                  f"pair problems in it: {lk['pair_problems_in_eval']}"
+        c = lk["compared"]
+        lines += [f"Eval set: {lk['eval_set']} ({lk['eval_problems']} problems, {c['listed_eval_ids']} of them listed "
+                  f"ids only); compared against the {c['train_problems']} pool problems that can yield pairs: "
+                  f"{c['method']}. Matches: " + ", ".join(f"{k} {v}" for k, v in c["found"].items())
+                  + f"; pair problems in the eval set: {lk['pair_problems_in_eval']}"
                   + (" (allowed by allow_leakage=true)" if lk["pair_problems_in_eval"] else "") + ".", ""]
+        lines += [f"- {f['kind']}: eval {f['eval_id']} ~ pool {f['train_id']} (score {f['score']:g})"
+                  for f in lk["findings"]] + ([""] if lk["findings"] else [])
+    unverified = [s for s in lk["problem_sets"] if not s["verified"]]
+    if unverified:
+        lines += ["Problem provenance recorded without prompts/tests for run(s) "
+                  + "; ".join(f"{s['run_id']}: {s['note']}" for s in unverified)
+                  + " (the exact prompts trained on are recorded).", ""]
     return "\n".join(lines)
 
 

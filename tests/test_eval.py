@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from eval.run import EvalConfig, adapter_label, run_eval
+from eval.run import check_adapter_base, EvalConfig, adapter_label, run_eval
 from gen.shards import ShardStore
 
 PROMPTS = ["def add(a, b):", "import os\nclass Foo:", "x = [1, 2, 3]\nfor"]
@@ -101,9 +101,17 @@ def _eval_cfg(out, problems, **kw) -> EvalConfig:
 
 
 def test_multi_seed_eval_of_base_and_adapter(engine_pool, engine_config, adapters, toy_problems, tmp_path):
-    cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(adapters["v1"])])
+    from tasks.leakage import ProblemText
+
+    other = ProblemText("other/1", 'def zzz(q):\n    """An unrelated task."""\n', "def check(c):\n    pass\n")
+    from gen.model_source import model_identity
+
+    trained = trained_adapter(tmp_path, [other], adapter=adapters["v1"],
+                              base_fingerprint=model_identity(engine_config.model)["fingerprint"])
+    cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(trained)])
     res = run_eval(cfg, engine_config, pool=engine_pool)
-    assert set(res.result_dirs) == {"base", adapter_label(str(adapters["v1"]))}
+    assert set(res.result_dirs) == {"base", adapter_label(str(trained))}
+    assert res.warnings == [] and res.leakage[0]["checked"] and res.leakage[0]["train_problems"] == 1
     keys = {}
     for label, dirs in res.result_dirs.items():
         assert len(dirs) == 2
@@ -116,36 +124,194 @@ def test_multi_seed_eval_of_base_and_adapter(engine_pool, engine_config, adapter
                                  t.column("sample_index").to_pylist()))
     assert len({tuple(v) for v in keys.values()}) == 1  # same problems, seeds and k for every variant
     report = json.loads((tmp_path / "eval" / "report" / "report.json").read_text())
-    assert {v["label"] for v in report["variants"]} == {Path(engine_config.model).name, adapter_label(str(adapters["v1"]))}
+    assert {v["label"] for v in report["variants"]} == {Path(engine_config.model).name, adapter_label(str(trained))}
     assert len(report["comparisons"]) == 1
     assert report["comparisons"][0]["problems"] == 6
     assert engine_pool.loras == {}  # hot-loaded, then removed
 
 
-def test_adapter_for_another_base_is_refused(engine_config, adapters, toy_problems, tmp_path):
+@pytest.mark.parametrize("manifest", ["missing", "no fingerprint", "other fingerprint"])
+def test_adapter_not_proven_to_match_the_base_is_refused(manifest, engine_config, adapters, toy_problems, tmp_path):
+    """The base check fails closed: a name can't tell two fine-tunes apart, so only a matching content
+    fingerprint in the adapter's train_manifest.json passes."""
     import shutil
 
     foreign = tmp_path / "foreign"
     shutil.copytree(adapters["v1"], foreign)
-    cfg_path = foreign / "adapter_config.json"
-    c = json.loads(cfg_path.read_text())
-    c["base_model_name_or_path"] = "Qwen/Qwen2.5-Coder-3B-Instruct"
-    cfg_path.write_text(json.dumps(c))
-    with pytest.raises(ValueError, match="base model"):
-        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(foreign)]), engine_config)
+    if manifest != "missing":
+        base = {"name": "qwen2.5-coder-0.5b-instruct"}
+        if manifest == "other fingerprint":
+            base["fingerprint"] = "f" * 64
+        (foreign / "train_manifest.json").write_text(json.dumps({"base_model": base}))
+    match = {"missing": "no train_manifest.json", "no fingerprint": "no base-model fingerprint",
+             "other fingerprint": "fingerprint " + "f" * 64}[manifest]
+    with pytest.raises(ValueError, match=match):
+        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(foreign)], allow_unknown_provenance=True),
+                 engine_config)
     assert not (tmp_path / "e").exists()
 
 
-def test_eval_overlapping_training_problems_is_refused(engine_config, adapters, toy_problems, tmp_path):
+def test_check_adapter_base_accepts_the_matching_fingerprint(engine_config, adapters, tmp_path):
     import shutil
 
-    trained = tmp_path / "trained"
-    shutil.copytree(adapters["v1"], trained)
-    pairs = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"problem_id": ["toy/add", "toy/neg"], "prompt": ["a", "b"]}), pairs)
-    (trained / "train_manifest.json").write_text(json.dumps({"pairs": {"files": [{"path": str(pairs)}]}}))
+    from gen.model_source import model_identity
+
+    ok = tmp_path / "ok"
+    shutil.copytree(adapters["v1"], ok)
+    fp = model_identity(engine_config.model)["fingerprint"]
+    (ok / "train_manifest.json").write_text(json.dumps({"base_model": {"name": "tiny", "fingerprint": fp}}))
+    check_adapter_base(str(ok), engine_config.model, engine_config.model)  # no error
+
+
+# ------------------------------------------------------------------------ leakage guard (provenance, content)
+
+
+def trained_adapter(tmp_path: Path, problems: list, adapter: Path | None = None, name: str = "trained",
+                    base_fingerprint: str | None = None) -> Path:
+    """An adapter folder whose train_manifest.json names one pairs file that carries the provenance record pairs/
+    writes for `problems` (ProblemText-like). Without `adapter`, a bare folder (the guard reads only the files)."""
+    import hashlib
+    import shutil
+
+    from tasks.leakage import PROVENANCE_KEY, provenance_record
+
+    out = tmp_path / name
+    if adapter is not None:
+        shutil.copytree(adapter, out)
+    else:
+        out.mkdir()
+        (out / "adapter_config.json").write_text("{}")
+    rec = provenance_record([{"spec": "test"}], [{"id": p.id, "prompt": p.prompt, "test": p.test,
+                                                  "trained_prompts": [p.prompt]} for p in problems])
+    table = pa.table({"problem_id": [p.id for p in problems], "prompt": [p.prompt for p in problems]})
+    pairs = tmp_path / f"{name}-pairs.parquet"
+    pq.write_table(table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(rec).encode()}), pairs)
+    sha = hashlib.sha256(pairs.read_bytes()).hexdigest()
+    manifest = {"pairs": {"files": [{"path": str(pairs), "sha256": sha}]}}
+    if base_fingerprint:
+        manifest["base_model"] = {"name": "tiny", "fingerprint": base_fingerprint}
+    (out / "train_manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _guard_cfg(problems, adapter, **kw) -> EvalConfig:
+    return EvalConfig(**{"out": "unused", "problems": problems, "adapters": [str(adapter)], "progress": False, **kw})
+
+
+def test_an_adapter_whose_pairs_file_is_missing_is_refused_before_any_engine_work(tmp_path, toy_problems):
+    from gen.engine import EngineConfig
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    (tmp_path / "trained-pairs.parquet").unlink()
+    # a model that does not exist: any engine work (resolving the model, starting engines) would fail differently
+    with pytest.raises(ValueError, match=r"pairs file .*trained-pairs.parquet.* is missing.*allow_unknown_provenance"):
+        run_eval(_guard_cfg(toy_problems, adapter, out=str(tmp_path / "e")),
+                 EngineConfig(model=str(tmp_path / "no-model")))
+    assert not (tmp_path / "e").exists()
+
+
+def test_an_adapter_without_train_manifest_is_refused(tmp_path, toy_problems):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    (adapter / "train_manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"has no train_manifest.json.*Refusing.*allow_unknown_provenance"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+
+
+def test_a_pairs_file_changed_since_training_or_without_provenance_is_refused(tmp_path, toy_problems):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    pairs = tmp_path / "trained-pairs.parquet"
+    pq.write_table(pq.read_table(pairs).replace_schema_metadata({}), pairs)  # same rows, record dropped
+    with pytest.raises(ValueError, match=r"changed since training"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+    manifest = json.loads((adapter / "train_manifest.json").read_text())
+    import hashlib
+
+    manifest["pairs"]["files"][0]["sha256"] = hashlib.sha256(pairs.read_bytes()).hexdigest()
+    (adapter / "train_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"no problem provenance record"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+
+
+def test_eval_overlapping_training_problems_is_refused(tmp_path, toy_problems):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    adapter = trained_adapter(tmp_path, load_problems(toy_problems)[:2])
+    with pytest.raises(ValueError, match=r"overlaps the training problems.*toy/add \(same id\)"):
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter))
+    warnings, compared = check_no_train_overlap(_guard_cfg(toy_problems, adapter, allow_train_overlap=True))
+    assert warnings[0].startswith("TRAIN OVERLAP") and compared[0]["found"]["id"] == 2
+
+
+def test_an_eval_set_holding_a_renamed_reformatted_training_prompt_is_refused(tmp_path):
+    from eval.run import check_no_train_overlap
+    from tasks.problems import load_problems
+
+    he = load_problems("humaneval")
+    adapter = trained_adapter(tmp_path, he[20:22])  # trained on HumanEval/20, /21
+    p = he[21]
+    edited = p.prompt.replace(p.entry_point, "rescale").replace("    ", "\t").replace(">>>", "Numbers are floats.\n>>>")
+    copy = {"task_id": "Mine/7", "prompt": edited,  # renamed, re-indented, a sentence added: near, not exact
+            "entry_point": "rescale", "test": p.test.replace("candidate", "fn"), "canonical_solution": ""}
+    unrelated = [{"task_id": q.id, "prompt": q.prompt, "entry_point": q.entry_point, "test": q.test} for q in he[30:40]]
+    path = tmp_path / "evalset.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in unrelated + [copy]))
+    with pytest.raises(ValueError, match=r"1 of 11 eval problems \(Mine/7 ~ HumanEval/21 \(87% of its prompt"):
+        check_no_train_overlap(_guard_cfg(str(path), adapter))
+    path.write_text("".join(json.dumps(r) + "\n" for r in unrelated))
+    assert check_no_train_overlap(_guard_cfg(str(path), adapter))[0] == []  # unrelated problems pass
+
+
+def test_the_guard_follows_what_pairs_and_train_write(tmp_path, toy_problems):
+    """pairs/ output -> a train_manifest.json as train/ writes it -> the eval guard: held-out passes, train refused."""
+    from test_pairs import simple_pool
+
+    from eval.run import check_no_train_overlap
+    from pairs.config import PairsConfig
+    from pairs.run import run as run_pairs
+    from tasks.problems import problem_set_fingerprint, select_problems
+    from train.dpo import MANIFEST_NAME, file_sha256
+
+    train = select_problems(toy_problems, "train", 0.5, 0)
+    identity = {"prompt_style": "base", "response_prefix": "", "problems": toy_problems, "split": "train",
+                "eval_fraction": 0.5, "split_seed": 0, "limit": 0, "problem_set": problem_set_fingerprint(train)}
+    inp = simple_pool(tmp_path, problems=[p.id for p in train], identity=identity)
+    run_pairs(PairsConfig(inputs=[inp], out=str(tmp_path / "pairs"), eval_problems=toy_problems, eval_fraction=0.5,
+                          progress=False))
+    pairs = (tmp_path / "pairs" / "pairs.parquet").resolve()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / MANIFEST_NAME).write_text(json.dumps({"pairs": {"files": [
+        {"path": str(pairs), "sha256": file_sha256(pairs), "rows": pq.read_metadata(pairs).num_rows}]}}))
+    split = dict(eval_fraction=0.5, split_seed=0)
+    warnings, compared = check_no_train_overlap(_guard_cfg(toy_problems, adapter, split="eval", **split))
+    used = set(pq.read_table(pairs).column("problem_id").to_pylist())
+    assert warnings == [] and compared[0]["train_problems"] == len(used) and compared[0]["found"]["near"] == 0
     with pytest.raises(ValueError, match="overlaps the training problems"):
-        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(trained)]), engine_config)
+        check_no_train_overlap(_guard_cfg(toy_problems, adapter, split="train", **split))
+
+
+def test_allow_unknown_provenance_runs_and_the_report_says_so_first(engine_pool, engine_config, adapters,
+                                                                    toy_problems, tmp_path):
+    cfg = _eval_cfg(tmp_path / "eval", toy_problems, adapters=[str(adapters["v1"])], seeds=[0], k=1, limit=2,
+                    allow_unknown_provenance=True, allow_foreign_adapter=True)  # v1 has no train_manifest.json
+    res = run_eval(cfg, engine_config, pool=engine_pool)
+    assert res.warnings[0].startswith("UNKNOWN PROVENANCE") and res.leakage[0]["checked"] is False
+    assert res.warnings[1].startswith("eval.allow_foreign_adapter") and res.report["warnings"] == res.warnings
+    md = (tmp_path / "eval" / "report" / "report.md").read_text()
+    assert md.splitlines()[0].startswith("**WARNING: UNKNOWN PROVENANCE")
+    from eval.report import render_terminal
+
+    assert render_terminal(res.report).splitlines()[0].startswith("WARNING: UNKNOWN PROVENANCE")
+    assert json.loads((tmp_path / "eval" / "report" / "report.json").read_text())["warnings"] == res.warnings
 
 
 def test_bad_eval_config_values():

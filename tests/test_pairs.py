@@ -129,7 +129,7 @@ def select(rows: list[dict], opts: dict, shards: int = 2, split_runs: bool = Fal
             inputs = [write_run(d / "a", rows, "run-a", shards, order_seed=order_seed)]
         if reverse_inputs:
             inputs.reverse()
-        cfg = PairsConfig(inputs=inputs, out=str(d / "out"), progress=False, **opts)
+        cfg = PairsConfig(allow_no_eval_set=True, inputs=inputs, out=str(d / "out"), progress=False, **opts)
         try:
             report = run(cfg)
         except ValueError as e:
@@ -143,7 +143,7 @@ class Reference:
     """The pool as the tests see it, computed without the selector."""
 
     def __init__(self, rows: list[dict], opts: dict, split_runs: bool = False) -> None:
-        self.cfg = PairsConfig(inputs=["x"], **opts)
+        self.cfg = PairsConfig(allow_no_eval_set=True, inputs=["x"], **opts)
         self.rows: dict[tuple, dict] = {}  # (run_id, problem, model, adapter, sample_index) -> row
         self.group_rows = defaultdict(list)  # (problem, model, adapter) -> [(row key, row)]
         runs = [rows[0::2], rows[1::2]] if split_runs else [rows]
@@ -393,13 +393,14 @@ def test_whitespace_normalisation_keeps_indentation():
 # ------------------------------------------------------------------------------------------- leakage guard
 
 
-def simple_pool(d: Path, problems=("p/0", "p/1")) -> str:
+def simple_pool(d: Path, problems=("p/0", "p/1"), prompts: dict | None = None, identity: dict | None = None) -> str:
     rows = []
     for p in problems:
-        rows += [sample_row(p, "m", None, "PASS", None, i, 0) | {"completion_tokens": 10} for i in range(3)]
-        rows += [sample_row(p, "m", None, "ASSERTION_FAIL", "test", 10 + i, 0) | {"completion_tokens": 10}
+        prompt = {"prompt": prompts[p]} if prompts and p in prompts else {}
+        rows += [sample_row(p, "m", None, "PASS", None, i, 0) | {"completion_tokens": 10} | prompt for i in range(3)]
+        rows += [sample_row(p, "m", None, "ASSERTION_FAIL", "test", 10 + i, 0) | {"completion_tokens": 10} | prompt
                  for i in range(3)]
-    return write_run(d / "run", rows)
+    return write_run(d / "run", rows, identity=identity)
 
 
 def test_leakage_guard_refuses_and_writes_nothing(tmp_path):
@@ -430,6 +431,57 @@ def test_allow_leakage_writes_a_loud_warning(tmp_path, capsys):
     assert saved["leakage"]["pair_problems_in_eval"] == 1 and "LEAKAGE" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_naming_no_eval_set_is_refused_unless_allowed(tmp_path):
+    inp = simple_pool(tmp_path)
+    with pytest.raises(ValueError, match=r"pairs.eval_ids / pairs.eval_problems: no eval set named.*allow_no_eval_set"):
+        PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), allow_no_eval_set=True, progress=False))
+    assert report["warnings"][0].startswith("NO EVAL SET") and report["leakage"]["compared"] is None
+    assert (tmp_path / "out" / "report.md").read_text().splitlines()[0].startswith("**WARNING: NO EVAL SET")
+
+
+def test_leakage_guard_catches_a_renamed_reformatted_copy_of_an_eval_problem(tmp_path):
+    from tasks.problems import load_problems
+
+    target = load_problems("humaneval")[12]  # longest(strings)
+    copy = target.prompt.replace(target.entry_point, "pick_longest").replace("    ", "  ").replace("\n", "\n\n")
+    inp = simple_pool(tmp_path, problems=("mine/1", "p/0"), prompts={"mine/1": copy})
+    with pytest.raises(ValueError, match=r"leakage: 1 problem.*\['mine/1'\].*HumanEval/12 ~ mine/1"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_problems="humaneval", progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_pairs_record_provenance_and_report_what_was_compared(tmp_path, toy_problems):
+    from tasks.leakage import PROVENANCE_KEY, parse_provenance
+    from tasks.problems import load_problems, problem_set_fingerprint, select_problems
+
+    train = select_problems(toy_problems, "train", 0.5, 0)
+    identity = {"prompt_style": "base", "response_prefix": "", "problems": toy_problems, "split": "train",
+                "eval_fraction": 0.5, "split_seed": 0, "limit": 0, "problem_set": problem_set_fingerprint(train)}
+    inp = simple_pool(tmp_path, problems=[p.id for p in train], identity=identity)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_problems=toy_problems, eval_fraction=0.5,
+                             progress=False))
+    pairs_file = tmp_path / "out" / "pairs.parquet"
+    texts, rec = parse_provenance(pq.read_schema(pairs_file).metadata.get(PROVENANCE_KEY), "pairs")
+    used = set(pq.read_table(pairs_file).column("problem_id").to_pylist())
+    by_id = {p.id: p for p in load_problems(toy_problems)}
+    assert rec["problem_sets"][0]["verified"] and rec["problem_sets"][0]["spec"] == toy_problems
+    assert {p["id"] for p in rec["problems"]} == used
+    assert all((p["prompt"], p["test"]) == (by_id[p["id"]].prompt, by_id[p["id"]].test) for p in rec["problems"])
+    c = report["leakage"]["compared"]
+    assert (c["train_problems"], c["eval_problems"], c["threshold"]) == (len(train), len(by_id) - len(train), 0.8)
+    assert "8-grams" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_problem_set_that_changed_since_gen_is_recorded_unverified(tmp_path, toy_problems):
+    identity = {"prompt_style": "base", "response_prefix": "", "problems": toy_problems, "split": "all",
+                "problem_set": "0" * 64}
+    inp = simple_pool(tmp_path, identity=identity)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_ids=["other"], progress=False))
+    (ps,) = report["leakage"]["problem_sets"]
+    assert not ps["verified"] and "fingerprint mismatch" in ps["note"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -440,10 +492,10 @@ def test_a_shard_of_the_wrong_schema_is_named(tmp_path):
     pq.write_table(t.set_column(t.schema.get_field_index("completion_tokens"), "completion_tokens",
                                 t.column("completion_tokens").cast(pa.string())), bad)
     with pytest.raises(ValueError, match=r"u1\.parquet.*completion_tokens: string \(want int32\)"):
-        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+        run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), progress=False))
     pq.write_table(t.drop_columns(["outcome"]), bad)
     with pytest.raises(ValueError, match=r"u1\.parquet.*missing columns \['outcome'\]"):
-        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+        run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), progress=False))
 
 
 def test_unknown_outcome_in_a_shard_is_named(tmp_path):
@@ -451,7 +503,7 @@ def test_unknown_outcome_in_a_shard_is_named(tmp_path):
     rows[1]["outcome"] = "FAILED_SOMEHOW"
     inp = write_run(tmp_path / "run", rows, shards=1)
     with pytest.raises(ValueError, match=r"u0\.parquet: unknown outcome 'FAILED_SOMEHOW'"):
-        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+        run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), progress=False))
 
 
 def test_a_pool_without_pass_and_fail_in_one_problem_is_refused(tmp_path):
@@ -463,17 +515,18 @@ def test_a_pool_without_pass_and_fail_in_one_problem_is_refused(tmp_path):
     want = (r"no problem has both a PASS and a usable failure.*of 3 \(problem, model, adapter, prompt\) groups in 9 "
             r"rows, 2 have a PASS, 1 a usable failure.*0 both")
     with pytest.raises(ValueError, match=want):
-        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+        run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), progress=False))
     assert not (tmp_path / "out").exists()
 
 
 def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'NAME_"):
-        PairsConfig(inputs=["x"], balance="weights", weights={"NAME_EROR": 2.0})
+        PairsConfig(allow_no_eval_set=True, inputs=["x"], balance="weights", weights={"NAME_EROR": 2.0})
     with pytest.raises(ValueError, match=r"unknown category \['NAME_ERROR/runtime'\].*'NAME_ERROR/definition'"):
-        PairsConfig(inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0})
+        PairsConfig(inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0},
+                    allow_no_eval_set=True)
     with pytest.raises(ValueError, match=r"unknown category \['NO_CODE'\]"):  # excluded by default
-        PairsConfig(inputs=["x"], balance="weights", weights={"NO_CODE": 1.0})
+        PairsConfig(allow_no_eval_set=True, inputs=["x"], balance="weights", weights={"NO_CODE": 1.0})
     inp = simple_pool(tmp_path)
     assert cli(["pairs", f"inputs={inp}", f"out={tmp_path / 'out'}", "balance=weights", "weights={BOGUS: 1}"]) == 2
     assert "pairs.weights: unknown category ['BOGUS']" in capsys.readouterr().err
@@ -482,7 +535,7 @@ def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys
 def test_the_same_run_given_twice_is_refused(tmp_path):
     inp = simple_pool(tmp_path)
     with pytest.raises(ValueError, match="row emitted twice"):
-        run(PairsConfig(inputs=[inp, inp + "/"], out=str(tmp_path / "out"), progress=False))
+        run(PairsConfig(allow_no_eval_set=True, inputs=[inp, inp + "/"], out=str(tmp_path / "out"), progress=False))
 
 
 def test_a_shard_truncated_behind_the_manifest_is_refused(tmp_path):
@@ -490,7 +543,7 @@ def test_a_shard_truncated_behind_the_manifest_is_refused(tmp_path):
     shard = Path(inp) / "shards" / "u0.parquet"
     pq.write_table(pq.read_table(shard).slice(0, 2), shard)
     with pytest.raises(ValueError, match=r"u0\.parquet: shard has 2 rows but its manifest says 6"):
-        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+        run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), progress=False))
 
 
 def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypatch):
@@ -514,8 +567,10 @@ def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypat
         for p in range(3):
             rows += [sample_row(f"p/{p}", "m", None, o, "test", i, 0) | {"completion_tokens": 10}
                      for i, o in enumerate(["PASS", "PASS", "NAME_ERROR", "ASSERTION_FAIL", "TYPE_ERROR"])]
-        local = run(PairsConfig(inputs=[write_run(tmp_path / "run", rows)], out=str(tmp_path / "out"), progress=False))
+        local = run(PairsConfig(inputs=[write_run(tmp_path / "run", rows)], out=str(tmp_path / "out"), progress=False,
+                                allow_no_eval_set=True))
         remote = run(PairsConfig(inputs=[write_run("s3://pool/run" + query, rows)], out="s3://pool/out" + query,
+                                 allow_no_eval_set=True,
                                  progress=False))
         assert remote["written"]["pairs.parquet"] == "s3://pool/out/pairs.parquet"
         fs, path = pa.fs.FileSystem.from_uri("s3://pool/out/pairs.parquet" + query)
@@ -560,7 +615,7 @@ def test_chat_format_rebuilds_the_messages_gen_rendered(tmp_path, tiny_model, to
                  for i, o in enumerate(["PASS", "PASS", "TYPE_ERROR", "ASSERTION_FAIL"])]
     identity = {"prompt_style": "chat", "response_prefix": prefix, "problems": toy_problems}
     inp = write_run(tmp_path / "run", rows, identity=identity)
-    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), progress=False))
+    report = run(PairsConfig(allow_no_eval_set=True, inputs=[inp], out=str(tmp_path / "out"), progress=False))
     assert report["format"] == "chat"
     for p in pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist():
         assert p["prompt"] == chat_messages(problems[p["problem_id"]])
@@ -571,7 +626,8 @@ def test_chat_format_rebuilds_the_messages_gen_rendered(tmp_path, tiny_model, to
         json.dumps({"task_id": pid, "prompt": "def g():\n", "entry_point": "g",
                     "test": "def check(candidate):\n    pass\n"}) + "\n" for pid in problems))
     with pytest.raises(ValueError, match="message is not in the samples' prompt"):
-        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out2"), problems=str(other), progress=False))
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out2"), problems=str(other), progress=False,
+                        allow_no_eval_set=True))
     assert not (tmp_path / "out2").exists()
 
 
@@ -585,7 +641,8 @@ def test_trl_dpo_trainer_reads_the_pairs_as_they_are(tmp_path, tiny_model, fmt):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prefix = "```python\n"
     inp, messages = chat_pool(tmp_path, tok, prefix)
-    run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), prompt_format=fmt, num_pairs=6, progress=False),
+    run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), prompt_format=fmt, num_pairs=6, progress=False,
+                    allow_no_eval_set=True),
         messages_for=messages.__getitem__)
     path = str(tmp_path / "out" / "pairs.parquet")
     assert check_pairs_schema(pq.read_schema(path), path) == fmt
