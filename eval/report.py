@@ -69,7 +69,33 @@ def read_results(source: str | os.PathLike | pa.Table) -> tuple[pa.Table, dict[s
             )
         t = store.read_table()
         complete = manifest.complete
-    return t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), {"source": path, "rows": t.num_rows, "complete": complete}
+        info = {"source": path, "rows": t.num_rows, "complete": complete,
+                "isolation": manifest.summary.get("isolation"),
+                "weak_isolation_allowed": bool(manifest.summary.get("weak_isolation_allowed"))}
+        return t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), info
+    return t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), {"source": path, "rows": t.num_rows, "complete": complete,
+                                                          "isolation": None}
+
+
+def status_lines(inputs: Sequence[dict[str, Any]], infra_errors: int) -> tuple[list[str], list[str]]:
+    """(status lines every report starts with, warnings): the INFRA_ERROR count and the sandbox isolation the
+    results were labelled under (from the gen manifests), whatever they are."""
+    status = [f"INFRA_ERROR samples: {infra_errors} (faults of the harness, not the model: excluded from pass@1)"]
+    records = [r for i in inputs for r in (i.get("isolation") or [])]
+    unknown = [i["source"] for i in inputs if not i.get("isolation")]
+    weak = [r for r in records if not r.get("complete")]
+    warnings = []
+    if weak:
+        hosts = sorted({r.get("host", "?") for r in weak})
+        missing = sorted({k for r in weak for k, v in r.items() if v is False and k != "complete"})
+        warnings.append(f"WEAK SANDBOX ISOLATION (execution.allow_weak_isolation): results were labelled on "
+                        f"{', '.join(hosts)} without {', '.join(missing)}; a program could have reached the harness")
+        status.append(f"sandbox isolation: INCOMPLETE on {', '.join(hosts)}")
+    elif records:
+        status.append(f"sandbox isolation: full ({len(records)} sandbox record(s))")
+    if unknown:
+        status.append(f"sandbox isolation: not recorded for {len(unknown)} input(s) (e.g. {unknown[0]})")
+    return status, warnings
 
 
 def build_report(
@@ -100,9 +126,12 @@ def build_report(
         for o in stats.FAILURES
         if any(max(s["failures"][o.value]["per_seed"].values()) > 0 for s in summaries)
     ]
+    infra = sum(v["infra"]["samples"] for v in summaries)
+    status, isolation_warnings = status_lines(inputs, infra)
     return {
         "schema": REPORT_SCHEMA,
-        "warnings": list(warnings),
+        "warnings": list(warnings) + isolation_warnings,
+        "status": status,
         "leakage": list(leakage),
         "inputs": list(inputs),
         "base": ref.variant.label if ref is not None else None,
@@ -207,7 +236,8 @@ def _leakage_lines(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     warnings = [f"**{w}**" for w in _warning_lines(report)]  # the first lines: a weaker check ran
-    out = warnings + ([""] if warnings else []) + ["# pairloop evaluation report", ""]
+    status = [f"- {line}" for line in report.get("status", [])]
+    out = warnings + ([""] if warnings else []) + status + ([""] if status else []) + ["# pairloop evaluation report", ""]
     for i in report["inputs"]:
         note = " (INCOMPLETE run: its manifest is not marked complete)" if i.get("complete") is False else ""
         out.append(f"- input `{i['source']}`: {i['rows']} rows{note}")
@@ -287,6 +317,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def render_terminal(report: dict[str, Any]) -> str:
     parts = _warning_lines(report) + ([""] if report.get("warnings") else [])
+    parts += report.get("status", []) + ([""] if report.get("status") else [])
     parts += ["pass@1 and failure categories (mean ± std across seeds; failures = failing samples / k)" + _std_note(report),
              _text_table(*_main_rows(report)), "", "failures by phase", _text_table(*_phase_rows(report))]
     if report["comparisons"]:

@@ -56,6 +56,9 @@ class ExecutionConfig:
     wall_timeout_s: float = 0.0  # wall-clock backstop for jobs that sleep; 0 = max(30 s, 4 x cpu_timeout_s)
     memory_mb: int = Limits.memory_mb  # address-space limit per job process
     max_attempts: int = 3  # a unit whose execution fails this often (our fault, not the model's) is reported
+    # Run even where the sandbox gets less than full isolation (no root, no user namespaces): a job may then reach
+    # the harness or the host. Off: such a machine is refused. On: manifests and reports say so in their first lines.
+    allow_weak_isolation: bool = False
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

@@ -132,16 +132,36 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
 _WORKER_SANDBOXES: dict[tuple, Any] = {}  # executor=ray: one warm sandbox per Ray worker process and limits
 
 
+def isolation_record(box) -> dict[str, Any]:
+    """What a sandbox got on its machine, as recorded in manifests (JSON-ready, `complete` included)."""
+    import socket
+
+    return {**dataclasses.asdict(box.isolation), "complete": bool(box.isolation.complete),
+            "host": socket.gethostname()}
+
+
+def check_isolation(record: dict[str, Any], allow_weak: bool) -> None:
+    if not record["complete"] and not allow_weak:
+        missing = [k for k, v in record.items() if v is False and k != "complete"]
+        raise ValueError(
+            f"sandbox isolation is incomplete on {record['host']} (missing: {', '.join(missing) or record}); a job "
+            "could reach the harness or the host. Run as root or where user namespaces work, or set "
+            "execution.allow_weak_isolation=true (manifests and reports then say so first)")
+
+
 def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ctx: dict,
-                      limits: dict[str, Any]) -> list[dict]:
-    """Body of the Ray task behind execution.executor=ray: label one unit's completions in this worker's sandbox."""
+                      limits: dict[str, Any], allow_weak: bool) -> dict[str, Any]:
+    """Body of the Ray task behind execution.executor=ray: label one unit's completions in this worker's sandbox.
+    Refuses (raises) on a node whose sandbox lacks full isolation unless allowed."""
     key = tuple(sorted(limits.items()))
     box = _WORKER_SANDBOXES.get(key)
     if box is None:
         from sandbox import Limits, Sandbox
 
         box = _WORKER_SANDBOXES[key] = Sandbox(workers=1, limits=Limits(**limits))
-    return _execute_unit(box, problems, style, unit, outputs, ctx)
+    record = isolation_record(box)
+    check_isolation(record, allow_weak)
+    return {"rows": _execute_unit(box, problems, style, unit, outputs, ctx), "isolation": record}
 
 
 def summarize(store: ShardStore) -> dict[str, Any]:
@@ -250,16 +270,28 @@ class _Executor:
         self.ex, self.spec, self.ctx = ex, spec, ctx
         self.remote = ex.execute and ex.executor == "ray"
         self.sandbox = None
+        self.isolation: list[dict[str, Any]] = []  # distinct isolation records of the sandboxes that labelled rows
         if ex.execute and not self.remote:
             from sandbox import Sandbox
 
             self.sandbox = Sandbox(workers=ex.workers or None, limits=ex.limits())
+            record = isolation_record(self.sandbox)
+            try:
+                check_isolation(record, ex.allow_weak_isolation)
+            except ValueError:
+                self.sandbox.close()
+                raise
+            self.isolation.append(record)
         self.thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairloop-exec")
         self.futs: dict[cf.Future, tuple[Unit, list]] = {}
         self.refs: dict[Any, tuple[Unit, list]] = {}
         self.attempts: collections.Counter = collections.Counter()
         self.retried = 0
         self._task = ray.remote(execute_unit_task).options(num_cpus=1, max_retries=3)  # retries: lost node
+
+    def warn_if_no_cpu(self) -> None:
+        import ray
+
         if self.remote and ray.available_resources().get("CPU", 0) < 1:
             print(f"pairloop gen: execution.executor=ray but the cluster has no free CPU for execution tasks "
                   f"({ray.cluster_resources().get('CPU', 0):g} CPUs, engines hold some); they wait for one "
@@ -277,7 +309,7 @@ class _Executor:
         pids = [r.problem_id for r in u.requests]
         uctx = dict(self.ctx, prompts={p: self.ctx["prompts"][p] for p in pids})
         ref = self._task.remote({p: self.spec.problems[p] for p in pids}, self.spec.style, u, outputs, uctx,
-                                dataclasses.asdict(self.ex.limits()))
+                                dataclasses.asdict(self.ex.limits()), self.ex.allow_weak_isolation)
         self.refs[ref] = (u, outputs)
 
     def collect_local(self, record, failed: dict[str, str]) -> None:
@@ -296,11 +328,13 @@ class _Executor:
 
         u, outputs = self.refs.pop(ref)
         try:
-            rows = ray.get(ref)
+            out = ray.get(ref)
         except ray.exceptions.RayError as e:  # Ray's own retries (lost worker or node) are spent
             self._retry_or_fail(u, outputs, failed, f"execution task failed: {type(e).__name__}: {str(e)[-300:]}")
             return
-        record(u, rows)
+        if out["isolation"] not in self.isolation:
+            self.isolation.append(out["isolation"])
+        record(u, out["rows"])
 
     def _retry_or_fail(self, u: Unit, outputs: list, failed: dict[str, str], why: str) -> None:
         self.attempts[u.unit_id] += 1
@@ -461,46 +495,55 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
 
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
     spec = prepare_run(cfg, engine_cfg, model_path, lora)
+    ctx = {"run_id": spec.run_id, "seed": cfg.seed, "model": spec.identity["model"], "adapter": spec.adapter_label,
+           "prompts": spec.prompts}
     store = ShardStore(cfg.out)
-    manifest = store.open_run(spec.run_id, spec.identity)
+    executor = _Executor(cfg.execution, spec, ctx)  # first: a machine it refuses costs nothing, writes nothing
+    try:
+        manifest = store.open_run(spec.run_id, spec.identity)
+    except BaseException:
+        executor.close(wait=False)
+        raise
     todo = collections.deque(u for u in spec.units if u.unit_id not in manifest.units)
     if not todo:
+        executor.close(wait=True)
         manifest.complete = True
-        manifest.summary = summarize(store)
+        manifest.summary = {**manifest.summary, **summarize(store), "failed_units": {}}
         store.write_manifest(manifest)
         return GenResult(cfg.out, spec.run_id, manifest.summary["rows"], True, {}, manifest.summary)
 
     total = sum(u.num_samples for u in spec.units)
-    ctx = {"run_id": spec.run_id, "seed": cfg.seed, "model": spec.identity["model"], "adapter": spec.adapter_label,
-           "prompts": spec.prompts}
     started_ray = ensure_ray(cfg.ray_address or None)
     own_pool = pool is None
     interrupted = False
-    executor = driver = None
+    driver = None
     try:
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
         if cfg.adapter and lora is None:
             lora = pool.load_adapter(cfg.adapter)
+        executor.warn_if_no_cpu()
         bar = tqdm(total=total, initial=total - sum(u.num_samples for u in todo), unit="sample",
                    desc=f"gen {spec.run_id}", disable=not cfg.progress, dynamic_ncols=True)
         driver = _Driver(cfg, engine_cfg, pool, lora, spec, store, manifest, todo, bar)
-        executor = _Executor(cfg.execution, spec, ctx)
         driver.run(executor)
         bar.close()
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
-        if executor is not None:
-            executor.close(wait=not interrupted)
+        executor.close(wait=not interrupted)
         if own_pool and pool is not None:
             pool.shutdown()
         if started_ray and (own_pool or interrupted):
             ray.shutdown()
     failed = driver.failed
+    isolation = list(manifest.summary.get("isolation", []))  # a resumed run keeps what earlier calls recorded
+    isolation += [r for r in executor.isolation if r not in isolation]
     manifest.summary = summarize(store)
     manifest.summary["failed_units"] = failed
+    manifest.summary["isolation"] = isolation
+    manifest.summary["weak_isolation_allowed"] = cfg.execution.allow_weak_isolation
     manifest.complete = not failed and len(manifest.units) == len(spec.units)
     store.write_manifest(manifest)
     return GenResult(cfg.out, spec.run_id, manifest.summary["rows"], manifest.complete, failed, manifest.summary,

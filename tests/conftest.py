@@ -63,7 +63,8 @@ def ray_local():
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # address="local": always a fresh Ray of our own, never another one running on this machine
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
         started = True
     yield ray
     if started:

@@ -299,3 +299,44 @@ def test_a_unit_whose_execution_keeps_failing_is_reported_not_scored(tmp_path, e
     assert not res.complete and res.rows == 0
     (why,) = res.failed_units.values()
     assert "local execution failed: OSError: injected: sandbox gone (3 attempts)" in why
+
+
+def _weak_sandbox(monkeypatch):
+    """A real sandbox without its network namespace (what a machine without the privilege would give)."""
+    import functools
+
+    import sandbox
+
+    monkeypatch.setattr(sandbox, "Sandbox", functools.partial(sandbox.Sandbox, _disable=frozenset({"netns"})))
+
+
+def test_weak_isolation_is_refused_before_any_work(tmp_path, engine_config, toy_problems, monkeypatch):
+    _weak_sandbox(monkeypatch)
+    out = tmp_path / "weak"
+    with pytest.raises(ValueError, match=r"isolation is incomplete.*network_namespace.*allow_weak_isolation"):
+        run_generation(_cfg(out, toy_problems, limit=1, n=1), engine_config)  # no pool: none would start
+    assert not out.exists()
+
+
+def test_weak_isolation_when_allowed_is_recorded_and_reported_first(tmp_path, engine_pool, engine_config,
+                                                                    toy_problems, monkeypatch):
+    from eval.report import build_report, render_markdown
+
+    _weak_sandbox(monkeypatch)
+    cfg = _cfg(tmp_path / "weak", toy_problems, limit=1, n=2,
+               execution=ExecutionConfig(workers=1, cpu_timeout_s=2.0, allow_weak_isolation=True))
+    res = run_generation(cfg, engine_config, pool=engine_pool)
+    assert res.complete
+    (record,) = res.summary["isolation"]
+    assert record["complete"] is False and record["network_namespace"] is False
+    assert res.summary["weak_isolation_allowed"] is True
+    report = build_report([res.out])
+    assert report["warnings"][0].startswith("WEAK SANDBOX ISOLATION")
+    assert render_markdown(report).splitlines()[0].startswith("**WARNING: WEAK SANDBOX ISOLATION")
+    assert any(line.startswith("INFRA_ERROR samples: 0") for line in report["status"])
+
+
+def test_full_isolation_is_recorded_in_the_manifest(first_run):
+    res, _ = first_run
+    records = ShardStore(res.out).read_manifest().summary["isolation"]
+    assert records and all(r["complete"] for r in records)
