@@ -102,7 +102,7 @@ def test_single_stage_commands_read_the_file_the_same_way(stage):
     from pairloop.loop import loop_configs
 
     loop = loop_configs(["--config", DEMO])
-    extra = {"eval": ["eval.adapters=[]"], "pairs": ["pairs.inputs=[runs/x/gen]"],
+    extra = {"eval": ["eval.adapters=[]"], "pairs": ["pairs.inputs=[runs/x/gen]", "pairs.eval_problems=humaneval"],
              "train": ["train.pairs=[runs/x/pairs]", "train.out=runs/x/adapter"]}.get(stage, [])
     own = stage_configs(["--config", DEMO, *extra], stage, (stage,))[stage]
     wired = getattr(loop, stage)
