@@ -20,6 +20,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import uuid
 from typing import Any, Callable
 
@@ -179,6 +180,41 @@ def _stats(x: np.ndarray) -> dict[str, float]:
             "mean": round(float(np.mean(x)), 3), "p90": float(np.percentile(x, 90)), "max": float(np.max(x))}
 
 
+# Code that reaches into the interpreter instead of computing an answer. The executor's verdict does not depend on
+# what a program can reach (docs/sandbox.md), but a chosen side that uses these is worth a human look before a model
+# is trained to prefer it: defence in depth, in the data.
+INTROSPECTION = {
+    "frame": re.compile(r"sys\._getframe|inspect\.(currentframe|stack|getouterframes|trace)\b|\bf_(locals|globals|back|"
+                        r"builtins|code)\b|\btb_frame\b|\bgi_frame\b"),
+    "trace": re.compile(r"\bsys\.(settrace|setprofile|monitoring)\b|\bthreading\.(settrace|setprofile)\b"),
+    "gc": re.compile(r"\bgc\.(get_objects|get_referrers|get_referents)\b"),
+    "ctypes": re.compile(r"\bctypes\b"),
+    "sys.modules": re.compile(r"\bsys\.modules\b"),
+}
+
+
+def _text(value: Any) -> str:
+    """A completion as text, whether stored as a string or as chat messages."""
+    if isinstance(value, list):
+        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
+    return str(value or "")
+
+
+def introspection_tricks(text: str) -> list[str]:
+    return [name for name, pattern in INTROSPECTION.items() if pattern.search(text)]
+
+
+def suspicious_chosen(table: pa.Table) -> list[dict[str, Any]]:
+    """Chosen completions that use frame, trace, gc, ctypes or sys.modules tricks (INTROSPECTION)."""
+    out = []
+    cols = [table.column(c).to_pylist() for c in ("problem_id", "chosen_run_id", "chosen_sample_index", "chosen")]
+    for pid, run, idx, chosen in zip(*cols):
+        tricks = introspection_tricks(_text(chosen))
+        if tricks:
+            out.append({"problem_id": pid, "chosen_run_id": run, "chosen_sample_index": idx, "tricks": tricks})
+    return out
+
+
 def build_report(
     cfg_dict: dict[str, Any],
     pool: Pool,
@@ -192,6 +228,7 @@ def build_report(
     elapsed_s: float,
 ) -> dict[str, Any]:
     n = table.num_rows
+    suspicious = suspicious_chosen(table)
     outcome_counts = np.bincount(pool.outcome, minlength=len(OUTCOMES))
     categories = {}
     for k in sel.categories:
@@ -267,7 +304,10 @@ def build_report(
             "max_rejected_uses": max(rejected_uses.values(), default=0),
         },
         "leakage": leakage,
-        "warnings": warnings,
+        "suspicious_chosen": suspicious,
+        "warnings": warnings + ([f"{len(suspicious)} chosen completion(s) use interpreter tricks "
+                                 f"({', '.join(sorted({t for x in suspicious for t in x['tricks']}))}): see "
+                                 "'Suspicious chosen completions'"] if suspicious else []),
         "elapsed_s": round(elapsed_s, 3),
     }
 
@@ -332,6 +372,11 @@ def report_markdown(rep: dict[str, Any]) -> str:
         lines += ["Problem provenance recorded without prompts/tests for run(s) "
                   + "; ".join(f"{s['run_id']}: {s['note']}" for s in unverified)
                   + " (the exact prompts trained on are recorded).", ""]
+    sus = rep.get("suspicious_chosen", [])
+    lines += ["## Suspicious chosen completions", "",
+              f"Chosen completions that use frame, trace, gc, ctypes or sys.modules tricks: {len(sus)}.", ""]
+    lines += [f"- {x['problem_id']} (run {x['chosen_run_id']}, sample {x['chosen_sample_index']}): "
+              + ", ".join(x["tricks"]) for x in sus] + ([""] if sus else [])
     return "\n".join(lines)
 
 

@@ -685,3 +685,39 @@ def test_pairs_schemas_are_what_trl_calls_conversational_and_standard():
         assert is_conversational(table.to_pylist()[0]) is conversational
     with pytest.raises(ValueError, match="samples.parquet: not a pairloop pairs table"):
         check_pairs_schema(ROW_SCHEMA, "samples.parquet")
+
+
+@pytest.mark.parametrize("trick,code", [
+    ("frame", "import sys\nsys._getframe(1).f_locals['ok'] = True\n"),
+    ("frame", "import inspect\ninspect.currentframe().f_back\n"),
+    ("trace", "import sys\nsys.settrace(lambda *a: None)\n"),
+    ("gc", "import gc\n[o for o in gc.get_objects() if 0]\n"),
+    ("ctypes", "import ctypes\nctypes.memmove(0, 0, 0)\n"),
+    ("sys.modules", "import sys\nsys.modules['math'].isclose = lambda *a, **k: True\n"),
+])
+def test_report_lists_chosen_completions_that_use_interpreter_tricks(trick, code, tmp_path):
+    rows = []
+    for t in range(3):
+        rows.append(sample_row("p/0", "m", None, "PASS", None, t, 0))
+        rows.append(sample_row("p/0", "m", None, "ASSERTION_FAIL", "test", 10 + t, 0))
+    rows[0]["completion"] = code + rows[0]["completion"]  # one chosen candidate is a trickster
+    inp = write_run(tmp_path / "run", rows)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), num_pairs=6, max_pairs_per_problem=6,
+                             pass_rate_min=0.0, pass_rate_max=1.0, length_ratio_min=0.01, length_ratio_max=100.0,
+                             max_reuse=3, eval_ids=["none"], progress=False))
+    table = pq.read_table(tmp_path / "out" / "pairs.parquet")
+    flagged = [s for s in table.column("chosen").to_pylist() if code in str(s)]
+    assert flagged, "the trickster was not chosen: the test would check nothing"
+    assert len(report["suspicious_chosen"]) == len(flagged)
+    assert all(x["tricks"] == [trick] and x["problem_id"] == "p/0" for x in report["suspicious_chosen"])
+    assert trick in report["warnings"][-1]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"Chosen completions that use frame, trace, gc, ctypes or sys.modules tricks: {len(flagged)}." in md
+
+
+def test_plain_solutions_are_not_flagged():
+    from pairs.output import introspection_tricks
+
+    clean = ["def f(frame):\n    return frame.f_x\n", "import sys\nprint(sys.maxsize)\n", "modules = {}\n",
+             "def gcd(a, b):\n    return a\n", "trace = 3\n"]
+    assert [introspection_tricks(c) for c in clean] == [[]] * len(clean)
