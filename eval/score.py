@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from tasks.problems import Problem, iter_jsonl_rows, load_problems
 from tasks.prompts import extract_program
 from sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
 from eval.stats import pass_at_k
+from gen.shards import write_bytes_atomic
 
 __all__ = ["ScoreConfig", "run", "pass_at_k", "read_samples", "score_samples", "result_rows", "summarize"]
 
@@ -176,19 +175,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def write_jsonl_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    write_bytes_atomic(os.fspath(path), data)
 
 
 def run(cfg: ScoreConfig) -> dict[str, Any]:

@@ -119,18 +119,40 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return clean(cfg)
 
 
-def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)  # atomic rename locally; copy+delete on object stores (the manifest is the truth there)
+def write_files_atomic(root: str, files: dict[str, bytes]) -> dict[str, str]:
+    """The one atomic write. Every file of `files` (name -> bytes) lands whole under `root` (a local folder or a
+    URI) or not at all: all are written under temporary names first, then each is moved into place (a rename
+    locally; copy + delete on object stores), and temporaries are removed whatever happens. Returns name -> location.
+    """
+    fs, base = resolve(root)
+    join = posixpath.join if "://" in root else os.path.join
+    fs.create_dir(base, recursive=True)
+    tag = uuid.uuid4().hex[:8]
+    temps: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            tmp = join(base, f".{name}.tmp-{tag}")
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            temps[name] = tmp
+        for name, tmp in temps.items():
+            fs.move(tmp, join(base, name))
+    finally:
+        for tmp in temps.values():
+            if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                fs.delete_file(tmp)
+    return {name: join_uri(root, name) for name in files}
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """The one atomic write: `data` lands whole at `uri` (local path or URI) or not at all; parents are created."""
-    fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path) if "://" in uri else os.path.dirname(path), recursive=True)
-    _write_bytes_atomic(fs, path, data)
+def write_bytes_atomic(uri: str, data: bytes) -> str:
+    """One file, atomically (write_files_atomic): `uri` is its full location."""
+    if "://" in uri:
+        base, sep, query = uri.partition("?")
+        parent, name = posixpath.split(base)
+        parent += sep + query
+    else:
+        parent, name = os.path.split(os.path.abspath(uri))
+    return write_files_atomic(parent, {name: data})[name]
 
 
 @dataclass
@@ -192,19 +214,16 @@ class ShardStore:
         return m
 
     def write_manifest(self, m: Manifest) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        _write_bytes_atomic(self.fs, self._p(MANIFEST_NAME), m.to_json().encode())
+        write_files_atomic(self.uri, {MANIFEST_NAME: m.to_json().encode()})
 
     def write_unit(self, m: Manifest, unit_id: str, table: pa.Table) -> None:
         """Write one unit's shard, then record it in the manifest (in that order)."""
         check_schema(table.schema, f"unit {unit_id}")
         table = table.cast(ROW_SCHEMA)
         fname = f"{unit_id}.parquet"
-        path = self._p(SHARD_DIR, fname)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self.fs.create_dir(self._p(SHARD_DIR), recursive=True)
-        _write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        write_files_atomic(join_uri(self.uri, SHARD_DIR), {fname: sink.getvalue().to_pybytes()})
         m.units[unit_id] = {"rows": table.num_rows, "file": f"{SHARD_DIR}/{fname}"}
         self.write_manifest(m)
 

@@ -18,18 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import posixpath
 import re
-import uuid
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from gen.shards import resolve
+from gen.shards import write_files_atomic
 from pairs.pool import OUTCOMES, PHASE_NAMES, Pool
 from pairs.select import Plan, Selection
 from tasks.leakage import PROVENANCE_KEY
@@ -382,9 +378,6 @@ def report_markdown(rep: dict[str, Any]) -> str:
 
 def write_outputs(out: str, table: pa.Table, report: dict[str, Any], markdown: str) -> dict[str, str]:
     """Write the three files atomically (temp names first, then renames); nothing half-written on error."""
-    fs, root = resolve(out)
-    join = posixpath.join if "://" in out else os.path.join
-    fs.create_dir(root, recursive=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     pairs_bytes = sink.getvalue().to_pybytes()
@@ -394,22 +387,7 @@ def write_outputs(out: str, table: pa.Table, report: dict[str, Any], markdown: s
         REPORT_JSON: (json.dumps(report, indent=1, default=_json_default) + "\n").encode(),
         REPORT_MD: markdown.encode(),
     }
-    tag = uuid.uuid4().hex[:8]
-    temps = {}
-    try:
-        for name, data in payloads.items():
-            tmp = join(root, f".{name}.tmp-{tag}")
-            with fs.open_output_stream(tmp) as f:
-                f.write(data)
-            temps[name] = tmp
-        for name, tmp in temps.items():
-            fs.move(tmp, join(root, name))
-    finally:
-        for tmp in temps.values():
-            if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                fs.delete_file(tmp)
-    scheme = out.split("://", 1)[0] + "://" if "://" in out else ""
-    return {name: scheme + join(root, name) for name in payloads}
+    return write_files_atomic(out, payloads)
 
 
 def _json_default(x: Any) -> Any:

@@ -572,8 +572,9 @@ def test_a_pool_on_s3_gives_the_pairs_it_gives_on_local_disk(tmp_path, monkeypat
         remote = run(PairsConfig(inputs=[write_run("s3://pool/run" + query, rows)], out="s3://pool/out" + query,
                                  allow_no_eval_set=True,
                                  progress=False))
-        assert remote["written"]["pairs.parquet"] == "s3://pool/out/pairs.parquet"
-        fs, path = pa.fs.FileSystem.from_uri("s3://pool/out/pairs.parquet" + query)
+        # the location written keeps the store's query string, so it can be opened as it is
+        assert remote["written"]["pairs.parquet"] == "s3://pool/out/pairs.parquet" + query
+        fs, path = pa.fs.FileSystem.from_uri(remote["written"]["pairs.parquet"])
         written_locally = pq.read_table(local["written"]["pairs.parquet"]).to_pylist()
         assert pq.read_table(path, filesystem=fs).to_pylist() == written_locally
     finally:

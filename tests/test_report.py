@@ -11,6 +11,7 @@ import pytest
 
 from eval import report
 from gen.shards import ShardStore, rows_to_table
+from pairloop.cli import main as cli
 
 NO_PHASE = {"PASS", "NO_CODE", "INFRA_ERROR"}
 
@@ -101,7 +102,7 @@ def test_markdown_is_rendered_from_the_json_alone(runs, tmp_path):
 
 
 def test_cli_writes_report_next_to_first_input_and_prints_table(runs, capsys):
-    assert report.main(list(runs)) == 0
+    assert cli(["report", *runs]) == 0
     out_dir = os.path.join(os.path.dirname(runs[0]), "report")
     assert sorted(os.listdir(out_dir)) == ["report.json", "report.md", "report.png"]  # no temp files left
     printed = capsys.readouterr().out
@@ -120,19 +121,19 @@ def test_infra_errors_are_listed_separately(tmp_path):
 def test_cli_rejects_results_from_another_problem_set(tmp_path, capsys):
     base = save_run(tmp_path / "base", results({0: {"a": ["PASS"], "b": ["PASS"]}}))
     other = save_run(tmp_path / "other", results({0: {"a": ["PASS"], "c": ["PASS"]}}, adapter="x"))
-    assert report.main([base, other, "--out", str(tmp_path / "out")]) == 2
+    assert cli(["report", base, other, "--out", str(tmp_path / "out")]) == 2
     assert "different problem set" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_rejects_the_same_results_twice(runs, tmp_path, capsys):
-    assert report.main([runs[0], runs[0], "--out", str(tmp_path / "out")]) == 2
+    assert cli(["report", runs[0], runs[0], "--out", str(tmp_path / "out")]) == 2
     assert "more than once" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_folder_that_is_not_results(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
-    assert report.main([str(tmp_path / "junk")]) == 2
+    assert cli(["report", str(tmp_path / "junk")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
 
 
