@@ -28,7 +28,7 @@ from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
-from gen.run import run_generation
+from gen.run import run_generation, run_generations
 from tasks.leakage import PROVENANCE_KEY, ProblemText, find_overlap, parse_provenance, problem_texts
 from tasks.problems import SPLITS, select_problems
 from gen.shards import join_uri
@@ -55,7 +55,12 @@ class EvalConfig:
     # evaluate an adapter whose training problems cannot be found (no train_manifest.json, a pairs file missing or
     # changed, no provenance record): the overlap guard cannot run, and the report's first line says so
     allow_unknown_provenance: bool = False
-    problems_per_unit: int = 32  # k=1 eval: one engine call per 32 problems; CPU throughput grows with batch size
+    problems_per_unit: int = 32  # problems per work unit (resume granularity)
+    # one_pass: every seed of a variant in one scheduling pass, units of different seeds packed into one engine call
+    # of up to sequences_per_call sequences, so the engines see full batches and pay the longest answer's tail once;
+    # sequential: one seed after another (each its own tail). A sample's seed is data: both give the same rows.
+    schedule: str = "one_pass"
+    sequences_per_call: int = 96  # CPU throughput grows with batch size; 3 seeds x 32 problems at k=1
     ray_address: str = ""
     progress: bool = True
 
@@ -66,6 +71,11 @@ class EvalConfig:
             raise ValueError(f"eval.seeds has duplicates: {self.seeds}")
         if self.k <= 0:
             raise ValueError(f"eval.k must be > 0, got {self.k}")
+        if self.schedule not in ("one_pass", "sequential"):
+            raise ValueError(f"eval.schedule must be one_pass|sequential, got {self.schedule!r}")
+        if self.sequences_per_call < 0:
+            raise ValueError(f"eval.sequences_per_call must be >= 0 (0 = one unit per call), got "
+                             f"{self.sequences_per_call}")
         if self.split not in SPLITS:
             raise ValueError(f"eval.split must be one of {SPLITS}, got {self.split!r}")
         if not self.include_base and not self.adapters:
@@ -264,15 +274,18 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         for label, path in variants:
             lora = pool.load_adapter(path, name_prefix=label) if path else None
             try:
-                for s in cfg.seeds:
-                    gcfg = GenConfig(
-                        out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
-                        eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
-                        sampling=cfg.sampling, execution=cfg.execution, seed=s,
-                        problems_per_unit=cfg.problems_per_unit, adapter_name=label if path else "",
-                        ray_address=cfg.ray_address, progress=cfg.progress,
-                    )
-                    res = run_generation(gcfg, engine_cfg, pool=pool, lora=lora)
+                runs = [GenConfig(
+                    out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
+                    eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
+                    sampling=cfg.sampling, execution=cfg.execution, seed=s, problems_per_unit=cfg.problems_per_unit,
+                    adapter_name=label if path else "", ray_address=cfg.ray_address, progress=cfg.progress,
+                ) for s in cfg.seeds]
+                if cfg.schedule == "one_pass":
+                    results = run_generations(runs, engine_cfg, pool=pool, lora=lora,
+                                              sequences_per_call=cfg.sequences_per_call)
+                else:  # the old path, kept for bench/reeval.py's side-by-side
+                    results = [run_generation(r, engine_cfg, pool=pool, lora=lora) for r in runs]
+                for s, res in zip(cfg.seeds, results):
                     if not res.complete:
                         raise RuntimeError(f"eval of {label} seed {s} incomplete: {res.failed_units}")
                     dirs.setdefault(label, []).append(res.out)
@@ -289,6 +302,6 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         from eval.report import build_report, render_terminal, write_report
 
         rep = build_report([d for ds in dirs.values() for d in ds], warnings=guard_warnings, leakage=leakage)
-        write_report(rep, os.path.join(cfg.out, "report"))
+        write_report(rep, join_uri(cfg.out, "report"))
         print(render_terminal(rep))
     return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage)

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.plan import Unit, make_plan
@@ -257,6 +257,45 @@ def sampling_params(s: SamplingConfig, req, max_tokens: int, stop: list[str]) ->
     return p
 
 
+@dataclass
+class _Run:
+    """One run folder written by a call: its config, plan, store, manifest, execution context, open units."""
+
+    cfg: GenConfig
+    spec: RunSpec
+    store: ShardStore
+    manifest: Any  # gen.shards.Manifest
+    ctx: dict
+    todo: list[Unit]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+# What one engine call generates: (run index, unit) pairs. gen: one unit; eval: units of several seeds' runs.
+Item = tuple[tuple[int, Unit], ...]
+
+
+def pack_items(todo: Sequence[Sequence[Unit]], sequences_per_call: int) -> list[Item]:
+    """Work items for one pass over several runs. 0: one unit per call (gen). Otherwise units are taken round-robin
+    across runs (so seeds mix) and packed greedily into calls of at most `sequences_per_call` sequences (a unit
+    larger than that goes alone). Which call a sample lands in never changes it: its seed is data."""
+    if sequences_per_call <= 0:
+        return [((i, u),) for i, units in enumerate(todo) for u in units]
+    order = [(i, t[k]) for k in range(max((len(t) for t in todo), default=0)) for i, t in enumerate(todo) if k < len(t)]
+    items: list[Item] = []
+    current: list[tuple[int, Unit]] = []
+    size = 0
+    for part in order:
+        n = part[1].num_samples
+        if current and size + n > sequences_per_call:
+            items.append(tuple(current))
+            current, size = [], 0
+        current.append(part)
+        size += n
+    if current:
+        items.append(tuple(current))
+    return items
+
+
 class _Executor:
     """Labels finished units: on local sandbox workers fed by one background thread, or as 1-CPU Ray tasks.
 
@@ -264,10 +303,10 @@ class _Executor:
     for both kinds; after that the unit is reported as failed, not scored.
     """
 
-    def __init__(self, ex: ExecutionConfig, spec: RunSpec, ctx: dict) -> None:
+    def __init__(self, ex: ExecutionConfig) -> None:
         import ray
 
-        self.ex, self.spec, self.ctx = ex, spec, ctx
+        self.ex = ex
         self.remote = ex.execute and ex.executor == "ray"
         self.sandbox = None
         self.isolation: list[dict[str, Any]] = []  # distinct isolation records of the sandboxes that labelled rows
@@ -283,8 +322,8 @@ class _Executor:
                 raise
             self.isolation.append(record)
         self.thread = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pairloop-exec")
-        self.futs: dict[cf.Future, tuple[Unit, list]] = {}
-        self.refs: dict[Any, tuple[Unit, list]] = {}
+        self.futs: dict[cf.Future, tuple[_Run, Unit, list]] = {}
+        self.refs: dict[Any, tuple[_Run, Unit, list]] = {}
         self.attempts: collections.Counter = collections.Counter()
         self.retried = 0
         self._task = ray.remote(execute_unit_task).options(num_cpus=1, max_retries=3)  # retries: lost node
@@ -300,49 +339,50 @@ class _Executor:
     def pending(self) -> bool:
         return bool(self.futs or self.refs)
 
-    def submit(self, u: Unit, outputs: list) -> None:
+    def submit(self, run: _Run, u: Unit, outputs: list) -> None:
+        spec = run.spec
         if not self.remote:
-            fut = self.thread.submit(_execute_unit, self.sandbox, self.spec.problems, self.spec.style, u, outputs,
-                                     self.ctx)
-            self.futs[fut] = (u, outputs)
+            fut = self.thread.submit(_execute_unit, self.sandbox, spec.problems, spec.style, u, outputs, run.ctx)
+            self.futs[fut] = (run, u, outputs)
             return
         pids = [r.problem_id for r in u.requests]
-        uctx = dict(self.ctx, prompts={p: self.ctx["prompts"][p] for p in pids})
-        ref = self._task.remote({p: self.spec.problems[p] for p in pids}, self.spec.style, u, outputs, uctx,
+        uctx = dict(run.ctx, prompts={p: run.ctx["prompts"][p] for p in pids})
+        ref = self._task.remote({p: spec.problems[p] for p in pids}, spec.style, u, outputs, uctx,
                                 dataclasses.asdict(self.ex.limits()), self.ex.allow_weak_isolation)
-        self.refs[ref] = (u, outputs)
+        self.refs[ref] = (run, u, outputs)
 
-    def collect_local(self, record, failed: dict[str, str]) -> None:
+    def collect_local(self, record) -> None:
         """Record every finished local execution (or retry/fail it)."""
         for fut in [f for f in self.futs if f.done()]:
-            u, outputs = self.futs.pop(fut)
+            run, u, outputs = self.futs.pop(fut)
             try:
                 rows = fut.result()
             except Exception as e:  # a bug or a sandbox fault on our side: retried like a failed Ray task
-                self._retry_or_fail(u, outputs, failed, f"local execution failed: {type(e).__name__}: {e}")
+                self._retry_or_fail(run, u, outputs, f"local execution failed: {type(e).__name__}: {e}")
                 continue
-            record(u, rows)
+            record(run, u, rows)
 
-    def on_ref(self, ref, record, failed: dict[str, str]) -> None:
+    def on_ref(self, ref, record) -> None:
         import ray
 
-        u, outputs = self.refs.pop(ref)
+        run, u, outputs = self.refs.pop(ref)
         try:
             out = ray.get(ref)
         except ray.exceptions.RayError as e:  # Ray's own retries (lost worker or node) are spent
-            self._retry_or_fail(u, outputs, failed, f"execution task failed: {type(e).__name__}: {str(e)[-300:]}")
+            self._retry_or_fail(run, u, outputs, f"execution task failed: {type(e).__name__}: {str(e)[-300:]}")
             return
         if out["isolation"] not in self.isolation:
             self.isolation.append(out["isolation"])
-        record(u, out["rows"])
+        record(run, u, out["rows"])
 
-    def _retry_or_fail(self, u: Unit, outputs: list, failed: dict[str, str], why: str) -> None:
-        self.attempts[u.unit_id] += 1
-        if self.attempts[u.unit_id] >= self.ex.max_attempts:
-            failed[u.unit_id] = f"{why} ({self.attempts[u.unit_id]} attempts)"
+    def _retry_or_fail(self, run: _Run, u: Unit, outputs: list, why: str) -> None:
+        key = (run.spec.run_id, u.unit_id)
+        self.attempts[key] += 1
+        if self.attempts[key] >= self.ex.max_attempts:
+            run.failed[u.unit_id] = f"{why} ({self.attempts[key]} attempts)"
         else:
             self.retried += 1
-            self.submit(u, outputs)
+            self.submit(run, u, outputs)
 
     def wait_local(self, timeout: float) -> None:
         cf.wait(list(self.futs), timeout=timeout, return_when=cf.FIRST_COMPLETED)
@@ -362,20 +402,22 @@ class _Executor:
 
 
 class _Driver:
-    """One call's event loop: keep every engine fed with units, hand finished ones to the executor, record rows,
-    and bring dead engines back (Ray restarts the actor; past that, a bounded number of fresh actors)."""
+    """One call's event loop: keep every engine fed with work items, hand finished units to the executor, record
+    rows in their run's folder, and bring dead engines back (Ray restarts the actor; past that, a bounded number of
+    fresh actors)."""
 
-    def __init__(self, cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool, lora: dict | None,
-                 spec: RunSpec, store: ShardStore, manifest, todo: collections.deque, progress_bar) -> None:
-        self.cfg, self.engine_cfg, self.pool, self.lora, self.spec = cfg, engine_cfg, pool, lora, spec
-        self.store, self.manifest, self.todo, self.bar = store, manifest, todo, progress_bar
-        self.inflight: dict[Any, tuple[int, Unit, int]] = {}  # ObjectRef -> (engine, unit, engine epoch)
+    def __init__(self, runs: list[_Run], items: list[Item], engine_cfg: EngineConfig, pool: EnginePool,
+                 lora: dict | None, progress_bar) -> None:
+        self.runs, self.engine_cfg, self.pool, self.lora, self.bar = runs, engine_cfg, pool, lora, progress_bar
+        self.todo: collections.deque[Item] = collections.deque(items)
+        first = runs[0].cfg
+        self.inflight_per_engine, self.max_attempts = first.inflight_per_engine, first.max_unit_attempts
+        self.inflight: dict[Any, tuple[int, Item, int]] = {}  # ObjectRef -> (engine, item, engine epoch)
         self.epoch: collections.Counter = collections.Counter()  # bumps when an engine dies: one death counts once
         self.recovering: dict[Any, int] = {}  # health-probe ObjectRef -> engine, while a dead engine comes back
         self.replacements: collections.Counter = collections.Counter()
         self.disabled: set[int] = set()
         self.attempts: collections.Counter = collections.Counter()
-        self.failed: dict[str, str] = {}
         self.requeued = 0
         self.stats = {"tokens": 0, "pass": 0, "scored": 0, "t0": time.perf_counter()}
         self.executor: _Executor | None = None
@@ -386,15 +428,20 @@ class _Driver:
     def dispatch(self) -> None:
         busy = set(self.recovering.values()) | self.disabled
         for i in range(len(self.pool)):
-            while i not in busy and self.todo and self.load(i) < self.cfg.inflight_per_engine:
-                u = self.todo.popleft()
-                params = [sampling_params(self.cfg.sampling, r, self.spec.budgets[r.problem_id], self.spec.stop)
-                          for r in u.requests]
-                ref = self.pool.generate(i, [self.spec.prompts[r.problem_id] for r in u.requests], params, self.lora)
-                self.inflight[ref] = (i, u, self.epoch[i])
+            while i not in busy and self.todo and self.load(i) < self.inflight_per_engine:
+                item = self.todo.popleft()
+                prompts, params = [], []
+                for ri, u in item:
+                    run = self.runs[ri]
+                    for r in u.requests:
+                        prompts.append(run.spec.prompts[r.problem_id])
+                        params.append(sampling_params(run.cfg.sampling, r, run.spec.budgets[r.problem_id],
+                                                      run.spec.stop))
+                ref = self.pool.generate(i, prompts, params, self.lora)
+                self.inflight[ref] = (i, item, self.epoch[i])
 
-    def record(self, u: Unit, rows: list[dict]) -> None:
-        self.store.write_unit(self.manifest, u.unit_id, rows_to_table(rows))
+    def record(self, run: _Run, u: Unit, rows: list[dict]) -> None:
+        run.store.write_unit(run.manifest, u.unit_id, rows_to_table(rows))
         self.stats["pass"] += sum(r["outcome"] == "PASS" for r in rows)
         self.stats["scored"] += sum(r["outcome"] != "INFRA_ERROR" for r in rows)
         self.bar.update(len(rows))
@@ -403,6 +450,10 @@ class _Driver:
         if self.stats["scored"]:
             post["pass"] = f"{self.stats['pass'] / self.stats['scored']:.1%}"
         self.bar.set_postfix(post, refresh=False)
+
+    def fail(self, item: Item, why: str) -> None:
+        for ri, u in item:
+            self.runs[ri].failed[u.unit_id] = why
 
     def probe(self, i: int) -> None:
         self.recovering[self.pool.actors[i].info.remote()] = i
@@ -426,36 +477,41 @@ class _Driver:
             self.pool.replace_engine(i)
             self.probe(i)
 
-    def on_engine_death(self, i: int, u: Unit, ep: int, e: Exception) -> None:
-        if ep == self.epoch[i]:  # first report of this death; the engine's other in-flight units fail with it
+    def on_engine_death(self, i: int, item: Item, ep: int, e: Exception) -> None:
+        if ep == self.epoch[i]:  # first report of this death; the engine's other in-flight items fail with it
             self.epoch[i] += 1
-            self.attempts[u.unit_id] += 1  # the unit that was running when it died is the suspect
+            self.attempts[item] += 1  # the item that was running when it died is the suspect
             self.probe(i)
-        if self.attempts[u.unit_id] >= self.cfg.max_unit_attempts:
-            self.failed[u.unit_id] = f"engine died {self.attempts[u.unit_id]} times while running it: {type(e).__name__}"
+        if self.attempts[item] >= self.max_attempts:
+            self.fail(item, f"engine died {self.attempts[item]} times while running it: {type(e).__name__}")
         else:
             self.requeued += 1
-            self.todo.appendleft(u)
+            self.todo.appendleft(item)
 
     def on_engine_output(self, ref) -> None:
         import ray
 
-        i, u, ep = self.inflight.pop(ref)
+        i, item, ep = self.inflight.pop(ref)
         try:
             outputs = ray.get(ref)
         except ray.exceptions.RayActorError as e:  # died, or unavailable while restarting
-            self.on_engine_death(i, u, ep, e)
+            self.on_engine_death(i, item, ep, e)
             return
         except ray.exceptions.RayTaskError as e:
-            self.attempts[u.unit_id] += 1
-            if self.attempts[u.unit_id] >= self.cfg.max_unit_attempts:
-                self.failed[u.unit_id] = f"{type(e.cause).__name__ if e.cause else 'error'}: {str(e)[-300:]}"
+            self.attempts[item] += 1
+            if self.attempts[item] >= self.max_attempts:
+                self.fail(item, f"{type(e.cause).__name__ if e.cause else 'error'}: {str(e)[-300:]}")
             else:
                 self.requeued += 1
-                self.todo.append(u)
+                self.todo.append(item)
             return
         self.stats["tokens"] += sum(c["tokens"] for comps in outputs for c in comps)
-        self.executor.submit(u, outputs)
+        at = 0
+        for ri, u in item:  # outputs are in request order: each unit takes its own slice
+            self.executor.submit(self.runs[ri], u, outputs[at: at + len(u.requests)])
+            at += len(u.requests)
+        if at != len(outputs):
+            raise RuntimeError(f"engine {i} returned {len(outputs)} outputs for {at} requests")
 
     def run(self, executor: _Executor) -> None:
         import ray
@@ -463,10 +519,10 @@ class _Driver:
         self.executor = ex = executor
         self.dispatch()
         while self.inflight or ex.pending() or (self.recovering and self.todo):
-            ex.collect_local(self.record, self.failed)
+            ex.collect_local(self.record)
             if len(self.disabled) == len(self.pool):
-                for u in list(self.todo) + [u for _, u, _ in self.inflight.values()]:
-                    self.failed[u.unit_id] = "no live engine left"
+                for item in list(self.todo) + [it for _, it, _ in self.inflight.values()]:
+                    self.fail(item, "no live engine left")
                 self.todo.clear()
                 self.inflight.clear()  # and fall through: executions already under way still finish
             waitables = list(self.inflight) + list(self.recovering) + list(ex.refs)
@@ -478,76 +534,96 @@ class _Driver:
                 if ref in self.recovering:
                     self.on_probe(ref)
                 elif ref in ex.refs:
-                    ex.on_ref(ref, self.record, self.failed)
+                    ex.on_ref(ref, self.record)
                 else:
                     self.on_engine_output(ref)
             self.dispatch()
-        ex.collect_local(self.record, self.failed)
+        ex.collect_local(self.record)
 
 
 def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | None = None,
                    lora: dict | None = None) -> GenResult:
     """Run (or resume) one generation run. With `pool`, reuse running engines (and `lora` if given)."""
+    return run_generations([cfg], engine_cfg, pool=pool, lora=lora)[0]
+
+
+def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: EnginePool | None = None,
+                    lora: dict | None = None, sequences_per_call: int = 0) -> list[GenResult]:
+    """Run (or resume) several runs in one pass: their units share one queue and, with `sequences_per_call`, one
+    engine call (eval: every seed of a variant at once, so the engines see full batches and the tail is paid once).
+    Each run keeps its own folder, manifest, seeds and resume; its rows are the same whatever it was batched with.
+    All runs share one execution config (one executor) and one adapter (or none)."""
     import ray
     from tqdm.auto import tqdm
 
     from gen.model_source import resolve_model
 
+    if not cfgs:
+        raise ValueError("run_generations: no runs given")
+    execution = cfgs[0].execution
+    if any(c.execution != execution for c in cfgs):
+        raise ValueError("runs of one pass must share one execution config")
+    if len({c.out for c in cfgs}) != len(cfgs):
+        raise ValueError(f"runs of one pass need distinct output folders, got {[c.out for c in cfgs]}")
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
-    spec = prepare_run(cfg, engine_cfg, model_path, lora)
-    ctx = {"run_id": spec.run_id, "seed": cfg.seed, "model": spec.identity["model"], "adapter": spec.adapter_label,
-           "prompts": spec.prompts}
-    store = ShardStore(cfg.out)
-    executor = _Executor(cfg.execution, spec, ctx)  # first: a machine it refuses costs nothing, writes nothing
+    specs = [prepare_run(c, engine_cfg, model_path, lora) for c in cfgs]
+    executor = _Executor(execution)  # first: a machine it refuses costs nothing, writes nothing
+    runs: list[_Run] = []
     try:
-        manifest = store.open_run(spec.run_id, spec.identity)
+        for c, spec in zip(cfgs, specs):
+            store = ShardStore(c.out)
+            manifest = store.open_run(spec.run_id, spec.identity)
+            ctx = {"run_id": spec.run_id, "seed": c.seed, "model": spec.identity["model"],
+                   "adapter": spec.adapter_label, "prompts": spec.prompts}
+            runs.append(_Run(c, spec, store, manifest, ctx, [u for u in spec.units if u.unit_id not in manifest.units]))
     except BaseException:
         executor.close(wait=False)
         raise
-    todo = collections.deque(u for u in spec.units if u.unit_id not in manifest.units)
-    if not todo:
-        executor.close(wait=True)
-        manifest.complete = True
-        manifest.summary = {**manifest.summary, **summarize(store), "failed_units": {}}
-        store.write_manifest(manifest)
-        return GenResult(cfg.out, spec.run_id, manifest.summary["rows"], True, {}, manifest.summary)
-
-    total = sum(u.num_samples for u in spec.units)
-    started_ray = ensure_ray(cfg.ray_address or None)
-    own_pool = pool is None
-    interrupted = False
+    items = pack_items([r.todo for r in runs], sequences_per_call)
     driver = None
-    try:
-        if own_pool:
-            pool = EnginePool(engine_cfg, model_path)
-        if cfg.adapter and lora is None:
-            lora = pool.load_adapter(cfg.adapter)
-        executor.warn_if_no_cpu()
-        bar = tqdm(total=total, initial=total - sum(u.num_samples for u in todo), unit="sample",
-                   desc=f"gen {spec.run_id}", disable=not cfg.progress, dynamic_ncols=True)
-        driver = _Driver(cfg, engine_cfg, pool, lora, spec, store, manifest, todo, bar)
-        driver.run(executor)
-        bar.close()
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        executor.close(wait=not interrupted)
-        if own_pool and pool is not None:
-            pool.shutdown()
-        if started_ray and (own_pool or interrupted):
-            ray.shutdown()
-    failed = driver.failed
-    isolation = list(manifest.summary.get("isolation", []))  # a resumed run keeps what earlier calls recorded
-    isolation += [r for r in executor.isolation if r not in isolation]
-    manifest.summary = summarize(store)
-    manifest.summary["failed_units"] = failed
-    manifest.summary["isolation"] = isolation
-    manifest.summary["weak_isolation_allowed"] = cfg.execution.allow_weak_isolation
-    manifest.complete = not failed and len(manifest.units) == len(spec.units)
-    store.write_manifest(manifest)
-    return GenResult(cfg.out, spec.run_id, manifest.summary["rows"], manifest.complete, failed, manifest.summary,
-                     driver.requeued + executor.retried)
+    if items:
+        total = sum(u.num_samples for r in runs for u in r.spec.units)
+        started_ray = ensure_ray(cfgs[0].ray_address or None)
+        own_pool = pool is None
+        interrupted = False
+        try:
+            if own_pool:
+                pool = EnginePool(engine_cfg, model_path)
+            adapter = cfgs[0].adapter
+            if adapter and lora is None:
+                lora = pool.load_adapter(adapter)
+            executor.warn_if_no_cpu()
+            label = runs[0].spec.run_id if len(runs) == 1 else f"{len(runs)} runs"
+            bar = tqdm(total=total, initial=total - sum(u.num_samples for r in runs for u in r.todo), unit="sample",
+                       desc=f"gen {label}", disable=not cfgs[0].progress, dynamic_ncols=True)
+            driver = _Driver(runs, items, engine_cfg, pool, lora, bar)
+            driver.run(executor)
+            bar.close()
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            executor.close(wait=not interrupted)
+            if own_pool and pool is not None:
+                pool.shutdown()
+            if started_ray and (own_pool or interrupted):
+                ray.shutdown()
+    else:
+        executor.close(wait=True)
+    results = []
+    for run in runs:
+        m = run.manifest
+        isolation = list(m.summary.get("isolation", []))  # a resumed run keeps what earlier calls recorded
+        if driver is not None:
+            isolation += [r for r in executor.isolation if r not in isolation]
+        m.summary = {**m.summary, **summarize(run.store), "failed_units": run.failed, "isolation": isolation}
+        if driver is not None:
+            m.summary["weak_isolation_allowed"] = execution.allow_weak_isolation
+        m.complete = not run.failed and len(m.units) == len(run.spec.units)
+        run.store.write_manifest(m)
+        results.append(GenResult(run.cfg.out, run.spec.run_id, m.summary["rows"], m.complete, run.failed, m.summary,
+                                 (driver.requeued + executor.retried) if driver is not None else 0))
+    return results
 
 
 def print_summary(res: GenResult) -> None:
