@@ -191,7 +191,7 @@ def _train_to_standard(model, tok, problems, seed: int, max_steps: int) -> list[
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP_STEPS))
     history: list[dict] = []
     loss = float("nan")
-    with Sandbox(workers=1, limits=Limits(cpu_s=5)) as box:
+    with Sandbox(workers=2, limits=Limits(cpu_s=5)) as box:
         for step in range(1, max_steps + 1):
             model.train()
             out = model(**batch)
@@ -227,21 +227,34 @@ def _measure(model, tok, problems, box, seed: int) -> dict:
     from sandbox import Job
     from tasks.prompts import extract_program
 
-    greedy, sampled = {}, {}
-    for p in problems:
-        ids = torch.tensor([tok(_prompt(p, tok), add_special_tokens=False)["input_ids"]])
-        common = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-        with torch.no_grad():
-            g = model.generate(ids, do_sample=False, **common)
-            torch.manual_seed(seed)
-            s = model.generate(ids, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                               num_return_sequences=SAMPLES_PER_PROBLEM, **common)
-        texts = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).split("```")[0] for row in [g[0], *s]]
-        jobs = [Job(extract_program(p, t, "chat"), p.test, p.entry_point) for t in texts]
-        results = box.run(jobs)
-        greedy[p.id] = results[0].outcome.value
-        sampled[p.id] = sum(r.passed for r in results[1:])
+    prompts = [_prompt(p, tok) for p in problems]
+    greedy_texts = _generate(model, tok, prompts, do_sample=False)
+    torch.manual_seed(seed)
+    sampled_texts = _generate(model, tok, prompts, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                              num_return_sequences=SAMPLES_PER_PROBLEM)  # each prompt's samples are consecutive
+    texts = [(p, t) for p, t in zip(problems, greedy_texts)]
+    texts += [(p, t) for i, p in enumerate(problems)
+              for t in sampled_texts[i * SAMPLES_PER_PROBLEM : (i + 1) * SAMPLES_PER_PROBLEM]]
+    results = box.run([Job(extract_program(p, t, "chat"), p.test, p.entry_point) for p, t in texts])
+    greedy = {p.id: r.outcome.value for p, r in zip(problems, results)}
+    sampled = {p.id: 0 for p in problems}
+    for (p, _), r in zip(texts[len(problems) :], results[len(problems) :]):
+        sampled[p.id] += r.passed
     return {"greedy": greedy, "sampled_passes": sampled, "samples_per_problem": SAMPLES_PER_PROBLEM}
+
+
+def _generate(model, tok, prompts: list[str], **sampling) -> list[str]:
+    """Completions of left-padded prompts, each cut at the closing fence (where gen's engine stops)."""
+    import torch
+
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sampling)
+    return [tok.decode(row[width:], skip_special_tokens=True).split("```")[0] for row in out]
 
 
 def _pool_pass_rate(record: dict) -> float:
