@@ -90,7 +90,8 @@ def engine_pool(ray_local, engine_config, tiny_model):
 
 @pytest.fixture(scope="session")
 def tiny_coder(tmp_path_factory, toy_problems) -> str:
-    """The tiny model fine-tuned on the toy problems: at temperature 1 it passes some samples and fails others."""
+    """The tiny model fine-tuned on the toy problems: greedy passes each; at temperature 1 it passes some samples
+    and fails others. The build checks both (tests/tiny_model.py) and raises, naming the CPU, where it can't."""
     from tiny_model import build_tiny_coder
 
     return str(build_tiny_coder(tmp_path_factory.mktemp("coder") / "tiny-coder", toy_problems))
