@@ -126,6 +126,42 @@ def check_adapter_base(adapter: str, model_spec: str, model_path: str) -> None:
         )
 
 
+def check_adapter_rank(adapter: str, max_lora_rank: int) -> None:
+    """Before any engine work: an adapter of higher rank than the engines were started with can't be served."""
+    try:
+        r = json.loads(Path(adapter, "adapter_config.json").read_text()).get("r")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"eval.adapters: {adapter!r}: unreadable adapter_config.json ({e})") from None
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"eval.adapters: {adapter!r}: adapter_config.json has no valid rank r (got {r!r})")
+    if r > max_lora_rank:
+        raise ValueError(f"eval.adapters: {adapter!r} has LoRA rank r={r} > engine.max_lora_rank={max_lora_rank}; "
+                         f"start the engines with engine.max_lora_rank>={r}")
+
+
+def adapter_sha256(path: str) -> str:
+    return _file_sha256(os.path.join(path, "adapter_model.safetensors"))
+
+
+def probe_reference(adapter: str, model_path: str) -> dict[str, Any]:
+    """The hot-load check's reference: PEFT's probe log-probs recorded by train/ when the adapter was saved (so a
+    file changed since is caught), else computed now by PEFT from the adapter's files (adapters trained elsewhere)."""
+    from gen.probe import reference_from_files
+
+    manifest = os.path.join(adapter, "train_manifest.json")
+    if os.path.isfile(manifest):
+        probe = json.loads(Path(manifest).read_text()).get("probe")
+        if isinstance(probe, dict) and probe.get("token_ids"):
+            return probe
+    return reference_from_files(model_path, adapter)
+
+
+def hot_load_line(h: dict[str, Any]) -> str:
+    return (f"hot-load check: adapter {h['adapter']} (sha256 {h['sha256'][:12]}) served as trained on "
+            f"{h['engines']} engine(s): probe log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
+            f"{h['max_abs_diff']:.2g}), {h['seconds']:.2f} s")
+
+
 def result_dirs(cfg: EvalConfig) -> dict[str, list[str]]:
     """Where each variant's per-seed results live (whether or not they exist yet)."""
     labels = (["base"] if cfg.include_base else []) + [adapter_label(a) for a in cfg.adapters]
@@ -245,6 +281,7 @@ class EvalResult:
     report: dict[str, Any] | None
     warnings: list[str] = field(default_factory=list)  # the leakage guard's; a report shows them first
     leakage: list[dict[str, Any]] = field(default_factory=list)  # what the guard compared, per adapter
+    hot_load: list[dict[str, Any]] = field(default_factory=list)  # the hot-load check, per adapter
 
 
 def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None = None,
@@ -254,6 +291,8 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     from gen.model_source import resolve_model
 
     guard_warnings, leakage = check_no_train_overlap(cfg)  # first: a refusal costs no engine work
+    for a in cfg.adapters:
+        check_adapter_rank(a, engine_cfg.max_lora_rank)
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
     variants: list[tuple[str, str | None]] = [("base", None)] if cfg.include_base else []
     for a in cfg.adapters:
@@ -268,11 +307,17 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     started_ray = ensure_ray(cfg.ray_address or None)
     own_pool = pool is None
     dirs: dict[str, list[str]] = {}
+    hot_load: list[dict[str, Any]] = []
     try:
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
         for label, path in variants:
             lora = pool.load_adapter(path, name_prefix=label) if path else None
+            if lora is not None:
+                check = pool.verify_adapter(lora, probe_reference(path, model_path))
+                hot_load.append({"adapter": path, "sha256": adapter_sha256(path), **check})
+                print(f"eval: hot-load check of {label}: {check['engines']} engine(s) match PEFT within "
+                      f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}) in {check['seconds']:.2f} s")
             try:
                 runs = [GenConfig(
                     out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
@@ -302,6 +347,8 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         from eval.report import build_report, render_terminal, write_report
 
         rep = build_report([d for ds in dirs.values() for d in ds], warnings=guard_warnings, leakage=leakage)
+        rep["hot_load"] = hot_load
+        rep["status"] += [hot_load_line(h) for h in hot_load]
         write_report(rep, join_uri(cfg.out, "report"))
         print(render_terminal(rep))
-    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage)
+    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage, hot_load)

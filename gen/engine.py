@@ -193,6 +193,16 @@ class EngineActor:
             )
         return result
 
+    def prompt_logprobs(self, token_ids: list[int], lora: dict | None = None) -> list[float]:
+        """log p(token_i | tokens_<i), i >= 1, of a fixed token sequence (the hot-load probe), alone in its batch."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        (out,) = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
+                                   lora_request=self._lora(lora), use_tqdm=False)
+        return [float(d[t].logprob) for t, d in zip(token_ids[1:], out.prompt_logprobs[1:])]
+
     def add_lora(self, lora: dict) -> float:
         t0 = time.perf_counter()
         ok = self.llm.llm_engine.add_lora(self._lora(lora))
@@ -324,6 +334,25 @@ class EnginePool:
         ray.get([a.add_lora.remote(lora) for a in self.actors])
         self.loras[lid] = lora
         return lora
+
+    def verify_adapter(self, lora: dict, ref: dict[str, Any]) -> dict[str, Any]:
+        """The hot-load check (gen.probe): every engine's probe log-probs under `lora` match the reference and differ
+        from its base's. Raises ValueError naming the engine; returns what it measured (for the report)."""
+        from gen.probe import compare, tolerance
+
+        t0 = time.perf_counter()
+        tol = tolerance(self.engine_kwargs["dtype"])
+        ids = ref["token_ids"]
+        with_lora = ray.get([a.prompt_logprobs.remote(ids, lora) for a in self.actors])
+        base = ray.get([a.prompt_logprobs.remote(ids, None) for a in self.actors])
+        worst = 0.0
+        for i, (lp, blp) in enumerate(zip(with_lora, base)):
+            why = compare(lp, blp, ref, tol)
+            if why is not None:
+                raise ValueError(f"hot-load check failed on engine {i} for adapter {lora['path']}: {why}")
+            worst = max(worst, max(abs(a - b) for a, b in zip(lp, ref["adapter_logprobs"])))
+        return {"engines": len(self.actors), "tolerance": tol, "max_abs_diff": worst, "tokens": len(ids) - 1,
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     def unload_adapter(self, lora: dict) -> None:
         ray.get([a.remove_lora.remote(lora["id"]) for a in self.actors])

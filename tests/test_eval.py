@@ -356,3 +356,80 @@ def test_pack_items_mixes_seeds_and_respects_the_call_size():
         (ri, u.unit_id) for ri, units in enumerate(runs) for u in units)  # every unit exactly once
     assert [len(item) for item in pack_items(runs, 0)] == [1] * 9  # gen: one unit per call
     assert [len(item) for item in pack_items(runs, 3)] == [1] * 9  # a unit bigger than the call goes alone
+
+
+# ------------------------------------------------------------------------ hot-load check (gen.probe)
+
+
+def test_hot_load_check_passes_for_the_adapter_as_trained_and_measures_its_margin(engine_pool, adapters,
+                                                                                  tiny_model):
+    from gen.probe import reference_from_files
+
+    ref = reference_from_files(tiny_model, str(adapters["v1"]))
+    lora = engine_pool.load_adapter(str(adapters["v1"]))
+    try:
+        check = engine_pool.verify_adapter(lora, ref)
+    finally:
+        engine_pool.unload_adapter(lora)
+    assert check["engines"] == len(engine_pool) and check["max_abs_diff"] <= check["tolerance"]
+    assert check["tokens"] == len(ref["token_ids"]) - 1 > 10
+
+
+def test_hot_load_check_catches_a_corrupted_adapter_file(engine_pool, adapters, tiny_model, tmp_path):
+    """The reference is PEFT's at training time; the file then loses one tensor (zeroed): the engine serves other
+    weights than were trained, and the check must say so, naming the engine."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gen.probe import reference_from_files
+
+    path = tmp_path / "corrupt"
+    shutil.copytree(adapters["v1"], path)
+    ref = reference_from_files(tiny_model, str(path))  # what train/ records when it saves the adapter
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name].zero_()
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    lora = engine_pool.load_adapter(str(path))
+    try:
+        with pytest.raises(ValueError, match=r"hot-load check failed on engine 0 .*serves other weights"):
+            engine_pool.verify_adapter(lora, ref)
+    finally:
+        engine_pool.unload_adapter(lora)
+
+
+def test_hot_load_check_refuses_an_adapter_that_does_nothing(engine_pool, tiny_model, tmp_path):
+    """A LoRA as PEFT initialises it (B = 0) is the base model: serving it would compare the base with itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gen.probe import reference_from_files
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "noop")
+    lora = engine_pool.load_adapter(str(tmp_path / "noop"))
+    try:
+        with pytest.raises(ValueError, match="indistinguishable from the base"):
+            engine_pool.verify_adapter(lora, reference_from_files(tiny_model, str(tmp_path / "noop")))
+    finally:
+        engine_pool.unload_adapter(lora)
+
+
+def test_adapter_rank_above_the_engines_limit_is_refused_before_engine_work(adapters, toy_problems, tmp_path):
+    from gen.engine import EngineConfig
+
+    engine = EngineConfig(model="/nonexistent/model", max_lora_rank=8)  # any engine work would fail differently
+    big = make_adapter_config(tmp_path / "big", r=16)
+    with pytest.raises(ValueError, match=r"LoRA rank r=16 > engine.max_lora_rank=8"):
+        run_eval(_eval_cfg(tmp_path / "e", toy_problems, adapters=[str(big)], allow_unknown_provenance=True,
+                           allow_foreign_adapter=True), engine)
+    assert not (tmp_path / "e").exists()
+
+
+def make_adapter_config(path: Path, r: int) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": r, "peft_type": "LORA"}))
+    return path

@@ -515,6 +515,10 @@ def train(cfg: TrainConfig) -> Path:
         if not main_process:
             return out
         trainer.model.save_pretrained(tmp)
+        from gen.probe import reference
+
+        # the hot-load check's reference: PEFT's probe log-probs of these very weights (eval compares the engines')
+        probe = reference(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class)
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template; the manifest says what this is
         plot_metrics(metrics, tmp / PLOT_NAME)
@@ -541,6 +545,7 @@ def train(cfg: TrainConfig) -> Path:
             "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "max_lora_rank": cfg.max_lora_rank},
             "versions": _versions(),
             "adapter_sha256": file_sha256(tmp / "adapter_model.safetensors"),  # eval: a fresh LoRA name per adapter
+            "probe": probe,
             "device": trainer.args.device.type,
             "precision": "bf16" if trainer.args.bf16 else "float32",
             "world_size": trainer.args.world_size,

@@ -1,0 +1,86 @@
+"""The hot-load check: is the adapter an engine serves the adapter that was trained?
+
+vLLM can serve an adapter that silently does nothing (vllm#34186, lm-eval-harness#2432) or stale weights under a
+reused name (vllm#42125). So after loading, every engine scores a fixed probe text under the adapter (vLLM prompt
+log-probs) and under the base, and the scores are compared with a reference computed by PEFT from the adapter's
+weights: by train/ right after training (recorded in train_manifest.json, so a file corrupted or swapped since then
+is caught), or, for an adapter without that record, by PEFT here from its files. The engine's adapter log-probs
+must match the reference within a tolerance fitted to the engine's dtype, and must differ from the base's by more
+than that tolerance (an adapter that changes nothing on the probe is refused as a no-op).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+# Code-like text every tokenizer splits into a few dozen tokens; LoRA on attention and MLP moves all of them.
+PROBE_TEXT = ("def running_max(xs):\n    \"\"\"Running maximum of a list.\"\"\"\n    out, best = [], None\n"
+              "    for x in xs:\n        best = x if best is None or x > best else best\n        out.append(best)\n"
+              "    return out\n")
+# Largest |engine - PEFT| token log-prob difference accepted, per engine dtype. float32: vLLM-CPU vs HF on the same
+# weights differ by reduction order only (measured max 2e-5 on the tiny test model, 1e-4 headroom x ~10);
+# bfloat16/float16: 8-bit/11-bit mantissas put single-token differences near 0.05-0.1 on a 0.5B model.
+TOLERANCE = {"float32": 2e-3, "bfloat16": 0.25, "float16": 0.1}
+
+
+def tolerance(dtype: str) -> float:
+    if dtype not in TOLERANCE:
+        raise ValueError(f"no hot-load tolerance for engine dtype {dtype!r}; known: {sorted(TOLERANCE)}")
+    return TOLERANCE[dtype]
+
+
+def token_logprobs(model, token_ids: Sequence[int]) -> list[float]:
+    """log p(token_i | tokens_<i) for i >= 1 under an HF causal LM (PEFT or not), in float64 lists."""
+    import torch
+
+    ids = torch.tensor([list(token_ids)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits[:-1], dim=-1)
+    return lp[torch.arange(len(token_ids) - 1, device=ids.device), ids[0, 1:]].double().tolist()
+
+
+def reference(model, tokenizer) -> dict[str, Any]:
+    """The record train/ writes: the probe's token ids and PEFT's log-probs with the adapter on and off."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    was_training = model.training
+    model.eval()
+    try:
+        adapter = token_logprobs(model, ids)
+        with model.disable_adapter():
+            base = token_logprobs(model, ids)
+    finally:
+        model.train(was_training)
+    return {"text": PROBE_TEXT, "token_ids": list(ids), "adapter_logprobs": adapter, "base_logprobs": base}
+
+
+def reference_from_files(model_path: str, adapter_path: str) -> dict[str, Any]:
+    """The same record computed now by PEFT from the adapter's files (for adapters trained elsewhere)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_path)
+    return reference(model, tok)
+
+
+def compare(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: dict[str, Any],
+            tol: float) -> str | None:
+    """None when the engine serves the reference adapter; else why not (in words, with the numbers)."""
+    want = ref["adapter_logprobs"]
+    if len(engine_adapter) != len(want) or len(engine_base) != len(want):
+        return f"probe length differs: engine {len(engine_adapter)} tokens, reference {len(want)}"
+    off = max(abs(a - b) for a, b in zip(engine_adapter, want))
+    moved = max(abs(a - b) for a, b in zip(engine_adapter, engine_base))
+    ref_moved = max(abs(a - b) for a, b in zip(want, ref["base_logprobs"]))
+    if ref_moved <= tol:
+        return (f"the adapter changes no probe token log-prob by more than the tolerance {tol:g} (PEFT: max "
+                f"{ref_moved:.3g}): it would be indistinguishable from the base")
+    if off > tol:
+        return (f"engine log-probs under the adapter differ from PEFT's by up to {off:.3g} (tolerance {tol:g}; the "
+                f"adapter moves them by {ref_moved:.3g}): the engine serves other weights")
+    if moved <= tol:
+        return f"the engine's log-probs with and without the adapter are equal within {tol:g}: it serves a no-op"
+    return None
