@@ -196,7 +196,8 @@ class EngineActor:
     def add_lora(self, lora: dict) -> float:
         t0 = time.perf_counter()
         ok = self.llm.llm_engine.add_lora(self._lora(lora))
-        assert ok, f"vLLM refused adapter {lora}"
+        if not ok:
+            raise RuntimeError(f"vLLM refused adapter {lora}")
         return time.perf_counter() - t0
 
     def remove_lora(self, lora_id: int) -> bool:

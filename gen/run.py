@@ -164,7 +164,8 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
 
     rows, jobs, job_rows = [], [], []
     for req, comps in zip(unit.requests, outputs, strict=True):
-        assert len(comps) == req.size, f"unit {unit.unit_id}: {req.problem_id} got {len(comps)} of {req.size}"
+        if len(comps) != req.size:
+            raise RuntimeError(f"unit {unit.unit_id}: {req.problem_id} got {len(comps)} completions of {req.size}")
         problem = problems[req.problem_id]
         for k, c in enumerate(comps):
             row = {
