@@ -122,6 +122,49 @@ def test_join_uri_keeps_the_query_string_last():
     assert join_uri("runs/x", "gen") == os.path.join("runs/x", "gen")
 
 
+# ---- placement groups on the session's local Ray -----------------------------------------------------------
+
+def _pg_state(pg) -> str:
+    from ray.util.placement_group import placement_group_table
+
+    return placement_group_table()[pg.id.hex()]["state"]
+
+
+def test_replacing_an_engines_placement_group_removes_the_old_one(ray_local):
+    from gen.engine import reserve_placement_group
+    from ray.util.placement_group import remove_placement_group
+
+    old = reserve_placement_group([{"CPU": 1}], "STRICT_PACK", 60, "engine 0")
+    assert _pg_state(old) == "CREATED"
+    new = reserve_placement_group([{"CPU": 1}], "STRICT_PACK", 60, "engine 0", old=old)
+    try:
+        assert _pg_state(old) == "REMOVED"
+        assert _pg_state(new) == "CREATED"
+    finally:
+        remove_placement_group(new)
+
+
+def test_an_unsatisfiable_placement_group_times_out_naming_engine_and_resources(ray_local):
+    from gen.engine import PlacementTimeout, reserve_placement_group
+
+    old = reserve_placement_group([{"CPU": 1}], "STRICT_PACK", 60, "engine 3")
+    # this local Ray has no GPU: the request can never be satisfied, whatever the machine's speed
+    with pytest.raises(PlacementTimeout, match=r"engine 3 \(tensor_parallel_size=2\).*'GPU': 2") as e:
+        reserve_placement_group([{"GPU": 2, "CPU": 1}], "STRICT_PACK", 1.0, "engine 3 (tensor_parallel_size=2)",
+                                old=old)
+    assert "engine.placement_timeout_s" in str(e.value)
+    assert _pg_state(old) == "REMOVED"
+    from ray.util.placement_group import placement_group_table
+
+    pending = [v for v in placement_group_table().values() if v["state"] not in ("REMOVED", "CREATED")]
+    assert not pending, pending  # the group that timed out was removed too, not left queued
+
+
+def test_engine_config_rejects_a_nonpositive_placement_timeout():
+    with pytest.raises(ValueError, match=r"engine\.placement_timeout_s.*-1"):
+        EngineConfig(placement_timeout_s=-1)
+
+
 # ---- real engines on the session's local Ray ----------------------------------------------------------------
 
 def _thread_affinity(pid: int, tid: int) -> set[int]:
