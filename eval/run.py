@@ -197,7 +197,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         from eval.report import build_report, render_terminal, write_report
 
         rep = build_report([d for ds in dirs.values() for d in ds])
-        write_report(rep, os.path.join(cfg.out, "report"))
+        write_report(rep, join_uri(cfg.out, "report"))
         print(render_terminal(rep))
     return EvalResult(cfg.out, dirs, rep)
 

@@ -101,11 +101,27 @@ def join_uri(uri: str, *parts: str) -> str:
     return posixpath.join(base, *parts) + sep + query
 
 
-def _write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def parent_uri(uri: str) -> str:
+    """The folder holding `uri` (local path or URI; a URI's query string stays at the end)."""
+    if "://" not in uri:
+        return os.path.dirname(os.path.abspath(uri.rstrip("/\\")))
+    base, sep, query = uri.partition("?")
+    scheme, _, path = base.partition("://")
+    return f"{scheme}://{posixpath.dirname(path.rstrip('/'))}" + sep + query
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` on `fs` under a temporary name, then move it into place (atomic rename locally;
+    copy + delete on object stores, where readers trust a manifest written last)."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)  # atomic rename locally; copy+delete on object stores (the manifest is the truth there)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:  # leave no temp object behind (on success there is none: no extra request then)
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
 
 
 @dataclass
@@ -168,7 +184,7 @@ class ShardStore:
 
     def write_manifest(self, m: Manifest) -> None:
         self.fs.create_dir(self.root, recursive=True)
-        _write_bytes_atomic(self.fs, self._p(MANIFEST_NAME), m.to_json().encode())
+        write_bytes_atomic(self.fs, self._p(MANIFEST_NAME), m.to_json().encode())
 
     def write_unit(self, m: Manifest, unit_id: str, table: pa.Table) -> None:
         """Write one unit's shard, then record it in the manifest (in that order)."""
@@ -179,7 +195,7 @@ class ShardStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self.fs.create_dir(self._p(SHARD_DIR), recursive=True)
-        _write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        write_bytes_atomic(self.fs, path, sink.getvalue().to_pybytes())
         m.units[unit_id] = {"rows": table.num_rows, "file": f"{SHARD_DIR}/{fname}"}
         self.write_manifest(m)
 

@@ -315,6 +315,44 @@ def test_pairs_reads_an_s3_run(s3_run):
     assert sorted(texts) == sorted(store.read_table().column("completion").to_pylist())
 
 
+@pytest.fixture(scope="module")
+def s3_eval(s3, engine_pool, engine_config, toy_problems):
+    from eval.run import EvalConfig, run_eval
+
+    _, uri = s3
+    cfg = EvalConfig(out=uri("eval/x"), problems=toy_problems, seeds=[0, 1], k=1, max_tokens=16, progress=False,
+                     exec_workers=1, cpu_timeout_s=2.0)
+    return run_eval(cfg, engine_config, pool=engine_pool)
+
+
+def test_eval_into_s3_writes_per_seed_results_and_the_report_there(s3, s3_eval):
+    client, _ = s3
+    objects = _objects(client, "eval/x/")
+    for seed in (0, 1):
+        assert f"base/seed-{seed}/manifest.json" in objects
+        assert any(o.startswith(f"base/seed-{seed}/shards/") and o.endswith(".parquet") for o in objects)
+    report_files = sorted(o for o in objects if o.startswith("report/"))
+    assert report_files == ["report/report.json", "report/report.md", "report/report.png"]  # no temp objects left
+    saved = json.loads(client.get_object(Bucket=BUCKET, Key="eval/x/report/report.json")["Body"].read())
+    assert [i["rows"] for i in saved["inputs"]] == [6, 6]
+    assert client.get_object(Bucket=BUCKET, Key="eval/x/report/report.png")["Body"].read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_reads_s3_results_and_writes_to_an_s3_out(s3, s3_eval):
+    from eval.report import build_report, default_out, render_markdown, write_report
+
+    client, uri = s3
+    dirs = s3_eval.result_dirs["base"]
+    rep = build_report(dirs)
+    assert [i["source"] for i in rep["inputs"]] == dirs and rep["variants"][0]["seeds"] == [0, 1]
+    paths = write_report(rep, uri("reports/again"))
+    assert paths["md"] == uri("reports/again/report.md")
+    assert _objects(client, "reports/again/") == ["report.json", "report.md", "report.png"]
+    md = client.get_object(Bucket=BUCKET, Key="reports/again/report.md")["Body"].read().decode()
+    assert md == render_markdown(rep)
+    assert default_out(dirs[0]) == uri("eval/x/base/report")  # next to the first input, query string kept
+
+
 # ---- a multi-node cluster on this machine -------------------------------------------------------------------
 
 def test_multi_node_run_spreads_engines_and_survives_losing_a_node(tmp_path, tiny_model, toy_problems):
