@@ -78,6 +78,9 @@ class PairsConfig:
     eval_fraction: float | None = None
     split_seed: int = 0
     allow_leakage: bool = False  # proceed even when pair problems are in the eval set (loud warning + report)
+    # Use a gen run that is not complete (manifest complete=false, failed or missing units): its pool is a biased
+    # subset (the units that finished first or did not crash), so only when asked; the report says so first.
+    allow_incomplete: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
