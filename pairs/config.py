@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gen.shards import check_output_path
 from sandbox import Outcome, Phase
 
 BALANCES = ("uniform", "proportional", "weights")
@@ -91,6 +92,7 @@ class PairsConfig:
             raise ValueError(f"pairs.inputs names the same run folder twice: {dupes}")
         if not self.out:
             raise ValueError("pairs.out must name an output folder")
+        check_output_path("pairs.out", self.out)  # a relative out inside a `ray job` working-dir copy is lost
         if self.num_pairs <= 0:
             raise ValueError(f"pairs.num_pairs must be > 0, got {self.num_pairs}")
         if self.balance not in BALANCES:

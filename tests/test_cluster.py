@@ -447,3 +447,44 @@ def test_ray_job_submit_runs_pairloop_gen_on_the_cluster_into_s3(ray_head, s3, t
     assert m is not None and m.complete, (proc.stdout + proc.stderr)[-3000:]
     keys = _keys(store.read_table())
     assert len(set(keys)) == len(keys) == 6 * 3
+
+
+# ---- outputs of a `ray job submit --working-dir` job --------------------------------------------------------
+
+def test_a_relative_output_is_refused_inside_rays_working_dir_copy(tmp_path, monkeypatch):
+    from gen.shards import check_output_path
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check_output_path("pairs.out", "runs/x")  # outside a job: relative is fine
+    monkeypatch.chdir(copy)
+    with pytest.raises(ValueError, match=r"pairs\.out='runs/x' is a relative path.*working-dir"):
+        check_output_path("pairs.out", "runs/x")
+    check_output_path("pairs.out", "/mnt/efs/runs/x")
+    check_output_path("pairs.out", "s3://bucket/runs/x?endpoint_override=h:1")
+
+
+@pytest.mark.parametrize("job_config", ['{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}', "{not json"])
+def test_a_relative_output_is_refused_in_a_job_driver_with_a_working_dir(monkeypatch, job_config):
+    from pairs.config import PairsConfig
+    from train.dpo import TrainConfig
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job_config)  # what Ray's job supervisor gives the driver
+    with pytest.raises(ValueError, match=r"pairs\.out='runs/p'"):
+        PairsConfig(inputs=["s3://b/gen"], out="runs/p")
+    with pytest.raises(ValueError, match=r"train\.out='runs/a'"):
+        TrainConfig(pairs=("/mnt/efs/p",), out="runs/a")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without a working dir
+    PairsConfig(inputs=["s3://b/gen"], out="runs/p")
+
+
+def test_a_real_ray_job_driver_knows_it_runs_in_a_working_dir_copy(ray_head):
+    url, env = ray_head
+    probe = ("from gen.shards import check_output_path, ray_working_dir_copy; print('WHY:', ray_working_dir_copy()); "
+             "check_output_path('pairs.out', 'runs/x')")
+    proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+                           "python", "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0, logs[-3000:]
+    assert "WHY: None" not in logs and "pairs.out='runs/x' is a relative path" in logs, logs[-3000:]
