@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -488,3 +489,29 @@ def test_a_real_ray_job_driver_knows_it_runs_in_a_working_dir_copy(ray_head):
     logs = proc.stdout + proc.stderr
     assert proc.returncode != 0, logs[-3000:]
     assert "WHY: None" not in logs and "pairs.out='runs/x' is a relative path" in logs, logs[-3000:]
+
+
+def test_seed_3b_config_runs_as_its_header_says(tmp_path, monkeypatch):
+    """Outputs survive a `ray job` (absolute or s3://, accepted inside a working-dir copy), stages read what the
+    previous one wrote, the adapter lives on the shared mount every engine reads, train gets a GPU."""
+    from gen.shards import check_output_path
+
+    path = ROOT / "configs" / "seed-3b.yaml"
+    c = yaml.safe_load(path.read_text())
+    header = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+    jobs = {ln.split(" -- pairloop ")[1].split()[0]: ln for ln in header if ln.startswith("ray job submit")}
+    assert sorted(jobs) == ["eval", "gen", "pairs", "train"], jobs
+    for stage, line in jobs.items():
+        assert "--working-dir ." in line and line.endswith(f"pairloop {stage} --config configs/seed-3b.yaml"), line
+        assert ("--entrypoint-num-gpus 1" in line) == (stage == "train"), line  # train runs in the driver
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)  # where the job's driver runs
+    outs = {f"{s}.out": c[s]["out"] for s in ("gen", "pairs", "train", "eval")}
+    for field, value in outs.items():
+        check_output_path(field, value)
+    assert c["pairs"]["inputs"] == [c["gen"]["out"]] and c["train"]["pairs"] == [c["pairs"]["out"]]
+    shared = "/mnt/efs/"  # the mount point of ray_cluster.yaml's shared filesystem
+    assert re.search(r"sudo mount .* /mnt/efs$", (ROOT / "ray_cluster.yaml").read_text(), re.M)
+    assert c["eval"]["adapters"] == [c["train"]["out"]] and c["train"]["out"].startswith(shared)
+    assert c["pairs"]["out"].startswith(shared)  # train (a GPU node) reads the pairs folder
