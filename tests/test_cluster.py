@@ -123,6 +123,20 @@ def test_join_uri_keeps_the_query_string_last():
     assert join_uri("runs/x", "gen") == os.path.join("runs/x", "gen")
 
 
+# ---- runtime checks -----------------------------------------------------------------------------------------
+
+def test_no_stage_checks_at_runtime_with_assert():
+    """`python -O` strips asserts: a runtime check written as one silently stops checking. Tests keep theirs."""
+    import ast
+
+    found = []
+    for pkg in ("gen", "pairs", "train", "eval", "tasks", "sandbox"):
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            found += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+    assert not found, found
+
+
 # ---- placement groups on the session's local Ray -----------------------------------------------------------
 
 def _pg_state(pg) -> str:
