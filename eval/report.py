@@ -18,7 +18,6 @@ import io
 import json
 import os
 import sys
-import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,7 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from eval import stats
-from gen.shards import MANIFEST_NAME, ROW_SCHEMA, ShardStore, check_schema
+import pyarrow.fs as pafs
+
+from gen.shards import (MANIFEST_NAME, ROW_SCHEMA, ShardStore, check_schema, join_uri, parent_uri, resolve,
+                        write_files_atomic)
 
 REPORT_SCHEMA = "pairloop.report/v1"
 PHASE_TITLES = {"definition": "definition", "test": "test", "none": "no phase"}
@@ -54,10 +56,11 @@ def read_results(source: str | os.PathLike | pa.Table) -> tuple[pa.Table, dict[s
         check_schema(source.schema, "results table")
         return source.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), {"source": "<table>", "rows": source.num_rows}
     path = os.fspath(source)
-    if path.endswith(".parquet"):
-        if "://" not in path and not os.path.isfile(path):
+    if path.partition("?")[0].endswith(".parquet"):
+        fs, fpath = resolve(path)
+        if fs.get_file_info(fpath).type != pafs.FileType.File:
             raise ValueError(f"results file {path!r} does not exist")
-        t = pq.read_table(path)
+        t = pq.read_table(fpath, filesystem=fs)
         check_schema(t.schema, path)
         complete = None
     else:
@@ -365,41 +368,23 @@ def render_png(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write report.json, report.md and report.png into out_dir (each atomically). Returns their paths."""
+    """Write report.json, report.md and report.png into out_dir, a local folder or a pyarrow URI such as
+    s3://bucket/eval/report (each file atomically; report.json last). Returns their paths (URIs for a URI)."""
     out_dir = os.fspath(out_dir)
-    if "://" in out_dir:
-        raise ValueError(f"--out {out_dir!r}: the report is written to a local folder; give a local path")
-    os.makedirs(out_dir, exist_ok=True)
     # Render everything first so that a rendering error leaves no partial report.
     files = {
         "png": ("report.png", render_png(report)),
         "md": ("report.md", render_markdown(report).encode()),
         "json": ("report.json", (json.dumps(report, indent=1) + "\n").encode()),  # last: says the rest is there
     }
-    paths = {}
-    for key, (name, data) in files.items():
-        paths[key] = os.path.join(out_dir, name)
-        _write_atomic(paths[key], data)
-    return paths
+    written = write_files_atomic(out_dir, dict(files.values()))
+    return {key: written[name] for key, (name, _) in files.items()}
 
 
 def default_out(first: str | os.PathLike) -> str:
-    path = os.fspath(first)
-    if "://" in path:
-        raise ValueError(f"results {path!r} is remote: pass --out DIR for the report")
-    return os.path.join(os.path.dirname(os.path.abspath(path.rstrip("/\\"))), "report")
+    """report/ next to the first results input (a local path or a URI)."""
+    return join_uri(parent_uri(os.fspath(first)), "report")
 
 
 def run(results: Sequence[str], config: ReportConfig) -> tuple[dict[str, Any], dict[str, str]]:

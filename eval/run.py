@@ -71,6 +71,9 @@ class EvalConfig:
             raise ValueError(f"eval.seeds has duplicates: {self.seeds}")
         if self.k <= 0:
             raise ValueError(f"eval.k must be > 0, got {self.k}")
+        from gen.shards import check_output_path
+
+        check_output_path("eval.out", self.out)
         if self.schedule not in ("one_pass", "sequential"):
             raise ValueError(f"eval.schedule must be one_pass|sequential, got {self.schedule!r}")
         if self.sequences_per_call < 0:

@@ -99,12 +99,14 @@ def score_samples(rows: Sequence[dict[str, Any]], problems: dict[str, Problem], 
     with tqdm(total=len(jobs), unit="job", desc="execute", dynamic_ncols=True) as bar:
         ran = iter(sandbox.run(jobs, on_result=bar.update)) if jobs else iter(())
     results = [NO_CODE_RESULT if program is None else next(ran) for program in programs]
-    assert next(ran, None) is None, f"sandbox returned more results than the {len(jobs)} jobs given"
+    if next(ran, None) is not None:
+        raise RuntimeError(f"sandbox returned more results than the {len(jobs)} jobs given")
     return results
 
 
 def result_rows(rows: Sequence[dict[str, Any]], results: Sequence[ExecResult]) -> list[dict[str, Any]]:
-    assert len(rows) == len(results), f"{len(rows)} samples but {len(results)} results"
+    if len(rows) != len(results):
+        raise ValueError(f"result_rows: {len(rows)} samples but {len(results)} results")
     out = []
     for row, r in zip(rows, results):
         out.append(

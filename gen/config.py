@@ -122,6 +122,9 @@ class GenConfig:
             raise ValueError(f"gen.max_unit_attempts must be > 0, got {self.max_unit_attempts}")
         if not self.out:
             raise ValueError("gen.out must name an output folder")
+        from gen.shards import check_output_path
+
+        check_output_path("gen.out", self.out)
         if not isinstance(self.sampling, SamplingConfig) or not isinstance(self.execution, ExecutionConfig):
             raise ValueError(f"gen.sampling/gen.execution must be SamplingConfig/ExecutionConfig, got "
                              f"{type(self.sampling).__name__}/{type(self.execution).__name__}")

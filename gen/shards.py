@@ -155,6 +155,53 @@ def write_bytes_atomic(uri: str, data: bytes) -> str:
     return write_files_atomic(parent, {name: data})[name]
 
 
+# `ray job submit --working-dir` runs the job's driver in a temporary copy of the upload:
+# <ray temp dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>/
+_RAY_WORKING_DIR_COPY = os.path.join("runtime_resources", "working_dir_files")
+
+
+def ray_working_dir_copy() -> str | None:
+    """Why this process runs inside Ray's temporary copy of a job's --working-dir (None: it does not).
+    Looks at the current directory and at the job config Ray hands the driver (RAY_JOB_CONFIG_JSON_ENV_VAR)."""
+    cwd = os.getcwd()
+    if os.sep + _RAY_WORKING_DIR_COPY + os.sep in cwd + os.sep:
+        return f"the current directory {cwd} is Ray's temporary copy of the job's --working-dir"
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            working_dir = (json.loads(raw).get("runtime_env") or {}).get("working_dir")
+        except (ValueError, AttributeError):  # unreadable: assume the worst (the guard fails closed)
+            return "RAY_JOB_CONFIG_JSON_ENV_VAR is set but unreadable, so this may be a Ray job's working-dir copy"
+        if working_dir:
+            return f"this Ray job runs in a temporary copy of its working_dir {working_dir!r}"
+    return None
+
+
+def check_output_path(field: str, value: str) -> None:
+    """Refuse a relative output path when this process runs inside Ray's temporary --working-dir copy: the
+    output would land in that copy and vanish with the job. Absolute paths and URIs (s3://...) always pass."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field} must be a path or URI, got {value!r}")
+    if "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return
+    why = ray_working_dir_copy()
+    if why is not None:
+        raise ValueError(
+            f"{field}={value!r} is a relative path, but {why}: the output would be written into that copy and lost "
+            "when the job ends. Give an absolute path on storage that outlives the job (e.g. /mnt/efs/...) or an "
+            "s3:// URI"
+        )
+
+
+def parent_uri(uri: str) -> str:
+    """The folder holding `uri` (local path or URI; a URI's query string stays at the end)."""
+    if "://" not in uri:
+        return os.path.dirname(os.path.abspath(uri.rstrip("/\\")))
+    base, sep, query = uri.partition("?")
+    scheme, _, path = base.partition("://")
+    return f"{scheme}://{posixpath.dirname(path.rstrip('/'))}" + sep + query
+
+
 @dataclass
 class Manifest:
     run_id: str

@@ -77,6 +77,9 @@ def loop_configs(argv: list[str]) -> StageConfigs:
                              "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit and "
                              f"engine.model); remove it from the {sec} section")
     loop = build_config(LoopConfig, raw.get("run", {}), "run")
+    from gen.shards import check_output_path
+
+    check_output_path("run.out", loop.out)  # inside `ray job submit --working-dir`: relative outputs would vanish
     engine = build_config(EngineConfig, raw.get("engine", {}), "engine")
     out = loop.out
     split = dict(problems=loop.problems, eval_fraction=loop.eval_fraction, split_seed=loop.split_seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gen.shards import check_output_path
 from sandbox import Outcome, Phase
 
 BALANCES = ("uniform", "proportional", "weights")
@@ -81,6 +82,9 @@ class PairsConfig:
     # Naming no eval set (eval_ids / eval_problems) is refused: the guard cannot check what it is not given.
     # true: write pairs without the guard; the report's first warning says so.
     allow_no_eval_set: bool = False
+    # Use a gen run that is not complete (manifest complete=false, failed or missing units): its pool is a biased
+    # subset (the units that finished first or did not crash), so only when asked; the report says so first.
+    allow_incomplete: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -91,6 +95,7 @@ class PairsConfig:
             raise ValueError(f"pairs.inputs names the same run folder twice: {dupes}")
         if not self.out:
             raise ValueError("pairs.out must name an output folder")
+        check_output_path("pairs.out", self.out)  # a relative out inside a `ray job` working-dir copy is lost
         if self.num_pairs <= 0:
             raise ValueError(f"pairs.num_pairs must be > 0, got {self.num_pairs}")
         if self.balance not in BALANCES:

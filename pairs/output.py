@@ -108,8 +108,10 @@ def pairs_table(
     messages_for: Callable[[str], list[dict[str, str]]] | None = None,
 ) -> pa.Table:
     """The selected pairs as a PAIRS_SCHEMAS[fmt] table. `texts`: pool row -> (completion, finish_reason)."""
-    assert fmt in PAIRS_SCHEMAS, fmt
-    assert fmt == "text" or messages_for is not None, "chat format needs messages_for"
+    if fmt not in PAIRS_SCHEMAS:
+        raise ValueError(f"pairs format {fmt!r}: must be one of {sorted(PAIRS_SCHEMAS)}")
+    if fmt != "text" and messages_for is None:
+        raise ValueError(f"pairs format {fmt!r} needs messages_for (problem id -> chat messages), got None")
     cols: dict[str, list[Any]] = {f.name: [] for f in PAIRS_SCHEMAS[fmt]}
     checked: dict[int, list[dict[str, str]]] = {}
     for c, r, k in sel.pairs:

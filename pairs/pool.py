@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sandbox import Outcome
-from gen.shards import ROW_SCHEMA, ShardStore, check_schema
+from gen.shards import ROW_SCHEMA, Manifest, ShardStore, check_schema
 from pairs.config import PHASES
 
 OUTCOMES = [o.name for o in Outcome]  # pool.outcome codes index this list
@@ -44,6 +44,7 @@ class RunInfo:
     identity: dict[str, Any]
     shards: int
     rows: int
+    incomplete: str | None = None  # why the run is not complete (read anyway: pairs.allow_incomplete); None: complete
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,29 @@ def _check_fragment(frag: ds.ParquetFileFragment, where: str, manifest_rows: int
         )
 
 
-def scan_pool(uris: Sequence[str], progress: bool = True) -> Pool:
+def incomplete_reason(store: ShardStore, m: Manifest) -> tuple[str | None, list[bool]]:
+    """Why the run in `store` is not complete (None if it is), and per manifest unit (sorted by id) whether its
+    shard exists. Incomplete: the manifest says complete=false, records failed units, or lists a unit whose
+    shard is gone."""
+    paths = store.shard_paths()
+    present = [i.type == pafs.FileType.File for i in store.fs.get_file_info(paths)] if paths else []
+    reasons = []
+    if not m.complete:
+        reasons.append("its manifest says complete=false (gen stopped or is still running)")
+    failed = sorted((m.summary or {}).get("failed_units") or {})
+    if failed:
+        reasons.append(f"{len(failed)} unit(s) failed: {failed[:5]}")
+    missing = [uid for uid, ok in zip(sorted(m.units), present) if not ok]
+    if missing:
+        reasons.append(f"{len(missing)} unit(s) listed in its manifest have no shard: {missing[:5]}")
+    return ("; ".join(reasons) or None), present
+
+
+def scan_pool(uris: Sequence[str], progress: bool = True, allow_incomplete: bool = False) -> Pool:
     """Metadata of every row of every complete shard of these run folders. Raises ValueError on a missing
-    manifest, a shard of the wrong schema or row count, an unknown outcome or phase, or a row listed twice."""
+    manifest, a run that is not complete (unless allow_incomplete: then its present shards are read and
+    RunInfo.incomplete says why), a shard of the wrong schema or row count, an unknown outcome or phase, or a
+    row listed twice."""
     from tqdm.auto import tqdm
 
     runs: list[RunInfo] = []
@@ -184,9 +205,16 @@ def scan_pool(uris: Sequence[str], progress: bool = True) -> Pool:
         m = store.read_manifest()
         if m is None:
             raise ValueError(f"pairs.inputs: {uri!r} has no manifest.json; not a gen run folder")
-        units = [u for _, u in sorted(m.units.items())]
-        paths = store.shard_paths()
-        runs.append(RunInfo(uri, m.run_id, dict(m.identity), len(paths), sum(int(u["rows"]) for u in units)))
+        reason, present = incomplete_reason(store, m)
+        if reason is not None and not allow_incomplete:
+            raise ValueError(
+                f"pairs.inputs: {uri!r} is not a complete gen run: {reason}. Rerun gen with the same config to "
+                "finish it (complete units are kept), or set pairs.allow_incomplete=true to use what is there"
+            )
+        kept = [(u, p) for (_, u), p, ok in zip(sorted(m.units.items()), store.shard_paths(), present) if ok]
+        units, paths = [u for u, _ in kept], [p for _, p in kept]
+        runs.append(RunInfo(uri, m.run_id, dict(m.identity), len(paths), sum(int(u["rows"]) for u in units),
+                            reason))
         plans.append((store, paths, [int(u["rows"]) for u in units]))
     total = sum(r.rows for r in runs)
     if total == 0:

@@ -154,7 +154,7 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     eval_ids, eval_problems, eval_desc = eval_problem_set(cfg)
-    pool = scan_pool(cfg.inputs, progress=cfg.progress)
+    pool = scan_pool(cfg.inputs, progress=cfg.progress, allow_incomplete=cfg.allow_incomplete)
     timings["scan"] = time.perf_counter() - t0
     fmt = prompt_format(cfg, pool)
     if fmt == "chat" and messages_for is None:
@@ -220,6 +220,11 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
         warnings.append(f"allow_leakage=true: {len(leaked)} eval problem(s) could have yielded pairs; none did")
     if len(sel.pairs) < cfg.num_pairs:
         warnings.append(f"only {len(sel.pairs)} of the {cfg.num_pairs} pairs asked for fit the constraints")
+    incomplete = [f"{r.uri}: {r.incomplete}" for r in pool.runs if r.incomplete]
+    if incomplete:  # first in the report: the pool itself is partial
+        msg = f"INCOMPLETE input run(s) used because allow_incomplete=true: {'; '.join(incomplete)}"
+        warnings.insert(0, msg)
+        print(f"pairloop pairs: {msg}", file=sys.stderr)
     leakage = {"eval_set": eval_desc, "eval_problems": len(eval_ids), "compared": compared,
                "findings": [asdict(f) for f in findings[:50]], "pair_problems_in_eval": len(in_eval),
                "allow_leakage": cfg.allow_leakage, "allow_no_eval_set": cfg.allow_no_eval_set,

@@ -49,7 +49,8 @@ def apportion(total: int, weights: dict[str, float], seed: int = 0) -> dict[str,
     order = sorted(live, key=lambda k: (-(exact[k] - int(exact[k])), hash64(seed, "tie", k)))
     for k in order[:left]:
         out[k] += 1
-    assert sum(out.values()) == total, f"apportion({total}, {weights}) -> {out}"
+    if sum(out.values()) != total:
+        raise RuntimeError(f"apportion({total}, {weights}) -> {out}: shares sum to {sum(out.values())}")
     return out
 
 

@@ -198,7 +198,8 @@ class _Worker:
             while True:
                 frames = self.frames()
                 if frames:
-                    assert frames[0][0] == "ready" and len(frames) == 1, f"unexpected first frames {frames!r}"
+                    if frames[0][0] != "ready" or len(frames) != 1:
+                        raise RuntimeError(f"sandbox worker: unexpected first frames {frames!r}")
                     self.ready = frames[0]
                     os.set_blocking(self.wfd, False)
                     return self.ready
@@ -322,7 +323,8 @@ class Sandbox:
                 raise RuntimeError("Sandbox.run called after close()")
             self._schedule(jobs, todo, results, on_result)
         missing = [i for i, r in enumerate(results) if r is None]
-        assert not missing, f"jobs {missing[:10]} got no result"
+        if missing:
+            raise RuntimeError(f"sandbox: jobs {missing[:10]} ({len(missing)} in all) got no result")
         return results  # type: ignore[return-value]
 
     def _schedule(self, jobs: list[Job], todo: deque, results: list, on_result) -> None:
@@ -424,7 +426,8 @@ class Sandbox:
                         w.inbuf += chunk
                         for idx, outcome, phase, etype, msg, cpu, output in w.frames():
                             expected = w.inflight.popleft()
-                            assert idx == expected, f"worker answered job {idx}, expected {expected}"
+                            if idx != expected:
+                                raise RuntimeError(f"sandbox worker answered job {idx}, expected {expected}")
                             finish(idx, ExecResult(Outcome[outcome], None if phase is None else Phase(phase),
                                                    etype, msg, cpu, output))
                             w.deadline = time.monotonic() + budget if w.inflight else None

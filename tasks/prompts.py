@@ -75,7 +75,9 @@ def build_prompt(problem: Problem, style: str, tokenizer: Any = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"style 'chat': tokenizer {type(tokenizer).__name__} has no chat_template; use style 'base'")
     text = tokenizer.apply_chat_template(chat_messages(problem), tokenize=False, add_generation_prompt=True)
-    assert isinstance(text, str), f"apply_chat_template(tokenize=False) returned {type(text).__name__}"
+    if not isinstance(text, str):
+        raise RuntimeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str "
+                           f"(problem {problem.id!r})")
     return text
 
 

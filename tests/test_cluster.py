@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -122,6 +123,63 @@ def test_join_uri_keeps_the_query_string_last():
     assert join_uri(uri, "gen") == "s3://bucket/runs/x/gen?endpoint_override=127.0.0.1:9000&scheme=http"
     assert join_uri("s3://bucket/runs/x", "gen", "a") == "s3://bucket/runs/x/gen/a"
     assert join_uri("runs/x", "gen") == os.path.join("runs/x", "gen")
+
+
+# ---- runtime checks -----------------------------------------------------------------------------------------
+
+def test_no_stage_checks_at_runtime_with_assert():
+    """`python -O` strips asserts: a runtime check written as one silently stops checking. Tests keep theirs."""
+    import ast
+
+    found = []
+    for pkg in ("gen", "pairs", "train", "eval", "tasks", "sandbox"):
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            found += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+    assert not found, found
+
+
+# ---- placement groups on the session's local Ray -----------------------------------------------------------
+
+def _pg_state(pg) -> str:
+    from ray.util.placement_group import placement_group_table
+
+    return placement_group_table()[pg.id.hex()]["state"]
+
+
+def test_replacing_an_engines_placement_group_removes_the_old_one(ray_local):
+    from gen.engine import reserve_placement_group
+    from ray.util.placement_group import remove_placement_group
+
+    old = reserve_placement_group([{"CPU": 1}], "STRICT_PACK", 60, "engine 0")
+    assert _pg_state(old) == "CREATED"
+    new = reserve_placement_group([{"CPU": 1}], "STRICT_PACK", 60, "engine 0", old=old)
+    try:
+        assert _pg_state(old) == "REMOVED"
+        assert _pg_state(new) == "CREATED"
+    finally:
+        remove_placement_group(new)
+
+
+def test_an_unsatisfiable_placement_group_times_out_naming_engine_and_resources(ray_local):
+    from gen.engine import PlacementTimeout, reserve_placement_group
+
+    old = reserve_placement_group([{"CPU": 1}], "STRICT_PACK", 60, "engine 3")
+    # this local Ray has no GPU: the request can never be satisfied, whatever the machine's speed
+    with pytest.raises(PlacementTimeout, match=r"engine 3 \(tensor_parallel_size=2\).*'GPU': 2") as e:
+        reserve_placement_group([{"GPU": 2, "CPU": 1}], "STRICT_PACK", 1.0, "engine 3 (tensor_parallel_size=2)",
+                                old=old)
+    assert "engine.placement_timeout_s" in str(e.value)
+    assert _pg_state(old) == "REMOVED"
+    from ray.util.placement_group import placement_group_table
+
+    pending = [v for v in placement_group_table().values() if v["state"] not in ("REMOVED", "CREATED")]
+    assert not pending, pending  # the group that timed out was removed too, not left queued
+
+
+def test_engine_config_rejects_a_nonpositive_placement_timeout():
+    with pytest.raises(ValueError, match=r"engine\.placement_timeout_s.*-1"):
+        EngineConfig(placement_timeout_s=-1)
 
 
 # ---- real engines on the session's local Ray ----------------------------------------------------------------
@@ -274,6 +332,44 @@ def test_pairs_reads_an_s3_run(s3_run):
     assert sorted(texts) == sorted(store.read_table().column("completion").to_pylist())
 
 
+@pytest.fixture(scope="module")
+def s3_eval(s3, engine_pool, engine_config, toy_problems):
+    from eval.run import EvalConfig, run_eval
+
+    _, uri = s3
+    cfg = EvalConfig(out=uri("eval/x"), problems=toy_problems, seeds=[0, 1], k=1, max_tokens=16, progress=False,
+                     exec_workers=1, cpu_timeout_s=2.0)
+    return run_eval(cfg, engine_config, pool=engine_pool)
+
+
+def test_eval_into_s3_writes_per_seed_results_and_the_report_there(s3, s3_eval):
+    client, _ = s3
+    objects = _objects(client, "eval/x/")
+    for seed in (0, 1):
+        assert f"base/seed-{seed}/manifest.json" in objects
+        assert any(o.startswith(f"base/seed-{seed}/shards/") and o.endswith(".parquet") for o in objects)
+    report_files = sorted(o for o in objects if o.startswith("report/"))
+    assert report_files == ["report/report.json", "report/report.md", "report/report.png"]  # no temp objects left
+    saved = json.loads(client.get_object(Bucket=BUCKET, Key="eval/x/report/report.json")["Body"].read())
+    assert [i["rows"] for i in saved["inputs"]] == [6, 6]
+    assert client.get_object(Bucket=BUCKET, Key="eval/x/report/report.png")["Body"].read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_reads_s3_results_and_writes_to_an_s3_out(s3, s3_eval):
+    from eval.report import build_report, default_out, render_markdown, write_report
+
+    client, uri = s3
+    dirs = s3_eval.result_dirs["base"]
+    rep = build_report(dirs)
+    assert [i["source"] for i in rep["inputs"]] == dirs and rep["variants"][0]["seeds"] == [0, 1]
+    paths = write_report(rep, uri("reports/again"))
+    assert paths["md"] == uri("reports/again/report.md")
+    assert _objects(client, "reports/again/") == ["report.json", "report.md", "report.png"]
+    md = client.get_object(Bucket=BUCKET, Key="reports/again/report.md")["Body"].read().decode()
+    assert md == render_markdown(rep)
+    assert default_out(dirs[0]) == uri("eval/x/base/report")  # next to the first input, query string kept
+
+
 # ---- a multi-node cluster on this machine -------------------------------------------------------------------
 
 def test_multi_node_run_spreads_engines_and_survives_losing_a_node(tmp_path, tiny_model, toy_problems):
@@ -368,3 +464,70 @@ def test_ray_job_submit_runs_pairloop_gen_on_the_cluster_into_s3(ray_head, s3, t
     assert m is not None and m.complete, (proc.stdout + proc.stderr)[-3000:]
     keys = _keys(store.read_table())
     assert len(set(keys)) == len(keys) == 6 * 3
+
+
+# ---- outputs of a `ray job submit --working-dir` job --------------------------------------------------------
+
+def test_a_relative_output_is_refused_inside_rays_working_dir_copy(tmp_path, monkeypatch):
+    from gen.shards import check_output_path
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check_output_path("pairs.out", "runs/x")  # outside a job: relative is fine
+    monkeypatch.chdir(copy)
+    with pytest.raises(ValueError, match=r"pairs\.out='runs/x' is a relative path.*working-dir"):
+        check_output_path("pairs.out", "runs/x")
+    check_output_path("pairs.out", "/mnt/efs/runs/x")
+    check_output_path("pairs.out", "s3://bucket/runs/x?endpoint_override=h:1")
+
+
+@pytest.mark.parametrize("job_config", ['{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}', "{not json"])
+def test_a_relative_output_is_refused_in_a_job_driver_with_a_working_dir(monkeypatch, job_config):
+    from pairs.config import PairsConfig
+    from train.dpo import TrainConfig
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job_config)  # what Ray's job supervisor gives the driver
+    with pytest.raises(ValueError, match=r"pairs\.out='runs/p'"):
+        PairsConfig(inputs=["s3://b/gen"], out="runs/p")
+    with pytest.raises(ValueError, match=r"train\.out='runs/a'"):
+        TrainConfig(pairs=("/mnt/efs/p",), out="runs/a")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without a working dir
+    PairsConfig(inputs=["s3://b/gen"], out="runs/p")
+
+
+def test_a_real_ray_job_driver_knows_it_runs_in_a_working_dir_copy(ray_head):
+    url, env = ray_head
+    probe = ("from gen.shards import check_output_path, ray_working_dir_copy; print('WHY:', ray_working_dir_copy()); "
+             "check_output_path('pairs.out', 'runs/x')")
+    proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+                           "python", "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0, logs[-3000:]
+    assert "WHY: None" not in logs and "pairs.out='runs/x' is a relative path" in logs, logs[-3000:]
+
+
+def test_seed_3b_config_runs_as_its_header_says(tmp_path, monkeypatch):
+    """Outputs survive a `ray job` (absolute or s3://, accepted inside a working-dir copy), stages read what the
+    previous one wrote, the adapter lives on the shared mount every engine reads, train gets a GPU."""
+    from gen.shards import check_output_path
+
+    path = ROOT / "configs" / "seed-3b.yaml"
+    c = yaml.safe_load(path.read_text())
+    header = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+    jobs = {ln.split(" -- pairloop ")[1].split()[0]: ln for ln in header if ln.startswith("ray job submit")}
+    assert sorted(jobs) == ["eval", "gen", "pairs", "train"], jobs
+    for stage, line in jobs.items():
+        assert "--working-dir ." in line and line.endswith(f"pairloop {stage} --config configs/seed-3b.yaml"), line
+        assert ("--entrypoint-num-gpus 1" in line) == (stage == "train"), line  # train runs in the driver
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)  # where the job's driver runs
+    outs = {f"{s}.out": c[s]["out"] for s in ("gen", "pairs", "train", "eval")}
+    for field, value in outs.items():
+        check_output_path(field, value)
+    assert c["pairs"]["inputs"] == [c["gen"]["out"]] and c["train"]["pairs"] == [c["pairs"]["out"]]
+    shared = "/mnt/efs/"  # the mount point of ray_cluster.yaml's shared filesystem
+    assert re.search(r"sudo mount .* /mnt/efs$", (ROOT / "ray_cluster.yaml").read_text(), re.M)
+    assert c["eval"]["adapters"] == [c["train"]["out"]] and c["train"]["out"].startswith(shared)
+    assert c["pairs"]["out"].startswith(shared)  # train (a GPU node) reads the pairs folder

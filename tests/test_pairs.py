@@ -53,9 +53,10 @@ def default_prompt(problem_id: str) -> str:
 
 
 def write_run(root: Path | str, rows: list[dict], run_id: str = "run-a", shards: int = 2, identity: dict | None = None,
-              order_seed: int | None = None) -> str:
+              order_seed: int | None = None, complete: bool = True) -> str:
     """A gen run folder holding `rows` (dicts from sample_row) in `shards` shard files, round-robin. Sample indices
-    follow the order of `rows`; `order_seed` then shuffles the rows across shards (same content, other layout)."""
+    follow the order of `rows`; `order_seed` then shuffles the rows across shards (same content, other layout).
+    `complete`: what the manifest, written last as gen writes it, says."""
     store = ShardStore(str(root))
     manifest = store.open_run(run_id, identity or {"prompt_style": "base", "response_prefix": ""})
     seen: Counter = Counter()
@@ -77,6 +78,8 @@ def write_run(root: Path | str, rows: list[dict], run_id: str = "run-a", shards:
         part = [dict(x, unit_id=f"u{s}") for x in full[s::shards]]
         if part:
             store.write_unit(manifest, f"u{s}", rows_to_table(part))
+    manifest.complete = complete
+    store.write_manifest(manifest)
     return str(root)
 
 
@@ -480,6 +483,56 @@ def test_a_problem_set_that_changed_since_gen_is_recorded_unverified(tmp_path, t
     report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_ids=["other"], progress=False))
     (ps,) = report["leakage"]["problem_sets"]
     assert not ps["verified"] and "fingerprint mismatch" in ps["note"]
+
+
+# ---------------------------------------------------------------------------------------------- incomplete runs
+
+
+def incomplete_pool(d: Path) -> str:
+    """simple_pool's rows, as gen leaves them when it stops after writing the shards: complete=false."""
+    simple_pool(d)
+    store = ShardStore(str(d / "run"))
+    m = store.read_manifest()
+    m.complete = False
+    store.write_manifest(m)
+    return store.uri
+
+
+def test_an_incomplete_run_is_refused_and_nothing_is_written(tmp_path):
+    inp = incomplete_pool(tmp_path)
+    with pytest.raises(ValueError, match=r"not a complete gen run: its manifest says complete=false.*"
+                                         r"pairs\.allow_incomplete=true"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), allow_no_eval_set=True, progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_with_failed_units_is_refused(tmp_path):
+    inp = simple_pool(tmp_path)
+    store = ShardStore(inp)
+    m = store.read_manifest()
+    m.summary["failed_units"] = {"u9": "engine died 3 times while running it"}  # complete stays true: a lie
+    store.write_manifest(m)
+    with pytest.raises(ValueError, match=r"1 unit\(s\) failed: \['u9'\]"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), allow_no_eval_set=True, progress=False))
+
+
+def test_a_unit_listed_without_its_shard_is_refused(tmp_path):
+    inp = simple_pool(tmp_path)
+    (Path(inp) / "shards" / "u1.parquet").unlink()
+    with pytest.raises(ValueError, match=r"1 unit\(s\) listed in its manifest have no shard: \['u1'\]"):
+        run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), allow_no_eval_set=True, progress=False))
+
+
+def test_allow_incomplete_uses_the_run_and_the_report_says_so_first(tmp_path, capsys):
+    inp = incomplete_pool(tmp_path)
+    report = run(PairsConfig(inputs=[inp], out=str(tmp_path / "out"), eval_ids=["p/1"], allow_leakage=True,
+                             allow_incomplete=True, progress=False))
+    assert report["pairs"] > 0
+    assert report["warnings"][0].startswith("INCOMPLETE input run(s) used because allow_incomplete=true")
+    assert "complete=false" in report["warnings"][0] and report["warnings"][1].startswith("LEAKAGE")
+    assert "INCOMPLETE" in capsys.readouterr().err
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.index("INCOMPLETE") < md.index("LEAKAGE") < md.index("## Pool")
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -42,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gen.shards import config_to_dict
+from gen.shards import check_output_path, config_to_dict
 
 # vLLM accepts only these values for `max_lora_rank` (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -97,6 +97,7 @@ class TrainConfig:
             raise ValueError("TrainConfig.pairs: give at least one pairs Parquet file or folder, got ()")
         if not self.out:
             raise ValueError("TrainConfig.out: give the adapter folder to create, got ''")
+        check_output_path("train.out", self.out)  # a relative out inside a `ray job` working-dir copy is lost
         if not self.model:
             raise ValueError("TrainConfig.model: give a hub id, a local folder or 'default', got ''")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
