@@ -253,7 +253,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         log.mark(name, ident, outputs, time.perf_counter() - t0, info)
 
     base_eval = replace(c.eval, adapters=[], include_base=True)
-    adapter_eval = replace(c.eval, adapters=[c.train.out], include_base=True)
+    adapter_eval = None  # built once the adapter exists (EvalConfig checks its folder)
 
     def eval_base() -> None:
         run_eval(base_eval, c.engine, pool=engines(), report=False)
@@ -284,6 +284,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         stage("train", "4/5 train (DPO + LoRA)", c.train,
               {"pairs": file_sha256(join_uri(c.pairs.out, "pairs.parquet")),
                "model": engine_ident["fingerprint"]}, [c.train.out], train_adapter)
+        adapter_eval = replace(c.eval, adapters=[c.train.out], include_base=True)
         stage("eval_adapter", "5/5 adapter eval (hot-loaded) + report", adapter_eval,
               {"engine": engine_ident, "adapter": adapter_sha256(c.train.out)},
               [join_uri(c.eval.out, adapter_label(c.train.out))], eval_adapter)
