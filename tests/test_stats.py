@@ -185,7 +185,7 @@ def test_paired_comparison_matches_hand_computed_values():
 
 def test_k1_single_seed_comparison_is_named_mcnemar():
     base, adapter = _ten_problem_case()
-    assert "McNemar" in stats.compare(base, adapter)["test"]
+    assert "McNemar" in stats.compare(base, adapter)["secondary_test"]
 
 
 def test_decomposition_counts_base_categories_of_gained_and_adapter_categories_of_lost():
@@ -233,7 +233,7 @@ def test_multi_seed_delta_averages_seeds_per_problem():
     assert c["delta"] == pytest.approx(((1 - .75) + (.75 - .25)) / 2)
     assert c["delta"] == pytest.approx(
         stats.summarize_variant(x)["pass_at_1"]["mean"] - stats.summarize_variant(b)["pass_at_1"]["mean"])
-    assert (c["gained"], c["lost"]) == (2, 0) and "McNemar" not in c["test"]
+    assert (c["gained"], c["lost"]) == (2, 0) and "McNemar" not in c["secondary_test"]
 
 
 def test_pairing_skips_seeds_where_one_side_has_only_infra_errors():
