@@ -346,7 +346,7 @@ def power_analysis(
         why = "fewer than 2 problems" if se is None else "every problem's difference is the same (paired SE = 0)"
         out.update(mde=None, mde_undefined=why)
     else:
-        out.update(mde=z * se)
+        out.update(mde=minimum_detectable_effect(se, alpha, power))
     pred_var = data_var = per_sample = None
     if prediction is not None and var is not None:
         (s2_base, v_base), (s2_other, v_other) = prediction

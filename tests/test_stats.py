@@ -456,12 +456,14 @@ def test_permutation_p_exact_small_case_by_hand():
 
 
 def test_permutation_monte_carlo_is_seeded_and_close_to_exact():
-    d = np.array([1.0] * 12 + [0.5] * 6 + [-0.25] * 4)  # m = 22 > exact_max
+    d = np.array([1.0] * 7 + [-1.0] * 4 + [0.5] * 5 + [-0.5] * 6)  # m = 22 > exact_max; sum 2.5, exact p = 0.594
     mc = stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=1)
     assert mc["method"] == "monte-carlo" and mc == stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=1)
     exact = stats.sign_flip_test(d, exact_max=22)
     assert exact["method"] == "exact"
+    assert 0.1 < exact["p_value"] < 0.9  # a p in the middle, where the draws matter
     assert abs(mc["p_value"] - exact["p_value"]) < 5 * mc["mc_error"] + 1 / 20_001
+    assert mc["p_value"] != stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=2)["p_value"]
     assert mc["mc_error"] == pytest.approx(math.sqrt(mc["p_value"] * (1 - mc["p_value"]) / 20_000))
 
 
