@@ -170,7 +170,8 @@ def _interval(ci: Sequence[float] | None, fmt: str) -> str:
 
 def _main_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     level = f"{report['options']['ci_level']:.0%} CI (normal)"
-    headers = ["variant", "seeds", "problems", "k", "pass@1 ± SE", level, "std across seeds"] + report["categories_shown"]
+    headers = ["variant", "seeds", "problems", "k", "pass@1 ± SE", level, "std across seeds"]
+    headers += report["categories_shown"]
     rows = []
     for v in report["variants"]:
         k = v["samples_per_problem"]
@@ -297,7 +298,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "pass@1 ± its standard error over problems (clustered by problem: each problem's mean over all its samples "
         "is one unit), a normal CI, and beside them the sample std across seeds (sampling noise only: it ignores "
-        "which problems were drawn). Failure categories: mean ± sample std across seeds. Failure counts are per problem: each problem adds the fraction of its scored "
+        "which problems were drawn). Failure categories: mean ± sample std across seeds. Failure counts are per "
+        "problem: each problem adds the fraction of its scored "
         "samples in that category (with k=1 the plain count of failing problems; with k>1 the count divided by k). "
         "INFRA_ERROR samples are excluded from every rate and counted separately below." + _std_note(report),
         "",

@@ -374,7 +374,8 @@ def power_analysis(
         out["needed_undefined"] = "no prediction-noise estimate (needs >= 2 samples per problem)"
     elif room <= 0:
         out["samples_per_problem_needed"] = None
-        out["needed_undefined"] = "data noise alone exceeds what this problem count allows: more samples per problem cannot reach it"
+        out["needed_undefined"] = ("data noise alone exceeds what this problem count allows: more samples per problem "
+                                   "cannot reach it")
     else:
         out["samples_per_problem_needed"] = max(1, math.ceil(per_sample / room - 1e-9))
         out["needed_undefined"] = None

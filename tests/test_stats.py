@@ -472,10 +472,10 @@ def test_permutation_test_uses_magnitudes_where_the_sign_test_cannot():
     # Sign test on 14:6: p = 2 * sum_{i<=6} C(20, i) / 2^20 = 0.1153 (within noise by sign alone).
     # Permutation, |sum| >= 12.5 with 14 (+-1) and 6 (+-.25): all fourteen +1 (2^6 = 64 vectors) or one -1
     # (14 ways) with at most two -.25 flipped (1 + 6 + 15 = 22): 64 + 308 = 372 per side; p = 744 / 2^20.
-    base = {0: {f"p{i}": ["NAME_ERROR"] * 4 if i < 14 else ["PASS"] * 4 if i < 20 else ["PASS", "PASS", "NAME_ERROR", "NAME_ERROR"]
-                for i in range(60)}}
+    half = ["PASS", "PASS", "NAME_ERROR", "NAME_ERROR"]
+    base = {0: {f"p{i}": ["NAME_ERROR"] * 4 if i < 14 else ["PASS"] * 4 if i < 20 else half for i in range(60)}}
     adapter = {0: {f"p{i}": ["PASS"] * 4 if i < 14 else ["PASS"] * 3 + ["NAME_ERROR"] if i < 20
-                   else ["PASS", "PASS", "NAME_ERROR", "NAME_ERROR"] for i in range(60)}}
+                   else half for i in range(60)}}
     c = stats.compare(*counts(results(base) + results(adapter, adapter="x")))
     assert (c["gained"], c["lost"]) == (14, 6)
     assert c["sign_test_p_value"] == pytest.approx(2 * sum(math.comb(20, i) for i in range(7)) / 2**20)
