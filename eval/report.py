@@ -5,9 +5,11 @@ the samples schema (gen.shards.ROW_SCHEMA). Rows with `adapter` null are the bas
 compared against it on the same problems and seeds (eval/stats.py defines every number). Writes, atomically:
 
     DIR/report.json   every number (the other three are rendered from it)
-    DIR/report.md     tables: pass@1 and failure categories (mean ± std across seeds), phase split, the paired
-                      comparison with its CI, p-value and verdict, the gained/lost decomposition, INFRA_ERROR
-    DIR/report.png    pass@1 and failure categories per variant, error bars = std across seeds
+    DIR/report.md     tables: pass@1 ± SE over problems with its CI beside the std across seeds, failure
+                      categories, phase split, the paired comparison (delta ± paired SE, CIs, correlation,
+                      permutation p, sign-test p, verdict), its power (noise split, MDE, problems/samples
+                      needed), the gained/lost decomposition, INFRA_ERROR
+    DIR/report.png    pass@1 and failure categories per variant, error bars = normal CIs over problems
 
 and prints the tables to the terminal. DIR defaults to `report/` next to the first RESULTS.
 """
@@ -41,7 +43,7 @@ class ReportConfig:
     bootstrap_samples: int = 10_000  # MC error of a 2.5% percentile at B=1e4 is ~1/10 of a CI half-width
     bootstrap_seed: int = 0  # the CI is a function of the results and this seed
     ci_level: float = 0.95
-    alpha: float = 0.05  # "beyond noise": CI excludes 0 and sign-test p < alpha
+    alpha: float = 0.05  # "beyond noise": the paired permutation test's p < alpha
 
     def __post_init__(self) -> None:
         self.compare_options()  # validates bootstrap_samples, ci_level, alpha (names them)
@@ -121,8 +123,8 @@ def build_report(
     tables, inputs = zip(*(read_results(s) for s in sources))
     variants = stats.count_outcomes(pa.concat_tables(tables))
     ref = stats.choose_base(variants, base if base is not None else config.base)
-    summaries = [stats.summarize_variant(v) for v in variants]
     options = config.compare_options()
+    summaries = [stats.summarize_variant(v, options.ci_level) for v in variants]
     comparisons = [stats.compare(ref, v, options) for v in variants if ref is not None and v is not ref]
     shown = [
         o.value
@@ -143,6 +145,10 @@ def build_report(
             "bootstrap_seed": options.bootstrap_seed,
             "ci_level": options.ci_level,
             "alpha": options.alpha,
+            "power": options.power,
+            "exact_max": options.exact_max,
+            "permutation_draws": options.permutation_draws,
+            "permutation_seed": options.permutation_seed,
         },
         "categories_shown": shown,
         "variants": summaries,
@@ -157,14 +163,27 @@ def _ms(x: dict[str, Any], digits: int) -> str:
     return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _interval(ci: Sequence[float] | None, fmt: str) -> str:
+    return "n/a" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
 def _main_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["variant", "seeds", "problems", "k", "pass@1"] + report["categories_shown"]
+    level = f"{report['options']['ci_level']:.0%} CI (normal)"
+    headers = ["variant", "seeds", "problems", "k", "pass@1 ± SE", level, "std across seeds"]
+    headers += report["categories_shown"]
     rows = []
     for v in report["variants"]:
         k = v["samples_per_problem"]
+        p1 = v["pass_at_1"]
         rows.append(
             [v["label"] + (" (base)" if v["label"] == report["base"] else ""), str(len(v["seeds"])),
-             str(v["problems"]), str(k) if isinstance(k, int) else "/".join(map(str, k)), _ms(v["pass_at_1"], 3)]
+             str(v["problems"]), str(k) if isinstance(k, int) else "/".join(map(str, k)),
+             f"{p1['mean']:.3f} ± {_num(p1.get('se'), '.3f')}", _interval(p1.get("ci"), ".3f"),
+             f"{p1['std']:.3f}" if p1["std_defined"] else "n/a (1 seed)"]
             + [_ms(v["failures"][c], 2) for c in report["categories_shown"]]
         )
     return headers, rows
@@ -192,14 +211,44 @@ def _category_phase_rows(report: dict[str, Any]) -> tuple[list[str], list[list[s
 
 def _comparison_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     level = f"{report['options']['ci_level']:.0%} CI"
-    headers = ["adapter", "base pass@1", "adapter pass@1", "delta", level, "gained", "lost", "unchanged", "p", "verdict"]
-    rows = [
-        [c["adapter"], f"{c['base_pass_at_1']:.4f}", f"{c['adapter_pass_at_1']:.4f}", f"{c['delta']:+.4f}",
-         f"[{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]", str(c["gained"]), str(c["lost"]), str(c["ties"]),
-         f"{c['p_value']:.4g}", c["verdict"]]
-        for c in report["comparisons"]
-    ]
+    headers = ["adapter", "base pass@1", "adapter pass@1", "delta ± paired SE", f"{level} (normal)",
+               f"{level} (bootstrap)", "corr", "gained", "lost", "unchanged", "p (permutation)", "p (sign)", "verdict"]
+    rows = []
+    for c in report["comparisons"]:
+        perm = c.get("permutation", {})
+        mc = f" ± {perm['mc_error']:.1g}" if perm.get("mc_error") is not None else ""
+        rows.append(
+            [c["adapter"], f"{c['base_pass_at_1']:.4f}", f"{c['adapter_pass_at_1']:.4f}",
+             f"{c['delta']:+.4f} ± {_num(c.get('se'), '.4f')}", _interval(c.get("ci_normal"), "+.4f"),
+             _interval(c["ci"], "+.4f"), _num(c.get("correlation"), ".2f"), str(c["gained"]), str(c["lost"]),
+             str(c["ties"]), f"{c['p_value']:.4g}{mc}", _num(c.get("sign_test_p_value"), ".4g"), c["verdict"]]
+        )
     return headers, rows
+
+
+def _power_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["adapter", "paired SE", "data-noise SE", "prediction-noise SE", "MDE (80% power)", "problems needed",
+               "samples/problem now", "samples/problem needed"]
+    rows = []
+    for c in report["comparisons"]:
+        n, pw = c["noise"], c["power"]
+        rows.append(
+            [c["adapter"], _num(n["total_se"], ".4f"), _num(n["data_se"], ".4f"), _num(n["prediction_se"], ".4f"),
+             _num(c["mde"], ".4f"), _num(pw["problems_needed"], "d"), _num(pw["samples_per_problem"], "d"),
+             _num(pw["samples_per_problem_needed"], "d")]
+        )
+    headers[4] = f"MDE ({report['options'].get('power', 0.8):.0%} power)"
+    return headers, rows
+
+
+def _power_notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    for c in report["comparisons"]:
+        n, pw = c["noise"], c["power"]
+        why = [w for w in (pw.get("mde_undefined"), n.get("prediction_undefined"), pw.get("needed_undefined")) if w]
+        if why:
+            notes.append(f"- `{c['adapter']}`: " + "; ".join(why))
+    return notes
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -250,7 +299,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## pass@1 and failure categories",
         "",
-        "Mean ± sample std across seeds. Failure counts are per problem: each problem adds the fraction of its scored "
+        "pass@1 ± its standard error over problems (clustered by problem: each problem's mean over all its samples "
+        "is one unit), a normal CI, and beside them the sample std across seeds (sampling noise only: it ignores "
+        "which problems were drawn). Failure categories: mean ± sample std across seeds. Failure counts are per "
+        "problem: each problem adds the fraction of its scored "
         "samples in that category (with k=1 the plain count of failing problems; with k>1 the count divided by k). "
         "INFRA_ERROR samples are excluded from every rate and counted separately below." + _std_note(report),
         "",
@@ -271,14 +323,29 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"## Adapters vs base `{report['base']}`",
             "",
             "Paired over the same problems and seeds: per problem, score = mean over seeds of its pass rate; delta = "
-            "mean over problems of (adapter - base); CI = percentile bootstrap over problems "
-            f"(B={report['options']['bootstrap_samples']}, seed {report['options']['bootstrap_seed']}); p = exact "
-            "two-sided sign test over problems whose score changed (with k=1 and one seed this is McNemar's exact "
-            f"test). Beyond noise = the CI excludes 0 and p < {report['options']['alpha']:g}.",
+            "mean over problems of (adapter - base); paired SE = sd(per-problem differences) / sqrt(problems); CIs: "
+            "normal (delta ± z × SE) and percentile bootstrap over problems "
+            f"(B={report['options']['bootstrap_samples']}, seed {report['options']['bootstrap_seed']}); corr = "
+            "correlation of the two sides' per-problem scores. p (permutation), the primary test: two-sided paired "
+            "sign-flip permutation test of the summed per-problem differences (it uses how much each problem moved; "
+            "exact over every sign vector when few problems changed, else seeded Monte-Carlo with its MC error). "
+            "p (sign): exact sign test over problems whose score changed (with k=1 and one seed, McNemar's exact "
+            f"test), secondary. Beyond noise = p (permutation) < {report['options']['alpha']:g}.",
             "",
             _markdown_table(*_comparison_rows(report)),
             "",
-        ]
+            "### What this evaluation could detect",
+            "",
+            "Paired variance split (eval-arena): prediction noise = within-problem sampling variance, estimated "
+            "unbiasedly from each problem's k × seeds samples; data noise = the rest (which problems were drawn). "
+            f"MDE = (z_{{1-α/2}} + z_power) × paired SE (α = {report['options']['alpha']:g}, two-sided): a true change "
+            "of this size is detected with that power; a smaller one is likely missed. Problems needed: to detect the observed "
+            "delta at this power with the same per-problem variance; samples/problem needed (k × seeds): at this "
+            "problem count, shrinking only the prediction noise.",
+            "",
+            _markdown_table(*_power_rows(report)),
+            "",
+        ] + _power_notes(report) + ([""] if _power_notes(report) else [])
         out += [f"**{c['sentence']}**" + "\n" for c in report["comparisons"]]
         for c in report["comparisons"]:
             dec = c["decomposition"]
@@ -321,10 +388,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 def render_terminal(report: dict[str, Any]) -> str:
     parts = _warning_lines(report) + ([""] if report.get("warnings") else [])
     parts += report.get("status", []) + ([""] if report.get("status") else [])
-    parts += ["pass@1 and failure categories (mean ± std across seeds; failures = failing samples / k)" + _std_note(report),
+    parts += ["pass@1 ± SE over problems (clustered), normal CI, std across seeds; failure categories: mean ± std "
+              "across seeds, failing samples / k" + _std_note(report),
              _text_table(*_main_rows(report)), "", "failures by phase", _text_table(*_phase_rows(report))]
     if report["comparisons"]:
-        parts += ["", f"paired vs base {report['base']!r}", _text_table(*_comparison_rows(report)), ""]
+        parts += ["", f"paired vs base {report['base']!r}", _text_table(*_comparison_rows(report)), "",
+                  "what this evaluation could detect", _text_table(*_power_rows(report))] + _power_notes(report) + [""]
         parts += [c["sentence"] for c in report["comparisons"]]
     infra = sum(v["infra"]["samples"] for v in report["variants"])
     parts += ["", f"INFRA_ERROR samples (excluded from all rates): {infra}"]
@@ -333,8 +402,16 @@ def render_terminal(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _ci_yerr(entries: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """matplotlib's 2 x N yerr from each entry's mean and CI (0 where the CI is undefined, e.g. one problem)."""
+    lower = [max(0.0, e["mean"] - e["ci"][0]) if e.get("ci") else 0.0 for e in entries]
+    upper = [max(0.0, e["ci"][1] - e["mean"]) if e.get("ci") else 0.0 for e in entries]
+    return [lower, upper]
+
+
 def render_png(report: dict[str, Any]) -> bytes:
-    """Bar charts: pass@1 per variant, and failure categories grouped by variant; error bars = std across seeds."""
+    """Bar charts: pass@1 per variant, and failure categories grouped by variant; error bars = the normal CIs over
+    problems (not the std across seeds)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -346,20 +423,20 @@ def render_png(report: dict[str, Any]) -> bytes:
     colors = [f"C{i % 10}" for i in range(len(variants))]
     labels = [v["label"] for v in variants]
     ax1.bar(range(len(variants)), [v["pass_at_1"]["mean"] for v in variants],
-            yerr=[v["pass_at_1"]["std"] for v in variants], color=colors, capsize=4)
+            yerr=_ci_yerr([v["pass_at_1"] for v in variants]), color=colors, capsize=4)
     ax1.set_xticks(range(len(variants)), labels, rotation=30, ha="right")
     ax1.set_ylabel("pass@1")
     ax1.set_ylim(0, 1)
-    ax1.set_title("pass@1")
+    ax1.set_title(f"pass@1 ({report['options']['ci_level']:.0%} CI)")
     x = np.arange(len(cats))
     width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
         means = [v["failures"][c]["mean"] if c in v["failures"] else 0.0 for c in cats]
-        stds = [v["failures"][c]["std"] if c in v["failures"] else 0.0 for c in cats]
-        ax2.bar(x + (i - (len(variants) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+        entries = [v["failures"].get(c, {"mean": 0.0, "ci": None}) for c in cats]
+        ax2.bar(x + (i - (len(variants) - 1) / 2) * width, means, width, yerr=_ci_yerr(entries), capsize=3,
                 color=colors[i], label=v["label"])
     ax2.set_xticks(x, cats, rotation=30, ha="right")
-    ax2.set_ylabel("failing samples / k (mean over seeds)")
+    ax2.set_ylabel("failing samples / k (mean over seeds, CI over problems)")
     ax2.set_ylim(bottom=0)
     ax2.set_title("failure categories" + (f" (base: {report['base']})" if report["base"] else ""))
     ax2.legend()

@@ -12,11 +12,28 @@ Definitions (the report prints these numbers):
   the plain count of failing problems; with k>1 it is the count divided by k, so numbers stay on the same
   per-problem scale: pass@1 * problems + all categories = problems scored.
 - Across seeds: mean and sample std (ddof=1); with one seed std is reported as 0 and flagged `std_defined=False`.
+  This std is sampling noise inside each problem only; it says nothing about which problems were drawn.
+- Per-problem score of a variant: mean over its seeds (those with a scored sample) of c/n, so with k>1 or
+  seeds>1 every sample of a problem lands in one unit (clustered by problem).
+- Standard error of pass@1 over problems: SE = sd(per-problem scores, ddof=1) / sqrt(P). With equal samples per
+  problem this is the clustered SE of Miller, "Adding Error Bars to Evals" (2024) and Inspect AI's clustered
+  `stderr`. CI: normal (CLT) interval, mean +- z_{(1+level)/2} * SE, not clipped to [0, 1].
 - Paired comparison (adapter vs base): per problem, score = mean over seeds of c/n (only seeds where both sides
-  have a scored sample); delta = mean over problems of (adapter - base), which equals the difference of the two
-  pass@1 means when nothing is excluded. CI: percentile bootstrap over problems (resampled with replacement).
-  Test: exact two-sided sign test over problems whose scores differ. With binary scores (k=1, one seed) this is
-  exactly McNemar's exact test: the discordant pairs are the problems one side passes and the other fails.
+  have a scored sample); d = adapter - base per problem; delta = mean(d), which equals the difference of the two
+  pass@1 means when nothing is excluded. Paired SE = sd(d, ddof=1) / sqrt(P); CIs: normal (delta +- z * SE) and a
+  percentile bootstrap over problems (resampled with replacement).
+- Noise split (eval-arena): Var(d) = data noise + prediction noise. Prediction noise of problem j is the variance
+  of its score from finite sampling, estimated unbiasedly from its samples: per side s^2 = N/(N-1) p(1-p) over its
+  N pooled samples, times (1/S^2) sum_s 1/n_s (= 1/N with equal n); needs N >= 2. Data noise = Var(d) - the mean
+  prediction noise (an estimate: it can come out negative, and is then reported as is and its SE as 0).
+- Minimum detectable effect at power 1-beta, two-sided alpha: MDE = (z_{1-alpha/2} + z_{1-beta}) * paired SE
+  (~2.8 x SE at 80% and 0.05). Problems needed for the observed delta: ceil(z^2 Var(d) / delta^2). Samples per
+  problem needed at this problem count: N' with z^2 (data + prediction_per_sample / N') / P <= delta^2, where
+  prediction_per_sample = mean over problems of s^2_base + s^2_adapter (None when data noise alone is too large).
+- Primary test: paired sign-flip permutation test of |sum d| over the m problems with d != 0 (it uses how much
+  each problem moved): exact when m <= exact_max (2^m sign vectors), else Monte-Carlo with a seeded generator,
+  p = (1 + hits) / (1 + draws), reported with its MC standard error. Secondary: exact two-sided sign test over
+  problems whose scores differ; with binary scores (k=1, one seed) this is exactly McNemar's exact test.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
@@ -205,9 +223,184 @@ def seed_category_counts(vc: VariantCounts) -> np.ndarray:
     return per_problem.sum(axis=1)
 
 
-def summarize_variant(vc: VariantCounts) -> dict[str, Any]:
-    """All per-variant numbers of the report (JSON-ready)."""
+def z_quantile(p: float) -> float:
+    """Standard normal quantile (statistics.NormalDist: pure Python, the same on every machine)."""
+    return NormalDist().inv_cdf(p)
+
+
+def standard_error(scores: Sequence[float] | np.ndarray) -> float | None:
+    """SE of the mean of per-problem scores: sd(ddof=1) / sqrt(P). None with fewer than two problems."""
+    x = np.asarray(scores, dtype=float)
+    if x.size < 2:
+        return None
+    return float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def normal_ci(mean: float, se: float | None, level: float) -> list[float] | None:
+    """Normal (CLT) interval mean +- z_{(1+level)/2} * se; None when se is undefined."""
+    if se is None:
+        return None
+    half = z_quantile((1 + level) / 2) * se
+    return [mean - half, mean + half]
+
+
+def problem_scores(vc: VariantCounts, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(per-problem score = mean over valid seeds of c/n, mask of problems with a valid seed).
+
+    valid[seed, problem] defaults to the (problem, seed) pairs of this variant with a scored sample.
+    """
+    valid = vc.scored > 0 if valid is None else valid
+    rate = np.divide(vc.passes, vc.scored, out=np.zeros(valid.shape), where=valid)
+    used = valid.sum(axis=0)
+    keep = used > 0
+    return rate.sum(axis=0)[keep] / used[keep], keep
+
+
+def prediction_variance(vc: VariantCounts, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per problem (those with a valid seed): (unbiased within-problem sample variance s^2 of one sample's
+    pass/fail, the variance of the problem's score that it causes). None if some problem has < 2 samples.
+
+    s^2 = N/(N-1) * p(1-p) over the N pooled samples of the valid seeds (E[s^2] = p(1-p)); the score (mean over
+    S seeds of c_s/n_s) then has variance s^2 * (1/S^2) * sum_s 1/n_s.
+    """
+    n = np.where(valid, vc.scored, 0)
+    c = np.where(valid, vc.passes, 0)
+    keep = valid.any(axis=0)
+    n_tot, c_tot = n.sum(axis=0)[keep], c.sum(axis=0)[keep]
+    if n_tot.size == 0 or n_tot.min() < 2:
+        return None
+    p = c_tot / n_tot
+    s2 = n_tot / (n_tot - 1) * p * (1 - p)
+    seeds = valid.sum(axis=0)[keep]
+    inv_n = np.divide(1.0, n, out=np.zeros(n.shape), where=n > 0).sum(axis=0)[keep]
+    return s2, s2 * inv_n / seeds**2
+
+
+def clustered_summary(vc: VariantCounts, level: float = 0.95) -> dict[str, Any]:
+    """pass@1 over problems with its clustered SE and a normal CI (JSON-ready)."""
+    scores, keep = problem_scores(vc)
+    mean = float(scores.mean())
+    se = standard_error(scores)
+    return {
+        "problem_mean": mean,  # mean of per-problem scores; equals `mean` unless INFRA_ERROR left out a seed
+        "se": se,
+        "se_method": "clustered by problem: sd(per-problem mean over all its samples) / sqrt(problems)",
+        "ci": normal_ci(mean, se, level),
+        "ci_level": level,
+        "ci_method": "normal (CLT): mean +- z * SE",
+        "problems_scored": int(keep.sum()),
+    }
+
+
+def sign_flip_test(
+    diffs: Sequence[float] | np.ndarray, exact_max: int = 20, draws: int = 100_000, seed: int = 0
+) -> dict[str, Any]:
+    """Two-sided paired sign-flip permutation test of |sum d| (H0: each problem's difference is as likely + as -).
+
+    Exact over all 2^m sign vectors of the m nonzero differences when m <= exact_max; otherwise Monte-Carlo with
+    `draws` seeded sign vectors, p = (1 + hits) / (1 + draws), with its MC standard error.
+    """
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.abs(d) > _TIE_TOL]
+    m = int(d.size)
+    if m == 0:
+        return {"p_value": 1.0, "method": "exact", "nonzero": 0, "draws": None, "mc_error": None}
+    observed = abs(float(d.sum()))
+    tol = _TIE_TOL * max(1.0, float(np.abs(d).sum()))  # sums of the same ratios must tie, whatever the order
+    if m <= exact_max:
+        sums = np.zeros(1)
+        for x in d:
+            sums = np.concatenate([sums + x, sums - x])
+        hits = int((np.abs(sums) >= observed - tol).sum())
+        return {"p_value": hits / 2**m, "method": "exact", "nonzero": m, "draws": None, "mc_error": None}
+    if draws < 1:
+        raise ValueError(f"sign_flip_test: draws must be >= 1, got {draws}")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    chunk = max(1, 2_000_000 // m)  # bounds the sign matrix to ~16 MB
+    for start in range(0, draws, chunk):
+        signs = rng.integers(0, 2, size=(min(chunk, draws - start), m)) * 2 - 1
+        hits += int((np.abs(signs @ d) >= observed - tol).sum())
+    p = (1 + hits) / (1 + draws)
+    return {"p_value": p, "method": "monte-carlo", "nonzero": m, "draws": draws, "seed": seed,
+            "mc_error": math.sqrt(p * (1 - p) / draws)}
+
+
+def minimum_detectable_effect(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """(z_{1-alpha/2} + z_{power}) * se: the smallest true change detected with probability `power` (two-sided)."""
+    return (z_quantile(1 - alpha / 2) + z_quantile(power)) * se
+
+
+def power_analysis(
+    diffs: np.ndarray, prediction: tuple[np.ndarray, np.ndarray] | None, samples_per_problem: int | None,
+    alpha: float, power: float,
+) -> dict[str, Any]:
+    """Noise split, MDE, and the problems (or samples per problem) needed to detect the observed delta."""
+    p_count = int(diffs.size)
+    z = z_quantile(1 - alpha / 2) + z_quantile(power)
+    delta = float(diffs.mean())
+    var = float(diffs.var(ddof=1)) if p_count > 1 else None
+    se = math.sqrt(var / p_count) if var is not None else None
+    out: dict[str, Any] = {"alpha": alpha, "power": power, "z_sum": z, "samples_per_problem": samples_per_problem}
+    if se is None or se == 0:
+        why = "fewer than 2 problems" if se is None else "every problem's difference is the same (paired SE = 0)"
+        out.update(mde=None, mde_undefined=why)
+    else:
+        out.update(mde=minimum_detectable_effect(se, alpha, power))
+    pred_var = data_var = per_sample = None
+    if prediction is not None and var is not None:
+        (s2_base, v_base), (s2_other, v_other) = prediction
+        pred_var = float((v_base + v_other).mean())
+        data_var = var - pred_var
+        per_sample = float((s2_base + s2_other).mean())
+    out["noise"] = {
+        "total_var": var,
+        "prediction_var": pred_var,  # mean over problems of the within-problem sampling variance of d
+        "data_var": data_var,  # the rest: which problems were drawn (may be < 0 as an estimate)
+        "total_se": se,
+        "prediction_se": math.sqrt(pred_var / p_count) if pred_var is not None else None,
+        "data_se": math.sqrt(max(data_var, 0.0) / p_count) if data_var is not None else None,
+        "prediction_undefined": None if prediction is not None else "needs >= 2 samples per problem (k x seeds)",
+    }
+    if var is None or abs(delta) <= _TIE_TOL:
+        out["problems_needed"] = None
+        out["samples_per_problem_needed"] = None
+        out["needed_undefined"] = "observed delta is 0" if var is not None else "fewer than 2 problems"
+        return out
+    out["problems_needed"] = max(2, math.ceil(z**2 * var / delta**2 - 1e-9))
+    room = delta**2 * p_count / z**2 - (data_var if data_var is not None else 0.0)
+    if per_sample is None:
+        out["samples_per_problem_needed"] = None
+        out["needed_undefined"] = "no prediction-noise estimate (needs >= 2 samples per problem)"
+    elif room <= 0:
+        out["samples_per_problem_needed"] = None
+        out["needed_undefined"] = ("data noise alone exceeds what this problem count allows: more samples per problem "
+                                   "cannot reach it")
+    else:
+        out["samples_per_problem_needed"] = max(1, math.ceil(per_sample / room - 1e-9))
+        out["needed_undefined"] = None
+    return out
+
+
+def category_totals_se(vc: VariantCounts) -> np.ndarray:
+    """[outcome]: SE over problems of a category's per-problem count (its fraction of each problem's samples,
+    averaged over seeds; summed over P problems, so SE = sqrt(P) * sd(per-problem fractions))."""
+    n = vc.scored.astype(float)
+    ok = n > 0
+    frac = np.divide(vc.counts.sum(axis=3), n[:, :, None], out=np.zeros(vc.counts.shape[:3]), where=ok[:, :, None])
+    used = ok.sum(axis=0)
+    keep = used > 0
+    per_problem = frac.sum(axis=0)[keep] / used[keep][:, None]  # [P, O]
+    if per_problem.shape[0] < 2:
+        return np.full(len(OUTCOMES), np.nan)
+    return np.sqrt(per_problem.shape[0]) * per_problem.std(axis=0, ddof=1)
+
+
+def summarize_variant(vc: VariantCounts, level: float = 0.95) -> dict[str, Any]:
+    """All per-variant numbers of the report (JSON-ready). `pass_at_1` keeps mean/std/n_seeds (across seeds) and
+    adds the clustered SE over problems with a normal CI (clustered_summary)."""
     p1 = seed_pass_at_1(vc)
+    cat_se = category_totals_se(vc)
     cat = seed_category_counts(vc)  # [S, O, phase]
     by_outcome = cat.sum(axis=2)  # [S, O]
     failures = cat[:, _FAIL_IDX, :]  # [S, F, phase]
@@ -221,10 +414,13 @@ def summarize_variant(vc: VariantCounts) -> dict[str, Any]:
         "seeds": list(vc.seeds),
         "problems": len(vc.problems),
         "samples_per_problem": k[0] if len(k) == 1 else k,
-        "pass_at_1": {**mean_std(p1).to_dict(), "per_seed": dict(zip(seed_key, p1.tolist()))},
+        "pass_at_1": {**mean_std(p1).to_dict(), "per_seed": dict(zip(seed_key, p1.tolist())),
+                      **clustered_summary(vc, level)},
         "failures": {
             o.value: {**mean_std(by_outcome[:, _OUTCOME_INDEX[o.value]]).to_dict(),
-                      "per_seed": dict(zip(seed_key, by_outcome[:, _OUTCOME_INDEX[o.value]].tolist()))}
+                      "per_seed": dict(zip(seed_key, by_outcome[:, _OUTCOME_INDEX[o.value]].tolist())),
+                      **_category_se(float(by_outcome[:, _OUTCOME_INDEX[o.value]].mean()),
+                                     float(cat_se[_OUTCOME_INDEX[o.value]]), level)}
             for o in FAILURES
         },
         "failures_total": mean_std(failures.sum(axis=(1, 2))).to_dict(),
@@ -241,6 +437,11 @@ def summarize_variant(vc: VariantCounts) -> dict[str, Any]:
             "excluded_problem_seeds": int((vc.scored == 0).sum()),  # (problem, seed) with only INFRA_ERROR
         },
     }
+
+
+def _category_se(mean: float, se: float, level: float) -> dict[str, Any]:
+    se_or_none = None if math.isnan(se) else se
+    return {"se": se_or_none, "ci": normal_ci(mean, se_or_none, level)}
 
 
 @dataclass(frozen=True)
@@ -281,15 +482,8 @@ def check_paired(base: VariantCounts, other: VariantCounts) -> None:
 def paired_scores(base: VariantCounts, other: VariantCounts) -> PairedScores:
     check_paired(base, other)
     valid = (base.scored > 0) & (other.scored > 0)
-
-    def score(vc: VariantCounts) -> np.ndarray:
-        rate = np.divide(vc.passes, vc.scored, out=np.zeros(valid.shape), where=valid)
-        return rate.sum(axis=0)
-
-    used = valid.sum(axis=0)
-    keep = used > 0
-    sb = score(base)[keep] / used[keep]
-    so = score(other)[keep] / used[keep]
+    sb, keep = problem_scores(base, valid)
+    so, _ = problem_scores(other, valid)
     problems = tuple(p for p, k in zip(base.problems, keep) if k)
     excluded = tuple(p for p, k in zip(base.problems, keep) if not k)
     if not problems:
@@ -375,7 +569,11 @@ class CompareOptions:
     bootstrap_samples: int = 10_000  # MC error of a 2.5% percentile at B=1e4 is ~1/10 of a CI half-width
     bootstrap_seed: int = 0  # the CI is a function of the data and this seed
     ci_level: float = 0.95
-    alpha: float = 0.05  # "beyond noise" needs the CI to exclude 0 and the sign-test p below this
+    alpha: float = 0.05  # "beyond noise": the permutation test's p below this
+    power: float = 0.8  # for the minimum detectable effect: (z_0.975 + z_0.8) = 2.80 x paired SE
+    exact_max: int = 20  # exact permutation test up to 2^20 (~1e6) sign vectors, 8 MB; Monte-Carlo above
+    permutation_draws: int = 100_000  # MC error of p near 0.05 is sqrt(.05 * .95 / 1e5) ~ 0.0007
+    permutation_seed: int = 0  # the Monte-Carlo p is a function of the data and this seed
 
     def __post_init__(self) -> None:
         if self.bootstrap_samples < 100:
@@ -384,6 +582,18 @@ class CompareOptions:
             raise ValueError(f"ci_level must be in (0, 1), got {self.ci_level}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not 0 < self.power < 1:
+            raise ValueError(f"power must be in (0, 1), got {self.power}")
+        if not 0 <= self.exact_max <= 24:
+            raise ValueError(f"exact_max must be in [0, 24] (2^24 sums = 128 MB), got {self.exact_max}")
+        if self.permutation_draws < 1000:
+            raise ValueError(f"permutation_draws must be >= 1000, got {self.permutation_draws}")
+
+
+def _samples_per_problem(vc: VariantCounts) -> int | None:
+    """k x seeds when every (seed, problem) has the same k; None otherwise."""
+    k = np.unique(vc.counts.sum(axis=(2, 3)))
+    return int(k[0]) * len(vc.seeds) if k.size == 1 else None
 
 
 def compare(base: VariantCounts, other: VariantCounts, options: CompareOptions = CompareOptions()) -> dict[str, Any]:
@@ -392,27 +602,41 @@ def compare(base: VariantCounts, other: VariantCounts, options: CompareOptions =
     d = paired.diffs
     delta = float(d.mean())
     lo, hi = paired_bootstrap_ci(d, options.bootstrap_samples, options.bootstrap_seed, options.ci_level)
+    se = standard_error(d)
+    ci_normal = normal_ci(delta, se, options.ci_level)
     gained, lost = int((d > _TIE_TOL).sum()), int((d < -_TIE_TOL).sum())
     ties = len(d) - gained - lost
-    p = sign_test(gained, lost)
+    sign_p = sign_test(gained, lost)
+    perm = sign_flip_test(d, options.exact_max, options.permutation_draws, options.permutation_seed)
+    p = perm["p_value"]
     binary = bool(np.all(np.isin(paired.base, (0.0, 1.0))) and np.all(np.isin(paired.other, (0.0, 1.0))))
-    test = "exact McNemar (sign test on discordant problems)" if binary else "exact sign test over problems"
-    ci_excludes_0 = lo > 0 or hi < 0
-    beyond = ci_excludes_0 and p < options.alpha
+    secondary = "exact McNemar (sign test on discordant problems)" if binary else "exact sign test over problems"
+    test = f"paired sign-flip permutation test over problems ({perm['method']}, {perm['nonzero']} nonzero)"
+    pred_b, pred_o = prediction_variance(base, paired.valid), prediction_variance(other, paired.valid)
+    power = power_analysis(d, (pred_b, pred_o) if pred_b is not None and pred_o is not None else None,
+                           _samples_per_problem(base), options.alpha, options.power)
+    corr = None
+    if len(d) > 1 and paired.base.std() > 0 and paired.other.std() > 0:
+        corr = float(np.corrcoef(paired.base, paired.other)[0, 1])
+    beyond = p < options.alpha
     b, o = base.variant.label, other.variant.label
     if beyond:
         verdict_words = f"beyond noise ({'an improvement' if delta > 0 else 'a regression'})"
     else:
-        reasons = []
-        if not ci_excludes_0:
-            reasons.append("the CI includes 0")
-        if p >= options.alpha:
-            reasons.append(f"p >= {options.alpha:g}")
-        verdict_words = f"within noise ({' and '.join(reasons)})"
+        verdict_words = f"within noise (p >= {options.alpha:g})"
+    mc = f" +- {perm['mc_error']:.2g} (MC, {perm['draws']} draws)" if perm["method"] == "monte-carlo" else ""
+    ci_words = (f"{options.ci_level:.0%} CI [{ci_normal[0]:+.4f}, {ci_normal[1]:+.4f}] normal, paired SE {se:.4f}"
+                if ci_normal is not None else "paired SE undefined")
+    if power["mde"] is not None:
+        mde_words = (f"this evaluation could not have detected a change smaller than {100 * power['mde']:.1f} points "
+                     f"(MDE at {options.power:.0%} power, alpha {options.alpha:g})")
+    else:
+        mde_words = f"its minimum detectable effect is undefined ({power['mde_undefined']})"
     sentence = (
-        f"{o} vs {b}: delta pass@1 = {delta:+.4f} ({options.ci_level:.0%} CI [{lo:+.4f}, {hi:+.4f}], paired bootstrap "
-        f"over {len(d)} problems x {len(paired.seeds)} seeds, B={options.bootstrap_samples}); {gained} problems gained, "
-        f"{lost} lost, {ties} unchanged; {test} p = {p:.4g}: {verdict_words}."
+        f"{o} vs {b}: delta pass@1 = {delta:+.4f} ({ci_words}; bootstrap [{lo:+.4f}, {hi:+.4f}], B="
+        f"{options.bootstrap_samples}) over {len(d)} problems x {len(paired.seeds)} seeds; {gained} problems gained, "
+        f"{lost} lost, {ties} unchanged; permutation p = {p:.4g}{mc} ({secondary} p = {sign_p:.4g}): "
+        f"{verdict_words}; {mde_words}."
     )
     return {
         "base": b,
@@ -423,15 +647,25 @@ def compare(base: VariantCounts, other: VariantCounts, options: CompareOptions =
         "base_pass_at_1": float(paired.base.mean()),
         "adapter_pass_at_1": float(paired.other.mean()),
         "delta": delta,
-        "ci": [lo, hi],
+        "se": se,  # paired SE: sd(per-problem differences) / sqrt(problems)
+        "ci": [lo, hi],  # percentile bootstrap over problems
+        "ci_method": "percentile bootstrap over problems",
+        "ci_normal": ci_normal,  # delta +- z * se
         "ci_level": options.ci_level,
         "bootstrap_samples": options.bootstrap_samples,
         "bootstrap_seed": options.bootstrap_seed,
+        "correlation": corr,  # Pearson, per-problem scores; None when a side is constant
+        "noise": power["noise"],
+        "mde": power["mde"],
+        "power": power,
         "gained": gained,
         "lost": lost,
         "ties": ties,
         "test": test,
-        "p_value": p,
+        "p_value": p,  # the primary (permutation) test's
+        "permutation": perm,
+        "secondary_test": secondary,
+        "sign_test_p_value": sign_p,
         "alpha": options.alpha,
         "verdict": "beyond noise" if beyond else "within noise",
         "direction": "improvement" if delta > 0 else "regression" if delta < 0 else "none",

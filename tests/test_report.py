@@ -80,7 +80,10 @@ def test_report_files_carry_the_numbers_and_the_verdict(runs, tmp_path):
     assert c["delta"] == pytest.approx(0.7) and c["verdict"] == "beyond noise"
     md = open(paths["md"]).read()
     assert c["sentence"] in md and "beyond noise (an improvement)" in md
-    assert "| lora-1 | 2 | 10 | 1 | 0.850 ± 0.071 |" in md
+    # lora-1's per-problem scores: p0 0, p1..p8 1, p9 .5; squared deviations from .85: .7225 + 8 * .0225 + .1225
+    # = 1.025, SE = sqrt(1.025 / 9 / 10) = 0.1067; CI .85 +- 1.959964 * .1067 = [0.641, 1.059]; seeds .8, .9: std .071
+    assert "| pass@1 ± SE | 95% CI (normal) | std across seeds |" in md
+    assert "| lora-1 | 2 | 10 | 1 | 0.850 ± 0.107 | [0.641, 1.059] | 0.071 |" in md
 
 
 def test_markdown_splits_categories_by_phase(tmp_path):
@@ -106,7 +109,7 @@ def test_cli_writes_report_next_to_first_input_and_prints_table(runs, capsys):
     out_dir = os.path.join(os.path.dirname(runs[0]), "report")
     assert sorted(os.listdir(out_dir)) == ["report.json", "report.md", "report.png"]  # no temp files left
     printed = capsys.readouterr().out
-    assert "0.850 ± 0.071" in printed and "beyond noise" in printed
+    assert "0.850 ± 0.107  [0.641, 1.059]   0.071" in printed and "beyond noise" in printed
 
 
 def test_infra_errors_are_listed_separately(tmp_path):
@@ -154,3 +157,61 @@ def test_config_rejects_bad_bootstrap_settings():
         report.ReportConfig(bootstrap_samples=5)
     with pytest.raises(ValueError, match="ci_level"):
         report.ReportConfig(ci_level=1.5)
+
+
+def test_identical_seeds_report_the_se_over_problems(tmp_path):
+    # the demo's "0.750 ± 0.000": 24 problems, 18 passed on each of 3 identical seeds.
+    # SE = sqrt((18 * .25^2 + 6 * .75^2) / 23 / 24) = sqrt(4.5 / 552) = 0.0903; std across seeds 0
+    spec = {s: {f"p{i:02d}": ["PASS" if i < 18 else "NAME_ERROR"] for i in range(24)} for s in range(3)}
+    md = report.render_markdown(report.build_report(rows_to_table(results(spec))))
+    assert "| m (base) | 3 | 24 | 1 | 0.750 ± 0.090 | [0.573, 0.927] | 0.000 |" in md
+
+
+def test_report_keeps_old_comparison_keys_and_adds_the_new_ones(runs):
+    (c,) = report.build_report(runs)["comparisons"]
+    old = {"delta", "ci", "ci_level", "gained", "lost", "ties", "test", "p_value", "verdict", "sentence", "decomposition"}
+    new = {"se", "ci_normal", "correlation", "noise", "mde", "power", "permutation", "sign_test_p_value",
+           "secondary_test"}
+    assert old | new <= set(c)
+    # d = (-1, +1 x8, 0): delta .7, squared deviations 2.89 + 8 * .09 + .49 = 4.1, paired SE = sqrt(4.1 / 90) = .2134
+    assert c["se"] == pytest.approx((4.1 / 90) ** 0.5)
+    assert c["mde"] == pytest.approx(2.801585 * (4.1 / 90) ** 0.5, abs=1e-6)  # 0.59796
+
+
+def test_markdown_states_the_mde_and_the_power_table(runs):
+    md = report.render_markdown(report.build_report(runs))
+    assert "this evaluation could not have detected a change smaller than 59.8 points" in md
+    # k=1 x 2 seeds: only p9 varies within (fails seed 1, passes seed 2, on both sides): s^2 = 2/1 * .25 = .5,
+    # score variance .5 * (1 + 1) / 2^2 = .25 per side; prediction var = .5 / 10 = .05, SE sqrt(.05 / 10) = .0707.
+    # data var = 4.1 / 9 - .05 = .405556, SE = sqrt(.0405556) = .2014. MDE = 2.801585 * .2134 = .5980.
+    # problems needed: ceil(7.848879 * .455556 / .49) = ceil(7.297) = 8.
+    # samples/problem: room = .49 * 10 / 7.848879 - .405556 = .218737; ceil(.1 / .218737) = 1 (2 now).
+    assert "| lora-1 | 0.2134 | 0.2014 | 0.0707 | 0.5980 | 8 | 2 | 1 |" in md and "MDE (80% power)" in md
+    assert "| lora-1 | 0.1500 | 0.8500 | +0.7000 ± 0.2134 | [+0.2817, +1.1183] |" in md
+
+
+def _pixels(png: bytes):
+    import io
+
+    return matplotlib.image.imread(io.BytesIO(png))
+
+
+def test_png_error_bars_are_the_cis_not_the_seed_std(runs):
+    r = report.build_report(runs)
+    png = _pixels(report.render_png(r))
+    seed_std = json.loads(json.dumps(r))
+    for v in seed_std["variants"]:
+        v["pass_at_1"]["std"] = 0.3
+        for f in v["failures"].values():
+            f["std"] = 2.0
+    assert (_pixels(report.render_png(seed_std)) == png).all()  # the seed std draws nothing
+    narrow = json.loads(json.dumps(r))
+    for v in narrow["variants"]:
+        m = v["pass_at_1"]["mean"]
+        v["pass_at_1"]["ci"] = [m - 0.01, m + 0.01]
+    assert not (_pixels(report.render_png(narrow)) == png).all()  # the pass@1 CI does
+    narrow_cats = json.loads(json.dumps(r))
+    for v in narrow_cats["variants"]:
+        for f in v["failures"].values():
+            f["ci"] = None
+    assert not (_pixels(report.render_png(narrow_cats)) == png).all()  # and so do the categories' CIs
