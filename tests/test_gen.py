@@ -164,11 +164,14 @@ def test_shards_readable_by_datasets_and_pandas(first_run):
 def test_engine_killed_mid_run_completes_with_full_set(first_run, tmp_path, engine_pool, engine_config,
                                                        toy_problems):
     """An engine actor dies mid-run: its units are requeued and the run ends with exactly the full row set."""
+    from collections import Counter
+
     _, table = first_run
     out = tmp_path / "killed"
     cfg = _cfg(out, toy_problems, problems_per_unit=1, samples_per_unit=1, max_tokens=48)
     ref_res = run_generation(_cfg(tmp_path / "ref", toy_problems, problems_per_unit=1, samples_per_unit=1,
                                   max_tokens=48), engine_config, pool=engine_pool)
+    done_at_kill: set[str] = set()
     killed = threading.Event()
 
     def killer():
@@ -176,6 +179,7 @@ def test_engine_killed_mid_run_completes_with_full_set(first_run, tmp_path, engi
         while time.time() < deadline:
             m = ShardStore(str(out)).read_manifest() if (out / "manifest.json").exists() else None
             if m is not None and len(m.units) >= 2:
+                done_at_kill.update(m.units)
                 engine_pool.actors[0].die.remote()
                 killed.set()
                 return
@@ -186,8 +190,19 @@ def test_engine_killed_mid_run_completes_with_full_set(first_run, tmp_path, engi
     res = run_generation(cfg, engine_config, pool=engine_pool)
     th.join()
     assert killed.is_set(), "the run finished before the engine could be killed"
-    assert res.complete
+    assert res.complete, res.failed_units
+    # the one engine died with units in flight: they went back to the queue (a kill that landed after the last
+    # dispatch, or a no-op kill, requeues nothing and proves nothing)
+    assert res.requeued > 0, "the engine was killed but no unit was requeued"
     got = ShardStore(res.out).read_table()
+    keys = list(zip(got.column("problem_id").to_pylist(), got.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == 30, Counter(keys).most_common(3)  # no (problem_id, sample_index) twice
+    # each unit here is 1 problem x 1 sample: the units unfinished at the kill (the requeued ones among them) each
+    # left exactly one row, as did every other unit
+    per_unit = Counter(got.column("unit_id").to_pylist())
+    assert set(per_unit) == set(ShardStore(ref_res.out).read_manifest().units)
+    unfinished = set(per_unit) - done_at_kill
+    assert unfinished and all(per_unit[u] == 1 for u in unfinished), {u: per_unit[u] for u in unfinished}
     assert _keys(got) == _keys(ShardStore(ref_res.out).read_table())
 
 

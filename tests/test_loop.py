@@ -46,8 +46,61 @@ def test_loop_runs_every_stage_and_writes_a_report(loop_run):
     assert len(report["variants"]) == 2
     (comparison,) = report["comparisons"]
     assert comparison["problems"] == 3  # the held-out split of the 6 toy problems (split_seed 0)
-    assert (out / "report" / "report.md").read_text().count("noise") >= 1
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    check_report_against_results(report, (out / "report" / "report.md").read_text())
+
+
+def check_report_against_results(report: dict, markdown: str) -> None:
+    """report.json's numbers, recomputed from the result shards it names, and a verdict that follows from them."""
+    import math
+    from collections import defaultdict
+
+    from gen.shards import ShardStore
+
+    # (model, adapter) -> seed -> problem -> [passes, scored]; INFRA_ERROR is neither
+    counts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: [0, 0])))
+    for source in report["inputs"]:
+        table = ShardStore(source["source"]).read_table(columns=["model", "adapter", "run_seed", "problem_id",
+                                                                 "outcome"])
+        for r in table.to_pylist():
+            if r["outcome"] != "INFRA_ERROR":
+                cell = counts[(r["model"], r["adapter"])][r["run_seed"]][r["problem_id"]]
+                cell[0] += r["outcome"] == "PASS"
+                cell[1] += 1
+    variants = {v["label"]: v for v in report["variants"]}
+    assert len(counts) == len(variants), (sorted(counts, key=str), sorted(variants))
+    for v in variants.values():
+        by_seed = counts[(v["model"], v["adapter"])]
+        want = {str(s): sum(c / n for c, n in probs.values()) / len(probs) for s, probs in by_seed.items()}
+        assert v["pass_at_1"]["per_seed"] == pytest.approx(want, abs=1e-12), (v["label"], want)
+
+    (c,) = report["comparisons"]
+    base, adapter = counts[(variants[c["base"]]["model"], variants[c["base"]]["adapter"])], \
+        counts[(variants[c["adapter"]]["model"], variants[c["adapter"]]["adapter"])]
+
+    def per_problem(side: dict) -> dict:  # mean over seeds of c/n
+        problems = {p for probs in side.values() for p in probs}
+        return {p: sum(side[s][p][0] / side[s][p][1] for s in side) / len(side) for p in problems}
+
+    b, a = per_problem(base), per_problem(adapter)
+    assert set(b) == set(a) and len(b) == c["problems"]
+    diffs = [a[p] - b[p] for p in sorted(b)]
+    assert c["base_pass_at_1"] == pytest.approx(sum(b.values()) / len(b), abs=1e-12)
+    assert c["adapter_pass_at_1"] == pytest.approx(sum(a.values()) / len(a), abs=1e-12)
+    assert c["delta"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
+    gained, lost = sum(d > 1e-12 for d in diffs), sum(d < -1e-12 for d in diffs)
+    assert (c["gained"], c["lost"]) == (gained, lost)
+    n = gained + lost  # exact two-sided sign test, by hand
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n) if n else 1.0
+    assert c["p_value"] == pytest.approx(p, abs=1e-12)
+
+    lo, hi = c["ci"]
+    beyond = (lo > 0 or hi < 0) and c["p_value"] < c["alpha"]
+    verdict, other = ("beyond noise", "within noise") if beyond else ("within noise", "beyond noise")
+    assert c["verdict"] == verdict, (c["verdict"], c["ci"], c["p_value"])
+    assert c["sentence"].split(": ")[-1].startswith(verdict) and f"[{lo:+.4f}, {hi:+.4f}]" in c["sentence"]
+    assert f"**{c['sentence']}**" in markdown
+    assert other not in markdown, f"report.md says {other!r} but the numbers say {verdict!r}"
 
 
 def test_pairs_never_use_eval_problems(loop_run):
