@@ -337,8 +337,8 @@ def s3_eval(s3, engine_pool, engine_config, toy_problems):
     from eval.run import EvalConfig, run_eval
 
     _, uri = s3
-    cfg = EvalConfig(out=uri("eval/x"), problems=toy_problems, seeds=[0, 1], k=1, max_tokens=16, progress=False,
-                     exec_workers=1, cpu_timeout_s=2.0)
+    cfg = EvalConfig(out=uri("eval/x"), problems=toy_problems, seeds=[0, 1], k=1, progress=False,
+                     sampling=SamplingConfig(max_tokens=16), execution=ExecutionConfig(workers=1, cpu_timeout_s=2.0))
     return run_eval(cfg, engine_config, pool=engine_pool)
 
 
