@@ -28,7 +28,7 @@ from typing import Any
 
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
-from gen.run import run_generation, run_generations
+from gen.run import run_generations
 from tasks.leakage import PROVENANCE_KEY, ProblemText, find_overlap, parse_provenance, problem_texts
 from tasks.problems import SPLITS, select_problems
 from gen.shards import join_uri
@@ -324,6 +324,89 @@ class EvalResult:
     hot_load: list[dict[str, Any]] = field(default_factory=list)  # the hot-load check, per adapter
 
 
+def _seed_runs(cfg: EvalConfig, label: str, path: str | None) -> list[GenConfig]:
+    """One gen run per seed of a variant: same problems, sampling and execution as every other variant."""
+    return [GenConfig(
+        out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
+        eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
+        sampling=cfg.sampling, execution=cfg.execution, seed=s, problems_per_unit=cfg.problems_per_unit,
+        adapter_name=label if path else "", ray_address=cfg.ray_address, progress=cfg.progress,
+    ) for s in cfg.seeds]
+
+
+def _check_complete(label: str, cfg: EvalConfig, results, dirs: dict[str, list[str]]) -> None:
+    for s, res in zip(cfg.seeds, results):
+        if not res.complete:
+            raise RuntimeError(f"eval of {label} seed {s} incomplete: {res.failed_units}")
+        dirs.setdefault(label, []).append(res.out)
+
+
+def _record_check(hot_load: list, label: str, path: str, mode: str, check: dict[str, Any]) -> None:
+    hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check})
+    print(f"eval: hot-load check of {label} ({mode}): {check['engines']} engine(s) match PEFT within "
+          f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}) in {check['seconds']:.2f} s")
+
+
+def _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load) -> None:
+    """Engines that mix base and LoRA requests in a batch (vLLM multi-LoRA on GPU): every adapter resident at
+    once, every (variant, seed) in one pass, calls shared across variants."""
+    loaded: dict[str, dict] = {}
+    try:
+        for label, path in variants:
+            if path is not None:
+                loaded[label] = pool.load_adapter(path, name_prefix=label)
+                _record_check(hot_load, label, path, "lora",
+                              pool.verify_adapter(loaded[label], probe_reference(path, model_path)))
+        runs, run_loras, labels = [], [], []
+        for label, path in variants:
+            seed_runs = _seed_runs(cfg, label, path)
+            runs += seed_runs
+            run_loras += [loaded.get(label)] * len(seed_runs)
+            labels += [label] * len(seed_runs)
+        results = run_generations(runs, engine_cfg, pool=pool, sequences_per_call=cfg.sequences_per_call,
+                                  serving={"adapter_mode": "lora"}, loras=run_loras)
+        for label, _ in variants:
+            _check_complete(label, cfg, [r for r, lab in zip(results, labels) if lab == label], dirs)
+    finally:
+        for lora in loaded.values():
+            pool.unload_adapter(lora)
+
+
+def _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load) -> None:
+    """One pass per variant (CPU engines can't mix base and LoRA in a batch; or eval.adapter_mode=merged): all its
+    seeds together, its adapter hot-loaded (or merged into an engine of its own) for that pass only."""
+    for label, path in variants:
+        mode = "lora" if path is None else cfg.adapter_mode
+        serve, lora, merged_pool = pool, None, None
+        if path is not None:
+            ref = probe_reference(path, model_path)
+            if mode == "merged":  # the adapter folded into the weights, served by an engine of its own
+                merged = merge_adapter(model_path, path)
+                merged_pool = serve = EnginePool(replace(engine_cfg, model=merged), merged)
+                check = serve.verify_merged(ref)
+            else:
+                lora = pool.load_adapter(path, name_prefix=label)
+                check = pool.verify_adapter(lora, ref)
+            _record_check(hot_load, label, path, mode, check)
+        try:
+            runs = _seed_runs(cfg, label, path)
+            # rows record the base model's identity (a merged engine serves base + this adapter); how the adapter
+            # was served is part of the run identity
+            serving = {"adapter_mode": mode} if path else None
+            if cfg.schedule == "one_pass":
+                results = run_generations(runs, engine_cfg, pool=serve, lora=lora,
+                                          sequences_per_call=cfg.sequences_per_call, serving=serving)
+            else:  # the old path, kept for bench/reeval.py's side-by-side
+                results = [run_generations([r], engine_cfg, pool=serve, lora=lora, serving=serving)[0]
+                           for r in runs]
+            _check_complete(label, cfg, results, dirs)
+        finally:
+            if lora is not None:
+                pool.unload_adapter(lora)
+            if merged_pool is not None:
+                merged_pool.shutdown()
+
+
 def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None = None,
              report: bool = True) -> EvalResult:
     import ray
@@ -351,47 +434,10 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     try:
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
-        for label, path in variants:
-            mode = "lora" if path is None else cfg.adapter_mode
-            serve, lora, merged_pool = pool, None, None
-            if path is not None:
-                ref = probe_reference(path, model_path)
-                if mode == "merged":  # the adapter folded into the weights, served by an engine of its own
-                    merged = merge_adapter(model_path, path)
-                    merged_pool = serve = EnginePool(replace(engine_cfg, model=merged), merged)
-                    check = serve.verify_merged(ref)
-                else:
-                    lora = pool.load_adapter(path, name_prefix=label)
-                    check = pool.verify_adapter(lora, ref)
-                hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check})
-                print(f"eval: hot-load check of {label} ({mode}): {check['engines']} engine(s) match PEFT within "
-                      f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}) in {check['seconds']:.2f} s")
-            try:
-                runs = [GenConfig(
-                    out=join_uri(cfg.out, label, f"seed-{s}"), problems=cfg.problems, split=cfg.split,
-                    eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, limit=cfg.limit, n=cfg.k,
-                    sampling=cfg.sampling, execution=cfg.execution, seed=s, problems_per_unit=cfg.problems_per_unit,
-                    adapter_name=label if path else "", ray_address=cfg.ray_address, progress=cfg.progress,
-                ) for s in cfg.seeds]
-                # rows record the base model's identity (a merged engine serves base + this adapter); how the
-                # adapter was served is part of the run identity
-                serving = {"adapter_mode": mode} if path else None
-                if cfg.schedule == "one_pass":
-                    results = run_generations(runs, engine_cfg, pool=serve, lora=lora,
-                                              sequences_per_call=cfg.sequences_per_call,
-                                              serving=serving)
-                else:  # the old path, kept for bench/reeval.py's side-by-side
-                    results = [run_generations([r], engine_cfg, pool=serve, lora=lora,
-                                               serving=serving)[0] for r in runs]
-                for s, res in zip(cfg.seeds, results):
-                    if not res.complete:
-                        raise RuntimeError(f"eval of {label} seed {s} incomplete: {res.failed_units}")
-                    dirs.setdefault(label, []).append(res.out)
-            finally:
-                if lora is not None:
-                    pool.unload_adapter(lora)
-                if merged_pool is not None:
-                    merged_pool.shutdown()
+        if cfg.schedule == "one_pass" and cfg.adapter_mode == "lora" and pool.mixed_lora_batches:
+            _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load)
+        else:
+            _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load)
     finally:
         if own_pool and pool is not None:
             pool.shutdown()

@@ -270,6 +270,7 @@ class _Run:
     manifest: Any  # gen.shards.Manifest
     ctx: dict
     todo: list[Unit]
+    lora: dict | None = None  # the adapter this run samples from (None: the base model)
     failed: dict[str, str] = field(default_factory=dict)
 
 
@@ -277,25 +278,31 @@ class _Run:
 Item = tuple[tuple[int, Unit], ...]
 
 
-def pack_items(todo: Sequence[Sequence[Unit]], sequences_per_call: int) -> list[Item]:
+def pack_items(todo: Sequence[Sequence[Unit]], sequences_per_call: int,
+               groups: Sequence[Any] | None = None) -> list[Item]:
     """Work items for one pass over several runs. 0: one unit per call (gen). Otherwise units are taken round-robin
     across runs (so seeds mix) and packed greedily into calls of at most `sequences_per_call` sequences (a unit
-    larger than that goes alone). Which call a sample lands in never changes it: its seed is data."""
+    larger than that goes alone). `groups` (one key per run): units of different groups never share a call (the
+    adapter of each run, where the engine can't mix base and LoRA in a batch). Which call a sample lands in never
+    changes it: its seed is data."""
     if sequences_per_call <= 0:
         return [((i, u),) for i, units in enumerate(todo) for u in units]
-    order = [(i, t[k]) for k in range(max((len(t) for t in todo), default=0)) for i, t in enumerate(todo) if k < len(t)]
+    groups = list(groups) if groups is not None else [0] * len(todo)
     items: list[Item] = []
-    current: list[tuple[int, Unit]] = []
-    size = 0
-    for part in order:
-        n = part[1].num_samples
-        if current and size + n > sequences_per_call:
+    for g in dict.fromkeys(groups):  # in order of first appearance
+        runs = [(i, t) for i, t in enumerate(todo) if groups[i] == g]
+        order = [(i, t[k]) for k in range(max((len(t) for _, t in runs), default=0)) for i, t in runs if k < len(t)]
+        current: list[tuple[int, Unit]] = []
+        size = 0
+        for part in order:
+            n = part[1].num_samples
+            if current and size + n > sequences_per_call:
+                items.append(tuple(current))
+                current, size = [], 0
+            current.append(part)
+            size += n
+        if current:
             items.append(tuple(current))
-            current, size = [], 0
-        current.append(part)
-        size += n
-    if current:
-        items.append(tuple(current))
     return items
 
 
@@ -410,8 +417,8 @@ class _Driver:
     fresh actors)."""
 
     def __init__(self, runs: list[_Run], items: list[Item], engine_cfg: EngineConfig, pool: EnginePool,
-                 lora: dict | None, progress_bar) -> None:
-        self.runs, self.engine_cfg, self.pool, self.lora, self.bar = runs, engine_cfg, pool, lora, progress_bar
+                 progress_bar) -> None:
+        self.runs, self.engine_cfg, self.pool, self.bar = runs, engine_cfg, pool, progress_bar
         self.todo: collections.deque[Item] = collections.deque(items)
         first = runs[0].cfg
         self.inflight_per_engine, self.max_attempts = first.inflight_per_engine, first.max_unit_attempts
@@ -433,14 +440,18 @@ class _Driver:
         for i in range(len(self.pool)):
             while i not in busy and self.todo and self.load(i) < self.inflight_per_engine:
                 item = self.todo.popleft()
-                prompts, params = [], []
+                prompts, params, loras = [], [], []
                 for ri, u in item:
                     run = self.runs[ri]
                     for r in u.requests:
                         prompts.append(run.spec.prompts[r.problem_id])
                         params.append(sampling_params(run.cfg.sampling, r, run.spec.budgets[r.problem_id],
                                                       run.spec.stop))
-                ref = self.pool.generate(i, prompts, params, self.lora)
+                        loras.append(run.lora)
+                if all(lr is loras[0] for lr in loras):
+                    ref = self.pool.generate(i, prompts, params, loras[0])
+                else:  # variants share the call: the engine keeps base and LoRA apart where it must
+                    ref = self.pool.generate(i, prompts, params, loras=loras)
                 self.inflight[ref] = (i, item, self.epoch[i])
 
     def record(self, run: _Run, u: Unit, rows: list[dict]) -> None:
@@ -559,11 +570,13 @@ def run_generation(cfg: GenConfig, engine_cfg: EngineConfig, pool: EnginePool | 
 
 def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: EnginePool | None = None,
                     lora: dict | None = None, sequences_per_call: int = 0,
-                    serving: dict[str, Any] | None = None) -> list[GenResult]:
+                    serving: dict[str, Any] | None = None,
+                    loras: Sequence[dict | None] | None = None) -> list[GenResult]:
     """Run (or resume) several runs in one pass: their units share one queue and, with `sequences_per_call`, one
     engine call (eval: every seed of a variant at once, so the engines see full batches and the tail is paid once).
     Each run keeps its own folder, manifest, seeds and resume; its rows are the same whatever it was batched with.
-    All runs share one execution config (one executor) and one adapter (or none)."""
+    All runs share one execution config (one executor). `lora` serves every run; `loras` gives each run its own
+    (None = base): runs of different adapters share calls only where the engines can mix them in a batch."""
     import ray
     from tqdm.auto import tqdm
 
@@ -576,8 +589,13 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
         raise ValueError("runs of one pass must share one execution config")
     if len({c.out for c in cfgs}) != len(cfgs):
         raise ValueError(f"runs of one pass need distinct output folders, got {[c.out for c in cfgs]}")
+    if loras is not None and (lora is not None or len(loras) != len(cfgs) or pool is None):
+        raise ValueError("run_generations: loras needs one entry per run, running engines, and no lora")
+    run_loras = list(loras) if loras is not None else [lora] * len(cfgs)
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
-    specs = [prepare_run(c, engine_cfg, model_path, lora, serving) for c in cfgs]
+    # `serving` describes how an adapter is served: with per-run adapters, only the runs that have one
+    specs = [prepare_run(c, engine_cfg, model_path, lr, serving if loras is None or lr is not None else None)
+             for c, lr in zip(cfgs, run_loras)]
     executor = _Executor(execution)  # first: a machine it refuses costs nothing, writes nothing
     runs: list[_Run] = []
     try:
@@ -586,11 +604,14 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
             manifest = store.open_run(spec.run_id, spec.identity)
             ctx = {"run_id": spec.run_id, "seed": c.seed, "model": spec.identity["model"],
                    "adapter": spec.adapter_label, "prompts": spec.prompts}
-            runs.append(_Run(c, spec, store, manifest, ctx, [u for u in spec.units if u.unit_id not in manifest.units]))
+            runs.append(_Run(c, spec, store, manifest, ctx, [u for u in spec.units if u.unit_id not in manifest.units],
+                             run_loras[len(runs)]))
     except BaseException:
         executor.close(wait=False)
         raise
-    items = pack_items([r.todo for r in runs], sequences_per_call)
+    mixed = pool is not None and getattr(pool, "mixed_lora_batches", False)
+    groups = None if mixed else [None if r.lora is None else r.lora["id"] for r in runs]
+    items = pack_items([r.todo for r in runs], sequences_per_call, groups)
     driver = None
     if items:
         total = sum(u.num_samples for r in runs for u in r.spec.units)
@@ -601,13 +622,15 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
             if own_pool:
                 pool = EnginePool(engine_cfg, model_path)
             adapter = cfgs[0].adapter
-            if adapter and lora is None:
+            if adapter and lora is None and loras is None:
                 lora = pool.load_adapter(adapter)
+                for r in runs:
+                    r.lora = lora
             executor.warn_if_no_cpu()
             label = runs[0].spec.run_id if len(runs) == 1 else f"{len(runs)} runs"
             bar = tqdm(total=total, initial=total - sum(u.num_samples for r in runs for u in r.todo), unit="sample",
                        desc=f"gen {label}", disable=not cfgs[0].progress, dynamic_ncols=True)
-            driver = _Driver(runs, items, engine_cfg, pool, lora, bar)
+            driver = _Driver(runs, items, engine_cfg, pool, bar)
             driver.run(executor)
             bar.close()
         except KeyboardInterrupt:

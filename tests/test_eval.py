@@ -498,3 +498,32 @@ def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(
              for r in (res, lora)]
     assert ident[0]["serving"] == {"adapter_mode": "merged"} and ident[1]["serving"] == {"adapter_mode": "lora"}
     assert ident[0]["model_fingerprint"] == ident[1]["model_fingerprint"]
+
+
+def test_one_pass_over_every_variant_where_engines_mix_lora_batches(engine_pool, engine_config, adapters,
+                                                                   toy_problems, tmp_path, monkeypatch):
+    """The GPU path (vLLM multi-LoRA: base and adapter requests share calls), exercised on CPU: the eval packs
+    variants together, the CPU engine still keeps them out of one vLLM batch, and every row equals the
+    variant-by-variant path's."""
+    from gen.engine import EnginePool
+
+    kw = dict(adapters=[str(adapters["v1"])], seeds=[0, 1], k=1, allow_unknown_provenance=True,
+              allow_foreign_adapter=True)
+    apart = run_eval(_eval_cfg(tmp_path / "apart", toy_problems, **kw), engine_config, pool=engine_pool,
+                     report=False)
+    calls = []
+    real_generate = EnginePool.generate
+
+    def spy(self, i, prompts, sampling, lora=None, loras=None):
+        calls.append(loras)
+        return real_generate(self, i, prompts, sampling, lora, loras)
+
+    monkeypatch.setattr(EnginePool, "mixed_lora_batches", property(lambda self: True))
+    monkeypatch.setattr(EnginePool, "generate", spy)
+    together = run_eval(_eval_cfg(tmp_path / "together", toy_problems, **kw), engine_config, pool=engine_pool,
+                        report=False)
+    assert any(lr is not None and {x is None for x in lr} == {True, False} for lr in calls)  # really mixed
+    for label in apart.result_dirs:
+        for a, b in zip(apart.result_dirs[label], together.result_dirs[label]):
+            assert _completions(a) == _completions(b), label
+    assert engine_pool.loras == {}
