@@ -489,11 +489,11 @@ def test_a_relative_output_is_refused_in_a_job_driver_with_a_working_dir(monkeyp
 
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job_config)  # what Ray's job supervisor gives the driver
     with pytest.raises(ValueError, match=r"pairs\.out='runs/p'"):
-        PairsConfig(inputs=["s3://b/gen"], out="runs/p")
+        PairsConfig(inputs=["s3://b/gen"], out="runs/p", allow_no_eval_set=True)
     with pytest.raises(ValueError, match=r"train\.out='runs/a'"):
         TrainConfig(pairs=("/mnt/efs/p",), out="runs/a")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # a job without a working dir
-    PairsConfig(inputs=["s3://b/gen"], out="runs/p")
+    PairsConfig(inputs=["s3://b/gen"], out="runs/p", allow_no_eval_set=True)
 
 
 def test_a_real_ray_job_driver_knows_it_runs_in_a_working_dir_copy(ray_head):
