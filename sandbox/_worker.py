@@ -113,8 +113,21 @@ def _prctl(option: int, arg: int) -> None:
 
 # --- framing: 4-byte big-endian length + JSON ------------------------------------------------------------------
 
+def _no_default(o):
+    raise TypeError(f"{type(o).__name__} is not plain data")
+
+
+# Made once, in the worker, before any fork: a job process reuses them rather than building (and page-faulting
+# in) a fresh encoder or decoder per frame. No circular-reference markers: a cycle ends in RecursionError.
+_ENCODE = json.encoder.c_make_encoder(None, _no_default, json.encoder.encode_basestring_ascii, None, ":", ",",
+                                      False, False, True) if json.encoder.c_make_encoder else None
+
+
 def _pack(obj) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    if _ENCODE is not None:
+        body = "".join(_ENCODE(obj, 0)).encode()
+    else:
+        body = json.dumps(obj, separators=(",", ":")).encode()
     return len(body).to_bytes(4, "big") + body
 
 
@@ -123,7 +136,7 @@ class _Reader:
 
     def __init__(self, fd: int, limit: int = 1 << 40, tagged: bool = False) -> None:
         self.fd, self.limit, self.buf = fd, limit, bytearray()
-        self.hook = _decode_tagged if tagged else None  # values of the plain-data encoding (calls, replies)
+        self.decode = _TAGGED.decode if tagged else _PLAIN.decode  # calls and replies carry tagged values
 
     def fill(self, timeout: float | None = None) -> bool:
         """Read what is there (waiting up to `timeout`, None: forever); False on EOF or timeout."""
@@ -147,7 +160,7 @@ class _Reader:
             raise _NoFrame
         body = bytes(self.buf[4:4 + n])
         del self.buf[:4 + n]
-        return json.loads(body, object_hook=self.hook)
+        return self.decode(body.decode())
 
     def read(self, deadline: float | None = None):
         """Block for the next frame; None on EOF or when `deadline` (monotonic) passes."""
@@ -265,6 +278,11 @@ def _decode_tagged(d: dict):
     if tag == "o" and type(v) is str:
         return Opaque(v[:100])
     raise ValueError(f"bad tagged value {tag!r}")
+
+
+_TAGGED = json.JSONDecoder(object_hook=_decode_tagged)
+_PLAIN = json.JSONDecoder()
+_OK, _DEFINED = _pack(["ok"]), _pack(["defined"])
 
 
 # --- isolation (once per worker) -------------------------------------------------------------------------------
@@ -704,6 +722,8 @@ class ForkServer:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes raise OSError instead of killing
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary or file capability can raise a job's privileges
         _prctl(PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd, /proc/1/mem or /proc/1/environ for a same-uid job
+        if self.seccomp is not None:  # loaded here, once: every job process inherits it (no ctypes call per job)
+            _load_seccomp(self.seccomp)
 
     def serve(self) -> None:
         while True:
@@ -861,7 +881,7 @@ class ForkServer:
     # -- in the job process (forked): set up, run the program, answer calls ---------------------------------
     def _child(self, program: str, entry_point: str, call_r: int, reply_w: int) -> None:
         page = self.page
-        write, exit_ = os.write, os._exit  # bound before the program can patch `os`
+        write, read, exit_ = os.write, os.read, os._exit  # bound before the program can patch `os`
         try:
             os.setsid()
             calls, replies = 3, 4
@@ -890,10 +910,8 @@ class ForkServer:
                 os.setresuid(self.uid, self.uid, self.uid)
             if "pidns" not in self.features:  # else the namespace dies with the fork server anyway
                 _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if self.seccomp is not None:
-                _load_seccomp(self.seccomp)
             signal.setitimer(signal.ITIMER_PROF, self.cpu_s)  # precise CPU limit; default action kills
-            if not _write_all(replies, _pack(["ok"])):
+            if not _write_all(replies, _OK):
                 exit_(0)
         except BaseException as e:
             b = f"{type(e).__name__}: {e}".encode()[:_MSG_MAX]
@@ -936,15 +954,25 @@ class ForkServer:
         fn = ns.get(entry_point)
         if fn is None:
             fail(NameError(f"the program does not define {entry_point!r}"), "test")
-        send(["defined"])
-        reader = _Reader(calls, tagged=True)
+        try:
+            view = memoryview(_DEFINED)
+            while view:
+                view = view[write(replies, view):]
+        except OSError:
+            exit_(0)
+        buf = b""
+        decode = _TAGGED.decode
         while True:
-            try:
-                frame = reader.read()
-            except BaseException:
+            try:  # the next call: [args, kwargs]; EOF when the judge is done with us
+                while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
+                    chunk = read(calls, 1 << 20)
+                    if not chunk:
+                        exit_(0)
+                    buf += chunk
+                n = 4 + int.from_bytes(buf[:4], "big")
+                frame, buf = decode(buf[4:n].decode()), buf[n:]
+            except Exception:
                 exit_(0)
-            if frame is None:
-                exit_(0)  # the judge is done with us
             try:
                 args, kwargs = frame
                 result = fn(*args, **kwargs)
@@ -1212,6 +1240,10 @@ def main(argv: list[str]) -> int:
             notes.append(f"could not preload {', '.join(missing)}")
         server = ForkServer(cfg, features, job_root, user_tasks, sock)
         sock.sendall(_pack({"features": sorted(features), "notes": notes, "job_root": job_root}))
+        # Warm the compiler's heap once: a job's compile then reuses pages the fork server already has, instead of
+        # growing the heap in the job (measured: 240 -> 87 page faults to compile a 2-line program).
+        with open(__file__) as f:
+            compile(f.read(), "<warm-up>", "exec", dont_inherit=True)
         gc.collect()
         gc.freeze()  # children's collections skip everything imported so far: fewer copy-on-write faults
         try:

@@ -113,7 +113,8 @@ ISCLOSE_TEST = ("def check(candidate):\n    import math\n    assert math.isclose
      "            try: finish(o, n, None, 2, 'PASS')\n            except Exception: pass\n" + WRONG),
 ])
 def test_in_job_tricks_never_pass(box, name, program):
-    [result] = box.run([Job(program, ISCLOSE_TEST, "square")])
+    test = ISCLOSE_TEST if "isclose" in name else SQUARE_TEST
+    [result] = box.run([Job(program, test, "square")])
     assert result.outcome.is_model_failure, (name, result)
 
 
