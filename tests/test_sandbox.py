@@ -216,7 +216,7 @@ def test_printed_output_is_captured_and_bounded(box):
 
 def test_uncompilable_test_code_is_an_infra_error(box):
     result = run_one(box, SQUARE, test="def check(candidate)\n    pass\n")
-    assert (result.outcome, result.phase) == (Outcome.INFRA_ERROR, None), result
+    assert (result.outcome, result.phase, result.error_type) == (Outcome.INFRA_ERROR, None, "test-code"), result
     assert not result.outcome.is_model_failure
 
 
@@ -483,6 +483,26 @@ def test_a_job_that_kills_its_worker_is_crashed_and_the_run_goes_on(where):
     assert [r.outcome for r in results] == [Outcome.PASS, Outcome.CRASHED, Outcome.CRASHED, Outcome.PASS,
                                             Outcome.PASS], results
     assert results[1].phase is not None and "fork server" in results[1].error_message, results[1]
+
+
+def test_a_worker_killed_from_outside_twice_is_an_infra_error_with_its_cause():
+    # Our fault (no job can reach the worker's judge): retried once, then INFRA_ERROR saying why.
+    sleepy = "import time\ntime.sleep(2)\n" + SQUARE
+    done = threading.Event()
+    with Sandbox(workers=1, limits=LIMITS) as box:
+        def keep_killing():  # whichever worker holds the job, until the run gives up on it
+            while not done.wait(0.3):
+                try:
+                    os.kill(box._workers[0].proc.pid, 9)
+                except (OSError, IndexError):
+                    pass
+        threading.Thread(target=keep_killing, daemon=True).start()
+        try:
+            [result] = box.run([Job(sleepy, SQUARE_TEST, "square")])
+        finally:
+            done.set()
+    # Killed on each attempt ("worker-lost", after a retry), or even while a replacement started ("worker-start").
+    assert result.outcome is Outcome.INFRA_ERROR and result.error_type in ("worker-lost", "worker-start"), result
 
 
 def test_a_worker_killed_from_outside_mid_job_costs_nothing_but_a_retry():
