@@ -1,22 +1,22 @@
 """Execute untrusted programs against tests and label every run with one outcome.
 
     with Sandbox(limits=Limits(cpu_s=5)) as box:
-        results = box.run([Job(program, test, entry_point), ...], on_result=bar.update)  # input order, never raises
+        results = box.run([Job(program, test, entry_point, prompt), ...], on_result=bar.update)  # input order
 
-A pool of warm fork-server workers, one per core (sandbox/_worker.py, a fresh interpreter each): each has
-already imported the standard library modules solutions use and lives in its own mount, pid, network and ipc
-namespaces; per job it forks a child that switches to an unprivileged uid of its own, sets rlimits (CPU time as
-the primary timeout, address space, file size, process count), runs the program as module `__candidate__`
-(phase "definition"), then the test code in a copy of the program's globals with pristine builtins and calls
-`check(entry_point)` (phase "test"). PASS requires a verdict written by harness code after `check` returned,
-tagged with a per-job random nonce, in an anonymous shared page, from a child that exited through the harness
-path; exits, signals, a killed parent, printed text or a redefined `check` can't produce one.
+A pool of warm workers, one per core (sandbox/_worker.py, a fresh interpreter each). A worker is a *judge* and a
+*fork server*, neither of which ever runs model code. The fork server (pid 1 of the jobs' pid namespace, in
+private mount, network and ipc namespaces; non-dumpable) forks one job process per job, which switches to a uid
+of its own, sets rlimits, inherits a seccomp filter, runs the program (phase "definition") and then answers
+calls of the entry point (phase "test") in a tagged plain-data encoding. The judge (outside the jobs' pid
+namespace) runs the test code beside the problem's own prompt helpers (`Job.prompt`), with `candidate` a proxy
+for those calls, and decides the verdict: PASS means the test's own `check` returned, in the judge, with every
+call answered. Nothing the job process does can say PASS; exits, signals, printed text, frame walks, memory
+scans, patched modules or builtins, trace hooks and always-equal objects have nothing to reach.
 
-What it does not protect against (details in docs/sandbox.md): code that deliberately reaches into the harness's
-own memory from inside the job (walks frames or scans memory for the nonce and the verdict page) or monkeypatches
-shared modules the tests use (e.g. `math.isclose`) can forge a PASS; that is the limit of any in-process harness.
-Reading host files is allowed (read-only). Without root (or user namespaces) the isolation degrades: see
-`Sandbox.isolation`, and a warning is issued.
+What it does not protect against (details in docs/sandbox.md): reading host files, the problem set on disk
+included; per-job (not per-process-tree) CPU and memory; kernel exploits through allowed system calls. Without
+root the isolation degrades (user-namespace mode: jobs share the worker's uid; no namespaces at all: host files
+writable, network, the caller's /proc/<pid>/environ readable): see `Sandbox.isolation`; a warning is issued.
 
 This module imports nothing from the project, so any stage can use it.
 """
