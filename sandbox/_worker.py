@@ -1091,6 +1091,8 @@ class Judge:
             return [idx, "INFRA_ERROR", None, CAUSE_FORK, f"fork server: {status['fork_error']}", cpu, output]
         if verdict is None and status is None:  # never got to the job: ours
             return [idx, "INFRA_ERROR", None, CAUSE_FORK, self.zygote_lost, 0.0, ""]
+        if status is None and verdict[0] != "DIED":  # it killed or stopped its fork server: never a PASS
+            verdict = ("DIED", verdict[1] or "test", "answered" if verdict[0] == "PASS" else "failed", None)
         if verdict[0] == "DIED":
             verdict = self._death(status, verdict[1], verdict[2], cpu)
         outcome, phase, etype, msg = verdict
@@ -1106,7 +1108,8 @@ class Judge:
             if type(msg) is list and len(msg) == 5 and msg[0] == "fail" and msg[1] in ("definition", "test") \
                     and msg[2] in _JOB_OUTCOMES and all(type(m) is str for m in msg[3:]):
                 return msg[2], msg[1], msg[3][:128] or None, msg[4][:_MSG_MAX] or None
-            return "DIED", "definition", self.ended or "sent a malformed message", None
+            why = self.ended or ("died before it finished defining" if msg is None else "sent a malformed message")
+            return "DIED", "definition", why, None
         prompt_code, test_code = compiled
         proxy = _Candidate(self, entry_point)
         ns = {"__builtins__": builtins, "__name__": "__test__"}
