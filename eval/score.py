@@ -90,7 +90,7 @@ def score_samples(rows: Sequence[dict[str, Any]], problems: dict[str, Problem], 
     """One ExecResult per row, in order. Completions without code get NO_CODE without running."""
     programs = [extract_program(problems[r["task_id"]], r["completion"], "base") for r in rows]
     jobs = [
-        Job(program, problems[r["task_id"]].test, problems[r["task_id"]].entry_point)
+        Job(program, problems[r["task_id"]].test, problems[r["task_id"]].entry_point, problems[r["task_id"]].prompt)
         for r, program in zip(rows, programs)
         if program is not None
     ]

@@ -115,7 +115,7 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
             if program is None:
                 row.update(outcome=Outcome.NO_CODE.value)
                 continue
-            jobs.append(Job(program=program, test=problem.test, entry_point=problem.entry_point))
+            jobs.append(Job(program=program, test=problem.test, entry_point=problem.entry_point, prompt=problem.prompt))
             job_rows.append(row)
     if jobs:
         for row, res in zip(job_rows, sandbox.run(jobs), strict=True):
@@ -142,7 +142,7 @@ def isolation_record(box) -> dict[str, Any]:
 
 def check_isolation(record: dict[str, Any], allow_weak: bool) -> None:
     if not record["complete"] and not allow_weak:
-        missing = [k for k, v in record.items() if v is False and k != "complete"]
+        missing = list(record.get("missing") or [k for k, v in record.items() if v is False])
         raise ValueError(
             f"sandbox isolation is incomplete on {record['host']} (missing: {', '.join(missing) or record}); a job "
             "could reach the harness or the host. Run as root or where user namespaces work, or set "

@@ -1,22 +1,22 @@
 """Execute untrusted programs against tests and label every run with one outcome.
 
     with Sandbox(limits=Limits(cpu_s=5)) as box:
-        results = box.run([Job(program, test, entry_point), ...], on_result=bar.update)  # input order, never raises
+        results = box.run([Job(program, test, entry_point, prompt), ...], on_result=bar.update)  # input order
 
-A pool of warm fork-server workers, one per core (sandbox/_worker.py, a fresh interpreter each): each has
-already imported the standard library modules solutions use and lives in its own mount, pid, network and ipc
-namespaces; per job it forks a child that switches to an unprivileged uid of its own, sets rlimits (CPU time as
-the primary timeout, address space, file size, process count), runs the program as module `__candidate__`
-(phase "definition"), then the test code in a copy of the program's globals with pristine builtins and calls
-`check(entry_point)` (phase "test"). PASS requires a verdict written by harness code after `check` returned,
-tagged with a per-job random nonce, in an anonymous shared page, from a child that exited through the harness
-path; exits, signals, a killed parent, printed text or a redefined `check` can't produce one.
+A pool of warm workers, one per core (sandbox/_worker.py, a fresh interpreter each). A worker is a *judge* and a
+*fork server*, neither of which ever runs model code. The fork server (pid 1 of the jobs' pid namespace, in
+private mount, network and ipc namespaces; non-dumpable) forks one job process per job, which switches to a uid
+of its own, sets rlimits, inherits a seccomp filter, runs the program (phase "definition") and then answers
+calls of the entry point (phase "test") in a tagged plain-data encoding. The judge (outside the jobs' pid
+namespace) runs the test code beside the problem's own prompt helpers (`Job.prompt`), with `candidate` a proxy
+for those calls, and decides the verdict: PASS means the test's own `check` returned, in the judge, with every
+call answered. Nothing the job process does can say PASS; exits, signals, printed text, frame walks, memory
+scans, patched modules or builtins, trace hooks and always-equal objects have nothing to reach.
 
-What it does not protect against (details in docs/sandbox.md): code that deliberately reaches into the harness's
-own memory from inside the job (walks frames or scans memory for the nonce and the verdict page) or monkeypatches
-shared modules the tests use (e.g. `math.isclose`) can forge a PASS; that is the limit of any in-process harness.
-Reading host files is allowed (read-only). Without root (or user namespaces) the isolation degrades: see
-`Sandbox.isolation`, and a warning is issued.
+What it does not protect against (details in docs/sandbox.md): reading host files, the problem set on disk
+included; per-job (not per-process-tree) CPU and memory; kernel exploits through allowed system calls. Without
+root the isolation degrades (user-namespace mode: jobs share the worker's uid; no namespaces at all: host files
+writable, network, the caller's /proc/<pid>/environ readable): see `Sandbox.isolation`; a warning is issued.
 
 This module imports nothing from the project, so any stage can use it.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import enum
 import json
-import marshal
 import os
 import secrets
 import selectors
@@ -36,7 +35,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 
@@ -77,6 +76,9 @@ class Job:
     program: str  # the full program: prompt + completion as extracted; None or blank -> NO_CODE
     test: str  # test code that defines `check(candidate)`
     entry_point: str  # name of the function `check` is called with
+    # The problem's prompt (trusted): the test runs beside its helpers (HumanEval/32's tests call `poly`), never
+    # the program's versions of them. None: the test gets no helpers, and one that needs them is INFRA_ERROR.
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,21 +122,26 @@ class Limits:
 
 @dataclass(frozen=True)
 class Isolation:
-    """What the workers actually got on this machine (they try everything and report)."""
+    """What the workers actually got on this machine (they try everything and report). Plain data:
+    `dataclasses.asdict(box.isolation)` is JSON-serialisable, `complete` and `missing` included."""
 
-    unprivileged_uid: bool  # jobs run as a uid of their own: can't touch the harness or host files, NPROC works
-    user_namespace: bool  # used instead of root to create the namespaces below (no uid switch then)
+    unprivileged_uid: bool  # jobs run as a uid of their own (not the judge's or fork server's), NPROC exact
+    user_namespace: bool  # used instead of root to create the namespaces below (jobs then share our uid)
     mount_namespace: bool  # host filesystem read-only, private tmpfs /tmp, /dev/shm and /run hidden
     pid_namespace: bool  # jobs see only their own processes; all of them die with the job
+    private_proc: bool  # /proc shows only the jobs' pid namespace: no /proc/<pid>/environ of any host process
     network_namespace: bool  # no network at all (not even loopback)
     ipc_namespace: bool  # private SysV IPC / POSIX message queues
+    seccomp: bool  # ptrace, mount, bpf, keyctl, unshare, ... denied to jobs (list: sandbox._worker.SECCOMP_DENIED)
     notes: tuple[str, ...] = ()
+    complete: bool = field(init=False)  # every layer above (the user namespace is a means, not a layer)
+    missing: tuple[str, ...] = field(init=False)  # the layers this machine did not give
 
-    @property
-    def complete(self) -> bool:
-        """Jobs can't touch the harness, host files, other processes or the network."""
-        return all((self.unprivileged_uid or self.user_namespace, self.mount_namespace, self.pid_namespace,
-                    self.network_namespace, self.ipc_namespace))
+    def __post_init__(self) -> None:
+        missing = tuple(f.name for f in fields(self) if f.type in (bool, "bool") and f.init
+                        and f.name != "user_namespace" and not getattr(self, f.name))
+        object.__setattr__(self, "missing", missing)
+        object.__setattr__(self, "complete", not missing)
 
 
 # Modules HumanEval/MBPP-style solutions import; loaded once per worker, so a job's `import` is a dict lookup.
@@ -149,15 +156,18 @@ PRELOAD = (
 )
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
-_FEATURES = ("setuid", "userns", "mountns", "pidns", "netns", "ipcns")
+_FEATURES = ("setuid", "userns", "mountns", "pidns", "netns", "ipcns", "seccomp")
 _UID_BASE = 1 << 30  # jobs run as uid/gid _UID_BASE + random: no such user exists, so nothing on the host is theirs
 _DEPTH = 2  # jobs queued per worker, so a worker never waits for the parent between jobs
 _START_TIMEOUT_S = 60.0
 _GRACE_S = 10.0  # a worker silent for wall_s + this is declared dead
 
 
-def _infra(message: str) -> ExecResult:
-    return ExecResult(Outcome.INFRA_ERROR, None, None, message[:500], 0.0)
+def _infra(cause: str, message: str) -> ExecResult:
+    """A fault of ours. `cause` (the result's error_type) is one of: worker-lost (a worker died twice while
+    running the job, its own fault: the job itself can only be CRASHED/TIMEOUT/MEMORY), worker-start (no worker
+    could be started), and the worker's own: test-code, test-input, test-name, job-setup, fork-server, judge."""
+    return ExecResult(Outcome.INFRA_ERROR, None, cause, message[:500], 0.0)
 
 
 class _Worker:
@@ -180,6 +190,7 @@ class _Worker:
         self.deadline: float | None = None
         self.ready: tuple | None = None
         self.dead = False
+        self.writing = False  # registered for write-readiness of wfd (a job frame bigger than the pipe)
 
     def frames(self) -> list:
         out = []
@@ -187,7 +198,7 @@ class _Worker:
             n = int.from_bytes(self.inbuf[:4], "big")
             if len(self.inbuf) < 4 + n:
                 break
-            out.append(marshal.loads(bytes(self.inbuf[4:4 + n])))
+            out.append(json.loads(bytes(self.inbuf[4:4 + n])))
             del self.inbuf[:4 + n]
         return out
 
@@ -199,7 +210,7 @@ class _Worker:
                 frames = self.frames()
                 if frames:
                     if frames[0][0] != "ready" or len(frames) != 1:
-                        raise RuntimeError(f"sandbox worker: unexpected first frames {frames!r}")
+                        raise RuntimeError(f"sandbox worker sent unexpected first frames {frames!r:.300}")
                     self.ready = frames[0]
                     os.set_blocking(self.wfd, False)
                     return self.ready
@@ -256,7 +267,10 @@ class Sandbox:
     """
 
     def __init__(self, workers: int | None = None, limits: Limits = Limits(), *,
-                 preload: Sequence[str] = PRELOAD, _disable: frozenset[str] = frozenset()) -> None:
+                 preload: Sequence[str] = PRELOAD, _disable: frozenset[str] = frozenset(),
+                 _force_userns: bool = False) -> None:
+        """`_disable` (features to skip) and `_force_userns` (the user-namespace path even as root) are for tests:
+        they show what the degraded modes give."""
         if workers is None:
             workers = len(os.sched_getaffinity(0))
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -269,6 +283,7 @@ class Sandbox:
         self.limits = limits
         self._features = [f for f in _FEATURES if f not in _disable]
         self._preload = list(preload)
+        self._force_userns = _force_userns
         self._lock = threading.Lock()
         self._closed = False
         self._uids = secrets.SystemRandom().sample(range(1 << 24), workers)
@@ -285,7 +300,8 @@ class Sandbox:
         self.isolation = Isolation(
             unprivileged_uid="setuid" in features, user_namespace="userns" in features,
             mount_namespace="mountns" in features, pid_namespace="pidns" in features,
-            network_namespace="netns" in features, ipc_namespace="ipcns" in features, notes=tuple(notes))
+            private_proc="privateproc" in features, network_namespace="netns" in features,
+            ipc_namespace="ipcns" in features, seccomp="seccomp" in features, notes=tuple(notes))
         if not self.isolation.complete and not _disable:
             warnings.warn(f"sandbox isolation is incomplete on this machine: {self.isolation}", RuntimeWarning,
                           stacklevel=2)
@@ -293,7 +309,7 @@ class Sandbox:
     def _config(self, slot: int) -> dict:
         lim = self.limits
         return {"features": self._features, "preload": self._preload, "uid": _UID_BASE + self._uids[slot],
-                "tmpfs_mb": lim.file_size_mb,
+                "tmpfs_mb": lim.file_size_mb, "force_userns": self._force_userns,
                 "limits": {f.name: getattr(lim, f.name) for f in fields(lim)}}
 
     @property
@@ -311,6 +327,8 @@ class Sandbox:
                 raise ValueError(f"jobs[{i}].test must be a str, got {type(job.test).__name__}")
             if not isinstance(job.entry_point, str) or not job.entry_point.isidentifier():
                 raise ValueError(f"jobs[{i}].entry_point must be an identifier, got {job.entry_point!r}")
+            if job.prompt is not None and not isinstance(job.prompt, str):
+                raise ValueError(f"jobs[{i}].prompt must be a str or None, got {type(job.prompt).__name__}")
         results: list[ExecResult | None] = [None] * len(jobs)
         todo: deque[int] = deque()
         for i, job in enumerate(jobs):
@@ -343,6 +361,7 @@ class Sandbox:
             w.outbuf.clear()
             w.inflight.clear()
             w.deadline = None
+            w.writing = False
             sel.register(w.rfd, selectors.EVENT_READ, w)
 
         def finish(i: int, result: ExecResult) -> None:
@@ -352,19 +371,24 @@ class Sandbox:
             if on_result is not None:
                 on_result()
 
-        def lost(w: _Worker, why: str) -> None:
-            """A worker died or hung: requeue what it held (the running job once), start a replacement."""
+        def lost(w: _Worker, why: str, started: bool = True) -> None:
+            """A worker died, hung or gave up: requeue what it held (the running job, if it may have started, at
+            most twice), start a replacement. A job's own deaths never come here: the worker reports them."""
             sel.unregister(w.rfd)
+            if w.writing:
+                sel.unregister(w.wfd)
+                w.writing = False
             live.remove(w)
             w.kill()
             why = f"{why} (exit status {w.proc.returncode})"
             if w.inflight:
                 head = w.inflight.popleft()
-                attempts[head] = attempts.get(head, 0) + 1
                 for i in reversed(w.inflight):
                     todo.appendleft(i)
-                if attempts[head] >= 2:
-                    finish(head, _infra(f"sandbox worker {why}, twice, while running this job"))
+                if started:
+                    attempts[head] = attempts.get(head, 0) + 1
+                if attempts.get(head, 0) >= 2:
+                    finish(head, _infra("worker-lost", f"sandbox worker {why}, twice, while running this job"))
                 else:
                     todo.appendleft(head)
             new = None
@@ -380,10 +404,27 @@ class Sandbox:
                     new.kill()
                 if not live:
                     while todo:
-                        finish(todo.popleft(), _infra(f"sandbox worker {why} and could not be restarted: {e}"))
+                        finish(todo.popleft(), _infra("worker-start",
+                                                      f"sandbox worker {why} and could not be restarted: {e}"))
                 return
+            new.writing = False
             live.append(new)
             sel.register(new.rfd, selectors.EVENT_READ, new)
+
+        def flush(w: _Worker) -> None:
+            """Write what the pipe takes now; wait for write-readiness of the *write* end for the rest."""
+            if w.outbuf:
+                try:
+                    n = os.write(w.wfd, w.outbuf)
+                    del w.outbuf[:n]
+                except BlockingIOError:
+                    pass
+            if w.outbuf and not w.writing:
+                sel.register(w.wfd, selectors.EVENT_WRITE, w)
+                w.writing = True
+            elif not w.outbuf and w.writing:
+                sel.unregister(w.wfd)
+                w.writing = False
 
         try:
             while remaining > 0:
@@ -392,13 +433,13 @@ class Sandbox:
                     while todo and len(w.inflight) < _DEPTH:
                         i = todo.popleft()
                         job = jobs[i]
-                        body = marshal.dumps((i, job.program, job.test, job.entry_point))
+                        body = json.dumps([i, job.program, job.test, job.entry_point, job.prompt]).encode()
                         w.outbuf += len(body).to_bytes(4, "big") + body
                         w.inflight.append(i)
                         if w.deadline is None:
                             w.deadline = now + budget
                     try:
-                        self._flush(w, sel)
+                        flush(w)
                     except OSError:
                         lost(w, "closed its input")
                 if remaining == 0 or not live:
@@ -409,51 +450,50 @@ class Sandbox:
                     w = key.data
                     if w not in live:
                         continue
-                    if mask & selectors.EVENT_WRITE:
+                    if key.fd == w.wfd:
                         try:
-                            self._flush(w, sel)
+                            flush(w)
                         except OSError:
                             lost(w, "closed its input")
-                            continue
-                    if mask & selectors.EVENT_READ:
-                        try:
-                            chunk = os.read(w.rfd, 1 << 16)
-                        except OSError:
-                            chunk = b""
-                        if not chunk:
-                            lost(w, "died")
-                            continue
-                        w.inbuf += chunk
-                        for idx, outcome, phase, etype, msg, cpu, output in w.frames():
-                            expected = w.inflight.popleft()
-                            if idx != expected:
-                                raise RuntimeError(f"sandbox worker answered job {idx}, expected {expected}")
-                            finish(idx, ExecResult(Outcome[outcome], None if phase is None else Phase(phase),
-                                                   etype, msg, cpu, output))
-                            w.deadline = time.monotonic() + budget if w.inflight else None
+                        continue
+                    try:
+                        chunk = os.read(w.rfd, 1 << 16)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        lost(w, "died")
+                        continue
+                    w.inbuf += chunk
+                    try:
+                        frames = w.frames()
+                    except ValueError as e:
+                        lost(w, f"sent a malformed frame ({e})")
+                        continue
+                    for frame in frames:
+                        if frame[0] == "lost":  # its fork server is gone; the jobs it still holds never started
+                            lost(w, f"lost its fork server ({frame[1]})", started=False)
+                            break
+                        idx, outcome, phase, etype, msg, cpu, output = frame
+                        expected = w.inflight.popleft()
+                        if idx != expected:
+                            raise RuntimeError(f"sandbox worker answered job {idx}, expected {expected}")
+                        finish(idx, ExecResult(Outcome[outcome], None if phase is None else Phase(phase),
+                                               etype, msg, cpu, output))
+                        w.deadline = time.monotonic() + budget if w.inflight else None
                 now = time.monotonic()
                 for w in [w for w in live if w.deadline is not None and w.deadline < now]:
                     lost(w, f"gave no answer within {budget:g}s")
             while todo:  # only if every worker was lost
-                finish(todo.popleft(), _infra("no sandbox worker left"))
+                finish(todo.popleft(), _infra("worker-start", "no sandbox worker left"))
         finally:
             for w in list(live):
+                if w.writing:
+                    sel.unregister(w.wfd)
+                    w.writing = False
                 if w.inflight:  # interrupted (e.g. KeyboardInterrupt): results would arrive out of step
                     live.remove(w)
                     w.kill()
             sel.close()
-
-    @staticmethod
-    def _flush(w: _Worker, sel: selectors.BaseSelector) -> None:
-        if w.outbuf:
-            try:
-                n = os.write(w.wfd, w.outbuf)
-                del w.outbuf[:n]
-            except BlockingIOError:
-                pass
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.outbuf else 0)
-        if sel.get_key(w.rfd).events != events:
-            sel.modify(w.rfd, events, w)
 
     def close(self) -> None:
         """Stop the workers (waits for a `run` in progress on another thread to finish first)."""

@@ -249,8 +249,8 @@ def test_mbpp_tests_pass_own_code_and_fail_wrong_code():
         "MBPP/900": "def prime_square_sum(n):\n    return sum(p * p for p in range(n))\n",
         "MBPP/2": "def similar_elements(a, b):\n    return tuple(set(a) | set(b))\n",
     }
-    jobs = [Job(p.reference, p.test, p.entry_point) for p in problems]
-    jobs += [Job(wrong[p.id], p.test, p.entry_point) for p in problems]
+    jobs = [Job(p.reference, p.test, p.entry_point, p.prompt) for p in problems]
+    jobs += [Job(wrong[p.id], p.test, p.entry_point, p.prompt) for p in problems]
     with Sandbox(workers=2) as sandbox:
         results = sandbox.run(jobs)
     outcomes = [r.outcome for r in results]

