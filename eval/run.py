@@ -31,7 +31,7 @@ from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.run import run_generations
 from tasks.leakage import PROVENANCE_KEY, ProblemText, find_overlap, parse_provenance, problem_texts
 from tasks.problems import SPLITS, select_problems
-from gen.shards import join_uri
+from gen.shards import file_sha256, join_uri
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def check_adapter_rank(adapter: str, max_lora_rank: int) -> None:
 
 
 def adapter_sha256(path: str) -> str:
-    return _file_sha256(os.path.join(path, "adapter_model.safetensors"))
+    return file_sha256(os.path.join(path, "adapter_model.safetensors"))
 
 
 def probe_reference(adapter: str, model_path: str) -> dict[str, Any]:
@@ -218,14 +218,6 @@ class TrainedProblems:
     problem_sets: list[dict[str, Any]]  # as pairs recorded them: spec, fingerprint, split, verified
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def trained_problems(adapter: str) -> TrainedProblems:
     """Follow adapter -> train_manifest.json -> its pairs files (each checked against the sha256 train recorded)
     -> the problem provenance record pairs wrote into each file. Fails closed: ValueError when any link is missing,
@@ -257,7 +249,7 @@ def trained_problems(adapter: str) -> TrainedProblems:
         if not os.path.isfile(path):
             raise ValueError(f"{where}: its pairs file {path!r} (named by train_manifest.json) is missing: moved or "
                              "deleted, so the problems it was trained on are unknown")
-        if _file_sha256(path) != sha:
+        if file_sha256(path) != sha:
             raise ValueError(f"{where}: its pairs file {path!r} changed since training (sha256 differs from "
                              "train_manifest.json), so it no longer says what the adapter was trained on")
         try:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gen.shards import file_sha256
+
 MARKER = ".pairloop-model.json"  # written last inside a built folder: its presence means "complete"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _CHUNK = 1 << 20  # 1 MiB reads: hashing 491 MB streams at disk speed without holding it in memory
@@ -521,15 +523,6 @@ def _write_hash_cache(path: Path, entries: dict[str, dict]) -> None:
             raise
     except OSError as e:
         print(f"[model_source] could not write the fingerprint cache {str(path)!r}: {e}", file=sys.stderr)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, streamed in 1 MiB reads."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def folder_fingerprint(folder: str | Path, *, cache: str | Path | None = None) -> str:

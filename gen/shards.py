@@ -12,6 +12,7 @@ crashed before the manifest update is invisible, and its retry overwrites it (sa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import posixpath
@@ -117,6 +118,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return clean(cfg)
+
+
+def file_sha256(uri: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (a local path or a URI), streamed in 1 MiB reads. The one file hash."""
+    fs, path = resolve(os.fspath(uri))
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_files_atomic(root: str, files: dict[str, bytes]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from gen.shards import file_sha256
 from pairloop.config import build_config, read_sections
 
 
@@ -99,17 +100,6 @@ def loop_configs(argv: list[str]) -> StageConfigs:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha256(uri: str) -> str:
-    from gen.shards import resolve
-
-    fs, path = resolve(uri)
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def adapter_sha256(folder: str) -> str:

@@ -42,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gen.shards import check_output_path, config_to_dict
+from gen.shards import check_output_path, config_to_dict, file_sha256
 
 # vLLM accepts only these values for `max_lora_rank` (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -195,14 +195,6 @@ def read_pairs(files: list[Path]) -> pa.Table:
     if table.num_rows == 0:
         raise ValueError(f"pairs: no rows in {[str(f) for f in files]}; nothing to train on")
     return table
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
