@@ -919,14 +919,17 @@ class ForkServer:
             struct.pack_into("<I", page, 8, len(b))
             os._exit(_EXIT_SETUP_FAILED)
 
-        def send(obj) -> None:
-            data = _pack(obj)
+        def put(data: bytes) -> None:
+            """All of `data` to the judge; a closed pipe means the judge is done with us."""
             view = memoryview(data)
             try:
                 while view:
                     view = view[write(replies, view):]
             except OSError:
                 exit_(0)
+
+        def send(obj) -> None:
+            put(_pack(obj))
 
         def fail(exc: BaseException, phase: str, outcome: str | None = None) -> None:
             if isinstance(exc, MemoryError):
@@ -954,12 +957,7 @@ class ForkServer:
         fn = ns.get(entry_point)
         if fn is None:
             fail(NameError(f"the program does not define {entry_point!r}"), "test")
-        try:
-            view = memoryview(_DEFINED)
-            while view:
-                view = view[write(replies, view):]
-        except OSError:
-            exit_(0)
+        put(_DEFINED)
         buf = b""
         decode = _TAGGED.decode
         while True:
@@ -993,12 +991,7 @@ class ForkServer:
                 data = None
             if data is None or len(data) > _MAX_FRAME:
                 data = _pack(["ret", {"o": type(result).__name__}])
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[write(replies, view):]
-            except OSError:
-                exit_(0)
+            put(data)
 
 
 # --- the judge: runs the test code against a proxy of the job's entry point, decides the verdict ----------------
