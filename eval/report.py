@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 

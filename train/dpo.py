@@ -27,7 +27,6 @@ Several GPUs: one process per GPU, data parallel (DDP); the effective batch is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
