@@ -11,7 +11,7 @@ export VLLM_CACHE_ROOT ?= $(HOME)/.cache/pairloop/vllm
 export RAY_AUTH_MODE ?= disabled
 export PAIRLOOP_CACHE ?= $(HOME)/.cache/pairloop
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo experiment test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pairloop run --config configs/demo.yaml
+
+# issue 14's experiment: base vs balanced vs proportional DPO on the built-in 0.5B, HumanEval halves (docs/results.md)
+experiment: $(STAMP)
+	$(BIN)/pairloop run --config configs/experiment-cpu.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -109,12 +109,14 @@ def build_report(
     config: ReportConfig = ReportConfig(),
     warnings: Sequence[str] = (),
     leakage: Sequence[dict[str, Any]] = (),
+    between: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """All report numbers from results tables, results folders or Parquet files (JSON-ready dict).
 
     `base` (or config.base) names the reference variant; by default the rows with adapter null. `warnings` (a
     weaker check that ran, e.g. the eval leakage guard's) are rendered first; `leakage` is what the eval leakage
-    guard compared, per adapter (eval.run.check_no_train_overlap).
+    guard compared, per adapter (eval.run.check_no_train_overlap). `between`: (reference, other) variant label
+    pairs compared with each other too (an experiment's arms), after every variant against the base.
     """
     if isinstance(sources, (str, os.PathLike, pa.Table)):
         sources = [sources]
@@ -126,6 +128,12 @@ def build_report(
     options = config.compare_options()
     summaries = [stats.summarize_variant(v, options.ci_level) for v in variants]
     comparisons = [stats.compare(ref, v, options) for v in variants if ref is not None and v is not ref]
+    by_label = {v.variant.label: v for v in variants}
+    for a, b in between:
+        missing = [x for x in (a, b) if x not in by_label]
+        if missing:
+            raise ValueError(f"report: variant(s) {missing} to compare not in the results; have {sorted(by_label)}")
+        comparisons.append(stats.compare(by_label[a], by_label[b], options))
     shown = [
         o.value
         for o in stats.FAILURES
@@ -209,16 +217,21 @@ def _category_phase_rows(report: dict[str, Any]) -> tuple[list[str], list[list[s
     return ["variant", "phase"] + cats, rows
 
 
+def _versus(report: dict[str, Any], c: dict[str, Any]) -> str:
+    """A comparison's name: the variant alone against the report's base, `variant vs reference` otherwise."""
+    return c["adapter"] if c["base"] == report.get("base") else f"{c['adapter']} vs {c['base']}"
+
+
 def _comparison_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     level = f"{report['options']['ci_level']:.0%} CI"
-    headers = ["adapter", "base pass@1", "adapter pass@1", "delta ± paired SE", f"{level} (normal)",
+    headers = ["variant vs reference", "reference pass@1", "variant pass@1", "delta ± paired SE", f"{level} (normal)",
                f"{level} (bootstrap)", "corr", "gained", "lost", "unchanged", "p (permutation)", "p (sign)", "verdict"]
     rows = []
     for c in report["comparisons"]:
         perm = c.get("permutation", {})
         mc = f" ± {perm['mc_error']:.1g}" if perm.get("mc_error") is not None else ""
         rows.append(
-            [c["adapter"], f"{c['base_pass_at_1']:.4f}", f"{c['adapter_pass_at_1']:.4f}",
+            [_versus(report, c), f"{c['base_pass_at_1']:.4f}", f"{c['adapter_pass_at_1']:.4f}",
              f"{c['delta']:+.4f} ± {_num(c.get('se'), '.4f')}", _interval(c.get("ci_normal"), "+.4f"),
              _interval(c["ci"], "+.4f"), _num(c.get("correlation"), ".2f"), str(c["gained"]), str(c["lost"]),
              str(c["ties"]), f"{c['p_value']:.4g}{mc}", _num(c.get("sign_test_p_value"), ".4g"), c["verdict"]]
@@ -227,13 +240,13 @@ def _comparison_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]
 
 
 def _power_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["adapter", "paired SE", "data-noise SE", "prediction-noise SE", "MDE (80% power)", "problems needed",
+    headers = ["variant vs reference", "paired SE", "data-noise SE", "prediction-noise SE", "MDE (80% power)", "problems needed",
                "samples/problem now", "samples/problem needed"]
     rows = []
     for c in report["comparisons"]:
         n, pw = c["noise"], c["power"]
         rows.append(
-            [c["adapter"], _num(n["total_se"], ".4f"), _num(n["data_se"], ".4f"), _num(n["prediction_se"], ".4f"),
+            [_versus(report, c), _num(n["total_se"], ".4f"), _num(n["data_se"], ".4f"), _num(n["prediction_se"], ".4f"),
              _num(c["mde"], ".4f"), _num(pw["problems_needed"], "d"), _num(pw["samples_per_problem"], "d"),
              _num(pw["samples_per_problem_needed"], "d")]
         )
@@ -320,7 +333,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report["comparisons"]:
         out += [
-            f"## Adapters vs base `{report['base']}`",
+            f"## Adapters vs base `{report['base']}`" + (" (and arm vs arm)" if any(
+                c["base"] != report["base"] for c in report["comparisons"]) else ""),
             "",
             "Paired over the same problems and seeds: per problem, score = mean over seeds of its pass rate; delta = "
             "mean over problems of (adapter - base); paired SE = sd(per-problem differences) / sqrt(problems); CIs: "
@@ -354,7 +368,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 + list(dec["lost"]["by_adapter_category"])
             ))
             out += [
-                f"### Where `{c['adapter']}`'s changes came from",
+                f"### Where `{_versus(report, c)}`'s changes came from",
                 "",
                 "Per changed problem, its majority failure category (PASS: no failing sample).",
                 "",
@@ -379,7 +393,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for c in report["comparisons"]:
         if c["excluded_problems"]:
             out.append(
-                f"- `{c['adapter']}` vs base: {len(c['excluded_problems'])} problems left out of the comparison "
+                f"- `{c['adapter']}` vs `{c['base']}`: {len(c['excluded_problems'])} problems left out of the comparison "
                 f"(only INFRA_ERROR on one side): {c['excluded_problems'][:10]}"
             )
     return "\n".join(out).rstrip() + "\n"

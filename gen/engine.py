@@ -14,6 +14,7 @@ bundle, so a restart on another node rebinds correctly.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -33,7 +34,10 @@ class EngineConfig:
     # are still at zero has none yet: set gpu there, so the engines' GPU requests make the autoscaler add nodes.
     device: str = "auto"
     tensor_parallel_size: int = 1  # GPUs per engine (GPU only)
-    dtype: str = "auto"  # auto: float32 on CPU (2.5x faster than bf16 there), bfloat16 on GPU
+    # auto: bfloat16 on GPU; on CPU bfloat16 where the CPU has native bf16 (AMX-BF16 / AVX512_BF16: ~2x float32's
+    # tokens/s), else float32 (bf16 is emulated there: 2.5x slower). Decided on the driver from its own CPU: a
+    # cluster whose engine nodes have other CPUs than the head should set it (gen.hardware, docs/benchmarks.md).
+    dtype: str = "auto"
     max_model_len: int = 2048  # prompt + completion tokens; HumanEval prompts are < 600 tokens
     gpu_memory_utilization: float = 0.0  # GPU share for weights + KV cache; 0 = auto (0.9)
     # CPU: KV cache size in GiB (vLLM's utilization fraction can't cover 2.5 GB fp32 weights + warm-up there).
@@ -89,6 +93,23 @@ def requests_loras(n_prompts: int, n_sampling: int, lora: dict | None,
     if len(loras) != n_prompts:
         raise ValueError(f"generate: loras has {len(loras)} entries for {n_prompts} prompts")
     return loras
+
+
+def resolve_dtype(cfg: EngineConfig, use_gpu: bool) -> tuple[str, str]:
+    """(dtype, why) the engines run in: the configured one, or what `auto` picks for this device."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "set by engine.dtype"
+    if use_gpu:
+        return "bfloat16", "auto on GPU"
+    from gen.hardware import cpu_dtype
+
+    dtype, why = cpu_dtype()
+    return dtype, f"auto on CPU: {why}"
+
+
+def planned_use_gpu(cfg: EngineConfig) -> bool:
+    """Whether engines started now would be GPU engines (the rule EnginePool applies)."""
+    return cfg.device == "gpu" or (cfg.device == "auto" and cuda_available())
 
 
 def cuda_available() -> bool:
@@ -300,9 +321,11 @@ class EnginePool:
         self.cfg = cfg
         self.model_path = model_path
         if use_gpu is None:
-            use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and cuda_available())
+            use_gpu = planned_use_gpu(cfg)
         self.use_gpu = use_gpu
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.use_gpu else "float32")
+        dtype, self.dtype_why = resolve_dtype(cfg, use_gpu)
+        print(f"engines: {cfg.engines} x {'GPU' if use_gpu else 'CPU'}, dtype {dtype} ({self.dtype_why})",
+              file=sys.stderr)
         self.engine_kwargs: dict[str, Any] = dict(
             dtype=dtype,
             max_model_len=cfg.max_model_len,

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from gen.engine import EngineConfig, EnginePool, ensure_ray
+from gen.engine import EngineConfig, EnginePool, ensure_ray, planned_use_gpu, resolve_dtype
 from gen.plan import Unit, make_plan
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.shards import ShardStore, rows_to_table
@@ -203,7 +203,7 @@ class RunSpec:
 
 def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any], problem_set: str,
                  style: str, response_prefix: str, samples_per_unit: int, adapter_label: str | None,
-                 serving: dict[str, Any] | None = None) -> dict[str, Any]:
+                 serving: dict[str, Any] | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Every setting that changes a row: two runs with equal identities are the same run (resume), else not."""
     asdict = dataclasses.asdict
     return {
@@ -216,14 +216,15 @@ def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any]
         "execute": cfg.execution.execute,
         "sandbox_limits": asdict(cfg.execution.limits()) if cfg.execution.execute else None,
         # engine settings that change outputs: the context cap bounds every budget, dtype changes the numerics
-        "engine": {"max_model_len": engine_cfg.max_model_len, "dtype": engine_cfg.dtype,
+        # (as resolved: `auto` is bfloat16 on one machine and float32 on another)
+        "engine": {"max_model_len": engine_cfg.max_model_len, "dtype": dtype or engine_cfg.dtype,
                    "tensor_parallel_size": engine_cfg.tensor_parallel_size},
         **({"serving": serving} if serving else {}),  # eval: how the adapter was served (lora | merged)
     }
 
 
 def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora: dict | None = None,
-                serving: dict[str, Any] | None = None) -> RunSpec:
+                serving: dict[str, Any] | None = None, use_gpu: bool | None = None) -> RunSpec:
     """Select problems, render prompts, fix budgets and identity, plan units. No engine, no Ray."""
     from gen.model_source import model_identity
     from tasks.problems import problem_set_fingerprint
@@ -237,8 +238,9 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
     samples_per_unit = cfg.samples_per_unit or cfg.n
     renderer = _Renderer(model_path, cfg.sampling.prompt_style, engine_cfg.max_model_len,
                          cfg.sampling.response_prefix)
+    dtype, _ = resolve_dtype(engine_cfg, planned_use_gpu(engine_cfg) if use_gpu is None else use_gpu)
     identity = run_identity(cfg, engine_cfg, model_identity(engine_cfg.model), problem_set_fingerprint(problems_list),
-                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving)
+                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving, dtype)
     prompts = {p.id: renderer.prompt(p) for p in problems_list}
     return RunSpec(
         problems={p.id: p for p in problems_list}, style=renderer.style, prompts=prompts,
@@ -594,7 +596,8 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
     run_loras = list(loras) if loras is not None else [lora] * len(cfgs)
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
     # `serving` describes how an adapter is served: with per-run adapters, only the runs that have one
-    specs = [prepare_run(c, engine_cfg, model_path, lr, serving if loras is None or lr is not None else None)
+    specs = [prepare_run(c, engine_cfg, model_path, lr, serving if loras is None or lr is not None else None,
+                         pool.use_gpu if pool is not None else None)
              for c, lr in zip(cfgs, run_loras)]
     executor = _Executor(execution)  # first: a machine it refuses costs nothing, writes nothing
     runs: list[_Run] = []
@@ -621,6 +624,10 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
         try:
             if own_pool:
                 pool = EnginePool(engine_cfg, model_path)
+            planned = specs[0].identity["engine"]["dtype"]
+            if pool.engine_kwargs["dtype"] != planned:  # device `auto` resolved differently once Ray was up
+                raise ValueError(f"engine.dtype: the run was planned for {planned} but the engines run "
+                                 f"{pool.engine_kwargs['dtype']}; set engine.dtype (and engine.device) explicitly")
             adapter = cfgs[0].adapter
             if adapter and lora is None and loras is None:
                 lora = pool.load_adapter(adapter)
@@ -651,6 +658,8 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
         if driver is not None:
             isolation += [r for r in executor.isolation if r not in isolation]
         m.summary = {**m.summary, **summarize(run.store), "failed_units": run.failed, "isolation": isolation}
+        if driver is not None:
+            m.summary["engine_dtype"] = {"dtype": pool.engine_kwargs["dtype"], "why": getattr(pool, "dtype_why", "")}
         if driver is not None:
             m.summary["weak_isolation_allowed"] = execution.allow_weak_isolation
         m.complete = not run.failed and len(m.units) == len(run.spec.units)

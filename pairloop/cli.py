@@ -9,7 +9,7 @@
     pairloop report RESULTS_DIR... [--out DIR] [--base NAME]
     pairloop fetch-model [NAME] [--list] [--identity] [--wheel-dir DIR]
 
-Configured commands read one YAML file of sections (`run engine gen pairs train eval`) and `section.field=value`
+Configured commands read one YAML file of sections (`run engine gen pairs train eval`, and `arms` for an experiment) and `section.field=value`
 overrides through pairloop.config, the only parser; each stage receives its typed config. Exit status: 0 done,
 1 done with faults of ours reported (incomplete run, INFRA_ERROR samples), 2 bad input (nothing written),
 130 interrupted (finished work is kept; rerun to resume).
@@ -57,7 +57,13 @@ def stage_configs(argv: Sequence[str], stage: str, uses: Sequence[str]) -> dict[
     classes = _section_classes()
     sections = read_sections(argv, default_section=stage)
     for name, values in sections.items():
-        if name not in uses:
+        if name == "arms":  # the loop's experiment arms: checked (names, fields), used only by `pairloop run`
+            from pairloop.loop import check_arms
+
+            for arm, body in check_arms(values).items():
+                for sec, fields in body.items():
+                    check_fields(classes[sec], fields, f"arms.{arm}.{sec}")
+        elif name not in uses:
             check_fields(classes[name], values, name)
     return {name: build_config(classes[name], sections.get(name, {}), name) for name in uses}
 

@@ -25,7 +25,7 @@ import yaml
 T = TypeVar("T")
 
 # The sections a config file and `section.field=value` overrides may name (the loop's `run:` and one per stage).
-SECTIONS = ("run", "engine", "gen", "pairs", "train", "eval")
+SECTIONS = ("run", "engine", "gen", "pairs", "train", "eval", "arms")
 
 
 def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:

@@ -16,7 +16,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -33,6 +34,9 @@ class LoopConfig:
     split_seed: int = 0
     train_limit: int = 0  # first N train-split problems (0 = all): sizes the run
     eval_limit: int = 0  # first N eval-split problems (0 = all)
+    # With `arms:`: every arm trains on as many pairs as the arm with the fewest got (its selection is rerun with
+    # that count), so a difference between arms is not a difference in data volume.
+    equal_pairs: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -46,9 +50,42 @@ class StageConfigs:
     loop: Any
     engine: Any
     gen: Any
-    pairs: Any
+    pairs: Any  # the single arm's (no `arms:` section), else the first arm's
     train: Any
     eval: Any
+    # arm name -> (pairs config, train config). An experiment compares arms: one pool (gen), one pairs selection
+    # and one adapter per arm, every adapter and the base evaluated together in one pass. No `arms:` section: the
+    # single arm "" (outputs pairs/, adapter/ as always).
+    arms: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    equal_pairs: bool = True  # arms train on the same number of pairs (the smallest arm's count)
+
+
+ARM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+ARM_SECTIONS = ("pairs", "train")  # what an arm may change; everything else is shared, so arms stay comparable
+
+
+def check_arms(raw: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """The `arms:` section: {name: {pairs: {...}, train: {...}}}, the overrides each arm applies on top of the
+    shared `pairs:` and `train:` sections. Names and fields are checked here (wired fields are refused later)."""
+    if raw in (None, {}):
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"arms: must map arm names to their overrides, got {raw!r}")
+    if len(raw) < 2:
+        raise ValueError(f"arms: an experiment needs at least 2 arms to compare, got {sorted(raw)}")
+    out = {}
+    for name, body in raw.items():
+        if not isinstance(name, str) or not ARM_NAME.match(name):
+            raise ValueError(f"arms: arm name {name!r} must match {ARM_NAME.pattern} (it names output folders)")
+        body = body or {}
+        if not isinstance(body, dict) or set(body) - set(ARM_SECTIONS):
+            raise ValueError(f"arms.{name}: may set only {ARM_SECTIONS} (got {body!r}); gen, engine and eval are "
+                             "shared by every arm")
+        for sec, values in body.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"arms.{name}.{sec}: must be a mapping of fields, got {values!r}")
+        out[name] = {sec: dict(body.get(sec) or {}) for sec in ARM_SECTIONS}
+    return out
 
 
 # What the loop sets in each stage's section (it ties the stages together): a user value there is refused, not
@@ -71,12 +108,16 @@ def loop_configs(argv: list[str]) -> StageConfigs:
     from train.dpo import TrainConfig
 
     raw = read_sections(argv)
-    for sec, fields in WIRED.items():
-        clash = sorted(set(raw.get(sec, {})) & set(fields))
+    arms_raw = check_arms(raw.get("arms"))
+    sections = [(sec, raw.get(sec, {})) for sec in WIRED] + [
+        (f"arms.{a}.{sec}", body[sec]) for a, body in arms_raw.items() for sec in ARM_SECTIONS]
+    for where, values in sections:
+        fields = WIRED[where.rsplit(".", 1)[-1]]
+        clash = sorted(set(values) & set(fields))
         if clash:
-            raise ValueError(f"pairloop run: {', '.join(f'{sec}.{f}' for f in clash)} is set by the loop "
+            raise ValueError(f"pairloop run: {', '.join(f'{where}.{f}' for f in clash)} is set by the loop "
                              "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit and "
-                             f"engine.model); remove it from the {sec} section")
+                             f"engine.model); remove it from {where}")
     loop = build_config(LoopConfig, raw.get("run", {}), "run")
     from gen.shards import check_output_path
 
@@ -86,16 +127,26 @@ def loop_configs(argv: list[str]) -> StageConfigs:
     split = dict(problems=loop.problems, eval_fraction=loop.eval_fraction, split_seed=loop.split_seed)
     gen = build_config(GenConfig, {**raw.get("gen", {}), **split, "split": "train", "limit": loop.train_limit,
                                    "out": join_uri(out, "gen")}, "gen")
-    pairs = build_config(PairsConfig, {**raw.get("pairs", {}), "inputs": [join_uri(out, "gen")],
-                                       "out": join_uri(out, "pairs"), "problems": loop.problems,
-                                       "eval_problems": loop.problems, "eval_fraction": loop.eval_fraction,
-                                       "split_seed": loop.split_seed}, "pairs")
-    train = build_config(TrainConfig, {**raw.get("train", {}), "pairs": [join_uri(out, "pairs")],
-                                       "out": join_uri(out, "adapter"), "model": engine.model,
-                                       "max_lora_rank": engine.max_lora_rank}, "train")
+
+    def arm(name: str, over: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
+        suffix = f"-{name}" if name else ""
+        where = f"arms.{name}." if name else ""
+        pairs = build_config(PairsConfig, {**raw.get("pairs", {}), **over.get("pairs", {}),
+                                           "inputs": [join_uri(out, "gen")], "out": join_uri(out, f"pairs{suffix}"),
+                                           "problems": loop.problems, "eval_problems": loop.problems,
+                                           "eval_fraction": loop.eval_fraction, "split_seed": loop.split_seed},
+                             f"{where}pairs")
+        train = build_config(TrainConfig, {**raw.get("train", {}), **over.get("train", {}),
+                                           "pairs": [join_uri(out, f"pairs{suffix}")],
+                                           "out": join_uri(out, f"adapter{suffix}"), "model": engine.model,
+                                           "max_lora_rank": engine.max_lora_rank}, f"{where}train")
+        return pairs, train
+
+    arms = {name: arm(name, over) for name, over in arms_raw.items()} or {"": arm("", {})}
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **split, "split": "eval", "limit": loop.eval_limit,
                                     "out": join_uri(out, "eval")}, "eval")
-    return StageConfigs(loop, engine, gen, pairs, train, evl)
+    first_pairs, first_train = next(iter(arms.values()))
+    return StageConfigs(loop, engine, gen, first_pairs, first_train, evl, arms, loop.equal_pairs)
 
 
 def _digest(obj: Any) -> str:
@@ -142,7 +193,7 @@ class StageLog:
 
     def done(self, stage: str, ident: str) -> bool:
         s = self.state["stages"].get(stage)
-        return bool(s) and s.get("identity") == ident
+        return bool(s) and ident in (s.get("identity"), s.get("alias"))
 
     def supersede(self, stage: str) -> None:
         """The recorded `stage` ran with another identity: move the outputs it recorded aside before it reruns."""
@@ -191,12 +242,45 @@ def check_disjoint(gen_cfg, eval_cfg) -> tuple[list[str], list[str]]:
 
 def engine_output_identity(engine: Any) -> dict[str, Any]:
     """The model's content fingerprint and the engine settings that change what it generates."""
+    from gen.engine import planned_use_gpu, resolve_dtype
     from gen.model_source import model_identity
 
     ident = model_identity(engine.model)
-    return {"model": ident["name"], "fingerprint": ident["fingerprint"], "dtype": engine.dtype,
+    return {"model": ident["name"], "fingerprint": ident["fingerprint"],
+            "dtype": resolve_dtype(engine, planned_use_gpu(engine))[0],
             "max_model_len": engine.max_model_len, "tensor_parallel_size": engine.tensor_parallel_size,
             "device": engine.device, "seed": engine.seed}
+
+
+def pairs_count(out: str) -> int:
+    """How many pairs a pairs stage wrote (its report.json, the pairs stage's own record)."""
+    from gen.shards import join_uri, resolve
+
+    fs, path = resolve(join_uri(out, "report.json"))
+    with fs.open_input_stream(path) as f:
+        return int(json.loads(f.read().decode())["pairs"])
+
+
+def equalize_pairs(arms: dict[str, tuple[Any, Any]], log: StageLog, stage, named, titled, pool_ident, pairs):
+    """Every arm gets the smallest arm's pair count: an arm that selected more reruns its selection asking for
+    that many (selection is deterministic, so a rerun is the same). Returns the arms with their final configs."""
+    counts = {arm: pairs_count(pcfg.out) for arm, (pcfg, _) in arms.items()}
+    if min(counts.values()) == 0:
+        raise RuntimeError(f"pairs: an arm selected no pairs ({counts}); the pool has nothing to train on")
+    m = min(counts.values())
+    out = {}
+    for arm, (pcfg, tcfg) in arms.items():
+        if counts[arm] != m:
+            asked = log.state["stages"][named("pairs", arm)]["identity"]
+            pcfg = replace(pcfg, num_pairs=m)
+            stage(named("pairs", arm), titled(f"3/5 pairs, rerun at {m} pairs (run.equal_pairs)", arm), pcfg,
+                  pool_ident, [pcfg.out], lambda p=pcfg: pairs(p), alias=asked)
+            got = pairs_count(pcfg.out)
+            if got != m:
+                raise RuntimeError(f"pairs [{arm}]: asked for {m} pairs to match the other arms, got {got}")
+        out[arm] = (pcfg, tcfg)
+    print(f"pairloop run: every arm trains on {m} pairs (selected: {counts})")
+    return out
 
 
 def run_loop(c: StageConfigs) -> dict[str, Any]:
@@ -230,17 +314,18 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             print(f"pairloop run: {len(pool)} engine(s) up in {time.perf_counter() - t0:.0f} s")
         return pool
 
-    def stage(name: str, title: str, cfg: Any, inputs, outputs, body) -> None:
+    def stage(name: str, title: str, cfg: Any, inputs, outputs, body, alias: str | None = None) -> None:
         """Run `body` unless the log holds this stage with the same identity. Each call below is made after the
-        stage before it ran, so `inputs` describes what that stage just wrote."""
+        stage before it ran, so `inputs` describes what that stage just wrote. `alias`: another identity this run
+        stands for (an arm's pairs rerun at the equalized count stands for the selection asked for)."""
         ident = log.identity(cfg, inputs)
         if log.done(name, ident):
             return
         log.supersede(name)
         print(f"\n== {title}")
         t0 = time.perf_counter()
-        info = body()
-        log.mark(name, ident, outputs, time.perf_counter() - t0, info)
+        info = body() or {}
+        log.mark(name, ident, outputs, time.perf_counter() - t0, {**info, **({"alias": alias} if alias else {})})
 
     base_eval = replace(c.eval, adapters=[], include_base=True)
     adapter_eval = None  # built once the adapter exists (EvalConfig checks its folder)
@@ -255,29 +340,40 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             raise RuntimeError(f"gen incomplete: {res.failed_units}")
         return {"rows": res.rows}
 
-    def pairs() -> None:
-        print_pairs_summary(run_pairs(c.pairs))
+    def pairs(cfg) -> dict[str, Any]:
+        report = run_pairs(cfg)
+        print_pairs_summary(report)
+        return {"pairs": report["pairs"]}
 
-    def train_adapter() -> None:
-        train(c.train)
+    def train_adapter(cfg) -> None:
+        train(cfg)
 
     def eval_adapter() -> dict[str, Any]:
         res = run_eval(adapter_eval, c.engine, pool=engines(), report=False)
         return {"warnings": res.warnings, "leakage": res.leakage}  # kept for the report (and its rebuilds)
 
+    arms = dict(c.arms) or {"": (c.pairs, c.train)}
+    named = lambda what, arm: f"{what}:{arm}" if arm else what  # noqa: E731
+    titled = lambda title, arm: f"{title} [{arm}]" if arm else title  # noqa: E731
     try:
         stage("eval_base", "1/5 base eval (held-out split)", base_eval, {"engine": engine_ident},
               [join_uri(c.eval.out, "base")], eval_base)
         stage("gen", "2/5 gen (train split)", c.gen, {"engine": engine_ident}, [c.gen.out], gen)
-        stage("pairs", "3/5 pairs", c.pairs, {"gen_manifest": file_sha256(join_uri(c.gen.out, MANIFEST_NAME))},
-              [c.pairs.out], pairs)
-        stage("train", "4/5 train (DPO + LoRA)", c.train,
-              {"pairs": file_sha256(join_uri(c.pairs.out, "pairs.parquet")),
-               "model": engine_ident["fingerprint"]}, [c.train.out], train_adapter)
-        adapter_eval = replace(c.eval, adapters=[c.train.out], include_base=True)
+        pool_ident = {"gen_manifest": file_sha256(join_uri(c.gen.out, MANIFEST_NAME))}
+        for arm, (pcfg, _) in arms.items():
+            stage(named("pairs", arm), titled("3/5 pairs", arm), pcfg, pool_ident, [pcfg.out], lambda p=pcfg: pairs(p))
+        if len(arms) > 1 and c.equal_pairs:
+            arms = equalize_pairs(arms, log, stage, named, titled, pool_ident, pairs)
+        for arm, (pcfg, tcfg) in arms.items():
+            stage(named("train", arm), titled("4/5 train (DPO + LoRA)", arm), tcfg,
+                  {"pairs": file_sha256(join_uri(pcfg.out, "pairs.parquet")), "model": engine_ident["fingerprint"]},
+                  [tcfg.out], lambda t=tcfg: train_adapter(t))
+        adapters = [t.out for _, t in arms.values()]
+        adapter_eval = replace(c.eval, adapters=adapters, include_base=True)
+        shas = [adapter_sha256(a) for a in adapters]
         stage("eval_adapter", "5/5 adapter eval (hot-loaded) + report", adapter_eval,
-              {"engine": engine_ident, "adapter": adapter_sha256(c.train.out)},
-              [join_uri(c.eval.out, adapter_label(c.train.out))], eval_adapter)
+              {"engine": engine_ident, **({"adapter": shas[0]} if len(shas) == 1 else {"adapters": shas})},
+              [join_uri(c.eval.out, adapter_label(a)) for a in adapters], eval_adapter)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -285,7 +381,10 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             ray.shutdown()
     dirs = [d for ds in result_dirs(adapter_eval).values() for d in ds]
     guard = log.state["stages"]["eval_adapter"]
-    report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []))
+    labels = [adapter_label(t.out) for _, t in arms.values()]
+    between = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]  # arm vs arm, beside each vs base
+    report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []),
+                          between=between)
     report_dir = join_uri(c.loop.out, "report")
     write_report(report, report_dir)
     print(render_terminal(report))

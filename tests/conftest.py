@@ -75,7 +75,8 @@ def ray_local():
 def engine_config(tiny_model):
     from gen.engine import EngineConfig
 
-    return EngineConfig(model=tiny_model, max_model_len=512, cpu_kv_cache_gib=0.5, max_loras=4, max_lora_rank=16, max_num_seqs=64)
+    # float32 pinned: `auto` would pick bf16 on a CPU with native bf16, and no test may depend on one CPU's numerics
+    return EngineConfig(model=tiny_model, dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.5, max_loras=4, max_lora_rank=16, max_num_seqs=64)
 
 
 @pytest.fixture(scope="session")

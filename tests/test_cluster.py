@@ -452,7 +452,7 @@ def test_ray_job_submit_runs_pairloop_gen_on_the_cluster_into_s3(ray_head, s3, t
     runtime_env = {"env_vars": AWS_ENV}  # how credentials reach the job's driver on a real cluster, too
     # `ray job submit` shell-quotes each argument after `--` (shlex.join): a URI with '&' stays one argument
     entry = ["pairloop", "gen", f"gen.out={out}", f"gen.problems={toy_problems}", "gen.n=3", "gen.sampling.max_tokens=16",
-             "gen.execution.executor=ray", "gen.progress=false", f"engine.model={tiny_model}", "engine.max_model_len=512",
+             "gen.execution.executor=ray", "gen.progress=false", f"engine.model={tiny_model}", "engine.dtype=float32", "engine.max_model_len=512",
              "engine.cpu_kv_cache_gib=0.25"]
     proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
                            "--runtime-env-json", json.dumps(runtime_env), "--"] + entry,

@@ -223,7 +223,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_set(first_run, tmp_p
     out = tmp_path / "sigkill"
     args = [sys.executable, "-m", "gen", f"gen.out={out}", f"gen.problems={toy_problems}", "gen.n=5",
             "gen.sampling.max_tokens=16", "gen.problems_per_unit=1", "gen.samples_per_unit=1", "gen.execution.workers=1",
-            "gen.progress=false", f"engine.model={tiny_model}", "engine.max_model_len=512"]
+            "gen.progress=false", f"engine.model={tiny_model}", "engine.dtype=float32", "engine.max_model_len=512"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -261,7 +261,7 @@ def test_every_setting_that_changes_a_row_changes_the_run_identity(change, tiny_
     from gen.run import prepare_run
     from pairloop.config import build_config
 
-    engine = EngineConfig(model=tiny_model, max_model_len=512)
+    engine = EngineConfig(model=tiny_model, dtype="float32", max_model_len=512)
     base_cfg = _cfg(tmp_path / "a", toy_problems)
     base = prepare_run(base_cfg, engine, tiny_model)
     change = dict(change)
@@ -355,3 +355,31 @@ def test_full_isolation_is_recorded_in_the_manifest(first_run):
     res, _ = first_run
     records = ShardStore(res.out).read_manifest().summary["isolation"]
     assert records and all(r["complete"] for r in records)
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({"avx2", "fma", "amx_bf16", "avx512_bf16"}, "bfloat16"), ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+    ({"avx2", "fma", "avx512f"}, "float32"), (set(), "float32"),
+])
+def test_engine_dtype_auto_follows_the_cpu_and_is_part_of_the_run_identity(flags, want, monkeypatch, tiny_model,
+                                                                          toy_problems, tmp_path):
+    """`engine.dtype: auto` on CPU: bf16 only where the CPU has native bf16 (else it is emulated and slower); the
+    resolved dtype, not the word `auto`, is in the identity, so a run resumed on a machine that resolves
+    differently starts afresh instead of mixing bf16 and fp32 rows."""
+    import gen.hardware as hw
+    from gen.engine import EngineConfig, resolve_dtype
+    from gen.run import prepare_run
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+    engine = EngineConfig(model=tiny_model, max_model_len=512)
+    dtype, why = resolve_dtype(engine, use_gpu=False)
+    assert dtype == want and why.startswith("auto on CPU")
+    assert resolve_dtype(engine, use_gpu=True)[0] == "bfloat16"
+    assert resolve_dtype(EngineConfig(model=tiny_model, dtype="float32"), use_gpu=False) == ("float32",
+                                                                                            "set by engine.dtype")
+    spec = prepare_run(_cfg(tmp_path / "a", toy_problems), engine, tiny_model, use_gpu=False)
+    assert spec.identity["engine"]["dtype"] == want
+    pinned = prepare_run(_cfg(tmp_path / "a", toy_problems), EngineConfig(model=tiny_model, dtype=want,
+                                                                          max_model_len=512), tiny_model,
+                         use_gpu=False)
+    assert pinned.run_id == spec.run_id  # `auto` that resolved to X is the same run as X set explicitly

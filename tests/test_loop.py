@@ -12,7 +12,7 @@ import yaml
 def _config(tmp_path: Path, model: str, problems: str) -> Path:
     cfg = {
         "run": {"out": str(tmp_path / "run"), "problems": problems, "eval_fraction": 0.5, "split_seed": 0},
-        "engine": {"model": model, "max_model_len": 512, "cpu_kv_cache_gib": 0.5, "max_lora_rank": 16},
+        "engine": {"model": model, "dtype": "float32", "max_model_len": 512, "cpu_kv_cache_gib": 0.5, "max_lora_rank": 16},
         "gen": {"n": 8, "sampling": {"max_tokens": 64, "temperature": 1.0, "top_p": 1.0},
                 "execution": {"workers": 1}, "progress": False},
         "pairs": {"num_pairs": 8, "max_pairs_per_problem": 4, "pass_rate_min": 0.0, "pass_rate_max": 1.0,

@@ -1,0 +1,125 @@
+"""`make experiment`'s config (configs/experiment-cpu.yaml) end to end on the tiny coder: one pool, two arms
+(balanced vs proportional pairs) trained on equal pair counts, base + both adapters evaluated in one pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "experiment-cpu.yaml"
+
+# The experiment's own file, shrunk to the tiny model and the 6 toy problems; nothing about its design changes.
+SHRINK = ["engine.dtype=float32", "engine.max_model_len=512", "engine.cpu_kv_cache_gib=0.5",
+          "gen.n=8", "gen.first_round=4", "gen.round_size=4", "gen.sampling.max_tokens=64",
+          "gen.sampling.temperature=1.0", "gen.sampling.top_p=1.0", "gen.execution.workers=1", "gen.progress=false",
+          "pairs.num_pairs=8", "pairs.pass_rate_min=0.0", "pairs.pass_rate_max=1.0", "pairs.length_ratio_min=0.1",
+          "pairs.length_ratio_max=10.0", "pairs.progress=false",
+          # one arm asks for fewer pairs, so equal_pairs must rerun the other arm's selection at that count
+          "arms.balanced.pairs.num_pairs=5",
+          "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "train.max_length=256",
+          "train.learning_rate=1e-3", "train.lora_r=8", "train.gradient_checkpointing=false",
+          "eval.seeds=[0,1]", "eval.sampling.temperature=1.0", "eval.sampling.max_tokens=64",
+          "eval.execution.workers=1", "eval.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, tiny_coder, toy_problems, ray_local):
+    from pairloop.cli import main
+
+    out = tmp_path_factory.mktemp("experiment") / "run"
+    argv = ["run", "--config", str(CONFIG), f"run.out={out}", f"run.problems={toy_problems}",
+            f"engine.model={tiny_coder}", *SHRINK]
+    rc = main(argv)
+    return rc, out, argv, toy_problems
+
+
+def test_every_stage_of_both_arms_runs_and_the_report_compares_them(experiment):
+    rc, out, _, _ = experiment
+    assert rc == 0
+    stages = json.loads((out / "loop_state.json").read_text())["stages"]
+    assert set(stages) == {"eval_base", "gen", "pairs:balanced", "pairs:proportional", "train:balanced",
+                           "train:proportional", "eval_adapter"}
+    report = json.loads((out / "report" / "report.json").read_text())
+    labels = {v["label"] for v in report["variants"]}
+    assert len(labels) == 3 and report["base"] in labels
+    pairs_of = {(c["base"], c["adapter"]) for c in report["comparisons"]}
+    arm_labels = sorted(labels - {report["base"]})
+    assert {(report["base"], a) for a in arm_labels} <= pairs_of  # each adapter vs base
+    assert len(pairs_of) == 3  # and the two arms against each other
+    (between,) = [c for c in report["comparisons"] if c["base"] != report["base"]]
+    assert {between["base"], between["adapter"]} == set(arm_labels)
+    assert f"{between['adapter']} vs {between['base']}" in (out / "report" / "report.md").read_text()
+    # one eval pass: a single eval stage served base and both adapters, each with its own results
+    for label in arm_labels:
+        assert (out / "eval" / label / "manifest.json").exists()
+
+
+def test_the_arms_train_on_equal_pair_counts_from_one_pool(experiment):
+    import pyarrow.parquet as pq
+
+    from gen.shards import file_sha256
+
+    _, out, _, _ = experiment
+    cfg = yaml.safe_load(CONFIG.read_text())
+    assert cfg["arms"]["balanced"]["pairs"]["balance"] != cfg["arms"]["proportional"]["pairs"]["balance"]
+    counts, pools = {}, {}
+    for arm in ("balanced", "proportional"):
+        counts[arm] = pq.read_table(out / f"pairs-{arm}" / "pairs.parquet").num_rows
+        rep = json.loads((out / f"pairs-{arm}" / "report.json").read_text())
+        pools[arm] = [(i["uri"], i["run_id"]) for i in rep["inputs"]]
+        manifest = json.loads((out / f"adapter-{arm}" / "train_manifest.json").read_text())
+        assert file_sha256(str(out / f"pairs-{arm}" / "pairs.parquet")) in json.dumps(manifest)
+    assert counts["balanced"] == counts["proportional"] == 5, counts  # equalized down to the smaller arm
+    assert pools["balanced"] == pools["proportional"] and len(pools["balanced"]) == 1
+    stages = json.loads((out / "loop_state.json").read_text())["stages"]
+    assert "alias" in stages["pairs:proportional"]  # rerun at the equalized count, standing for the one asked
+    t = {arm: json.loads((out / f"adapter-{arm}" / "train_manifest.json").read_text())["config"]
+         for arm in ("balanced", "proportional")}
+    differ = {k for k in t["balanced"] if t["balanced"][k] != t["proportional"][k]}
+    assert differ == {"pairs", "out"}, differ  # same hyperparameters and training seed
+
+
+def test_no_pair_comes_from_a_held_out_problem(experiment):
+    import pyarrow.parquet as pq
+
+    from tasks.problems import load_problems, split_problems
+
+    _, out, _, problems = experiment
+    _, held_out = split_problems(load_problems(problems), 0.5, 0)
+    assert held_out
+    for arm in ("balanced", "proportional"):
+        t = pq.read_table(out / f"pairs-{arm}" / "pairs.parquet").to_pylist()
+        assert t and not {r["problem_id"] for r in t} & {p.id for p in held_out}
+        prompts = json.dumps([r["prompt"] for r in t])
+        for p in held_out:  # content too: no held-out problem's text is in any pair's prompt
+            assert json.dumps(p.prompt.strip())[1:-1] not in prompts, p.id
+
+
+def test_a_rerun_resumes_without_running_any_stage(experiment, capsys):
+    from pairloop.cli import main
+
+    rc, out, argv, _ = experiment
+    before = json.loads((out / "loop_state.json").read_text())
+    assert main(argv) == 0
+    assert "== " not in capsys.readouterr().out
+    assert json.loads((out / "loop_state.json").read_text()) == before
+
+
+@pytest.mark.parametrize("arms, match", [
+    ({"only": {"pairs": {"balance": "uniform"}}}, "at least 2 arms"),
+    ({"Bad-Name": {}, "b": {}}, "arm name"),
+    ({"a": {"gen": {"n": 4}}, "b": {}}, "may set only"),
+    ({"a": {"pairs": {"out": "x"}}, "b": {}}, r"arms\.a\.pairs\.out is set by the loop"),
+    ({"a": {"pairs": {"balanse": "uniform"}}, "b": {}}, "balanse"),
+])
+def test_bad_arms_are_refused_before_any_work(arms, match, tmp_path):
+    from pairloop.loop import loop_configs
+
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"run": {"out": str(tmp_path / "r")}, "arms": arms}))
+    with pytest.raises(ValueError, match=match):
+        loop_configs(["--config", str(path)])
