@@ -30,6 +30,9 @@ from pairloop.config import build_config, read_sections
 class LoopConfig:
     out: str = "runs/loop"  # every stage writes under here: eval/, gen/, pairs/, adapter/, report/
     problems: str = "humaneval"  # split into train (gen + pairs + train) and eval (base and adapter eval)
+    # Another problem set to evaluate on (e.g. train on mbpp, evaluate on humaneval): then no split, all of
+    # `problems` trains and all of `eval_problems` is evaluated; the leakage guards still compare the two by content.
+    eval_problems: str = ""
     eval_fraction: float = 0.5  # share of problems held out for evaluation
     split_seed: int = 0
     train_limit: int = 0  # first N train-split problems (0 = all): sizes the run
@@ -125,7 +128,11 @@ def loop_configs(argv: list[str]) -> StageConfigs:
     engine = build_config(EngineConfig, raw.get("engine", {}), "engine")
     out = loop.out
     split = dict(problems=loop.problems, eval_fraction=loop.eval_fraction, split_seed=loop.split_seed)
-    gen = build_config(GenConfig, {**raw.get("gen", {}), **split, "split": "train", "limit": loop.train_limit,
+    train_split, eval_split, eval_set = "train", "eval", split
+    if loop.eval_problems:  # two problem sets: all of one trains, all of the other is held out
+        train_split, eval_split = "all", "all"
+        eval_set = {**split, "problems": loop.eval_problems}
+    gen = build_config(GenConfig, {**raw.get("gen", {}), **split, "split": train_split, "limit": loop.train_limit,
                                    "out": join_uri(out, "gen")}, "gen")
 
     def arm(name: str, over: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
@@ -133,8 +140,10 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         where = f"arms.{name}." if name else ""
         pairs = build_config(PairsConfig, {**raw.get("pairs", {}), **over.get("pairs", {}),
                                            "inputs": [join_uri(out, "gen")], "out": join_uri(out, f"pairs{suffix}"),
-                                           "problems": loop.problems, "eval_problems": loop.problems,
-                                           "eval_fraction": loop.eval_fraction, "split_seed": loop.split_seed},
+                                           "problems": loop.problems,
+                                           **({"eval_problems": loop.eval_problems} if loop.eval_problems else
+                                              {"eval_problems": loop.problems, "eval_fraction": loop.eval_fraction}),
+                                           "split_seed": loop.split_seed},
                              f"{where}pairs")
         train = build_config(TrainConfig, {**raw.get("train", {}), **over.get("train", {}),
                                            "pairs": [join_uri(out, f"pairs{suffix}")],
@@ -143,8 +152,8 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         return pairs, train
 
     arms = {name: arm(name, over) for name, over in arms_raw.items()} or {"": arm("", {})}
-    evl = build_config(EvalConfig, {**raw.get("eval", {}), **split, "split": "eval", "limit": loop.eval_limit,
-                                    "out": join_uri(out, "eval")}, "eval")
+    evl = build_config(EvalConfig, {**raw.get("eval", {}), **eval_set, "split": eval_split,
+                                    "limit": loop.eval_limit, "out": join_uri(out, "eval")}, "eval")
     first_pairs, first_train = next(iter(arms.values()))
     return StageConfigs(loop, engine, gen, first_pairs, first_train, evl, arms, loop.equal_pairs)
 
@@ -233,7 +242,8 @@ def check_disjoint(gen_cfg, eval_cfg) -> tuple[list[str], list[str]]:
     from gen.run import select_problems
 
     train_ids = [p.id for p in select_problems(gen_cfg)]
-    eval_ids = [p.id for p in select_problems(replace(gen_cfg, split=eval_cfg.split, limit=eval_cfg.limit))]
+    eval_ids = [p.id for p in select_problems(replace(gen_cfg, problems=eval_cfg.problems, split=eval_cfg.split,
+                                                      limit=eval_cfg.limit))]
     overlap = sorted(set(train_ids) & set(eval_ids))
     if overlap:
         raise ValueError(f"eval split overlaps the training problems: {overlap[:5]} ({len(overlap)} in all)")

@@ -508,26 +508,26 @@ def test_a_real_ray_job_driver_knows_it_runs_in_a_working_dir_copy(ray_head):
 
 
 def test_seed_3b_config_runs_as_its_header_says(tmp_path, monkeypatch):
-    """Outputs survive a `ray job` (absolute or s3://, accepted inside a working-dir copy), stages read what the
-    previous one wrote, the adapter lives on the shared mount every engine reads, train gets a GPU."""
+    """One `ray job submit` runs the whole loop: outputs survive a `ray job` (absolute, accepted inside a
+    working-dir copy), on the shared mount every node reads (train reads pairs folders, engines load adapters), and
+    the driver, which trains, gets a GPU."""
     from gen.shards import check_output_path
+    from pairloop.loop import loop_configs
 
     path = ROOT / "configs" / "seed-3b.yaml"
-    c = yaml.safe_load(path.read_text())
     header = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
-    jobs = {ln.split(" -- pairloop ")[1].split()[0]: ln for ln in header if ln.startswith("ray job submit")}
-    assert sorted(jobs) == ["eval", "gen", "pairs", "train"], jobs
-    for stage, line in jobs.items():
-        assert "--working-dir ." in line and line.endswith(f"pairloop {stage} --config configs/seed-3b.yaml"), line
-        assert ("--entrypoint-num-gpus 1" in line) == (stage == "train"), line  # train runs in the driver
+    (job,) = [ln for ln in header if ln.startswith("ray job submit")]
+    assert "--working-dir ." in job and "--entrypoint-num-gpus 1" in job, job
+    assert job.endswith("-- pairloop run --config configs/seed-3b.yaml"), job
     copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)  # where the job's driver runs
-    outs = {f"{s}.out": c[s]["out"] for s in ("gen", "pairs", "train", "eval")}
-    for field, value in outs.items():
-        check_output_path(field, value)
-    assert c["pairs"]["inputs"] == [c["gen"]["out"]] and c["train"]["pairs"] == [c["pairs"]["out"]]
+    c = loop_configs(["--config", str(path)])
     shared = "/mnt/efs/"  # the mount point of ray_cluster.yaml's shared filesystem
     assert re.search(r"sudo mount .* /mnt/efs$", (ROOT / "ray_cluster.yaml").read_text(), re.M)
-    assert c["eval"]["adapters"] == [c["train"]["out"]] and c["train"]["out"].startswith(shared)
-    assert c["pairs"]["out"].startswith(shared)  # train (a GPU node) reads the pairs folder
+    outs = [c.gen.out, c.eval.out] + [x for p, t in c.arms.values() for x in (p.out, t.out)]
+    for value in outs:
+        check_output_path("out", value)
+        assert value.startswith(shared), value
+    for p, t in c.arms.values():
+        assert p.inputs == [c.gen.out] and t.pairs == [p.out]

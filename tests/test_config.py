@@ -150,13 +150,21 @@ def test_demo_config_wires_the_loop():
     assert len(gen_ids | eval_ids) == 164
 
 
-def test_seed_config_sections_parse():
-    from pairloop.cli import stage_configs
+def test_seed_config_is_the_experiment_at_reference_scale():
+    """seed-3b.yaml is the GPU counterpart of experiment-cpu.yaml: the same loop stages and arms, the reference's
+    scale, and two problem sets (train on all of MBPP, evaluate on all of HumanEval) wired by the loop."""
+    from pairloop.loop import loop_configs
 
-    c = stage_configs(["--config", SEED, "eval.adapters=[]"], "eval", ("engine", "gen", "pairs", "train", "eval"))
-    assert c["engine"].tensor_parallel_size >= 1
-    assert c["gen"].n >= 100 and c["gen"].execution.executor == "ray"
-    assert c["pairs"].num_pairs == 500
-    assert c["train"].lora_r <= c["engine"].max_lora_rank
-    assert c["eval"].seeds == [0, 1, 2] and c["eval"].problems == "humaneval"
-    assert c["gen"].problems != c["eval"].problems  # MBPP for training, HumanEval for evaluation
+    c = loop_configs(["--config", SEED])
+    cpu = loop_configs(["--config", str(ROOT / "configs" / "experiment-cpu.yaml")])
+    assert set(c.arms) == set(cpu.arms) == {"balanced", "proportional"}
+    for arm in c.arms:
+        assert c.arms[arm][0].balance == cpu.arms[arm][0].balance
+    assert c.engine.tensor_parallel_size >= 1
+    assert c.gen.n >= 100 and c.gen.execution.executor == "ray"
+    assert all(p.num_pairs == 500 for p, _ in c.arms.values())
+    assert all(t.lora_r <= c.engine.max_lora_rank for _, t in c.arms.values())
+    assert c.eval.seeds == [0, 1, 2] and c.eval.problems == "humaneval" and c.eval.split == "all"
+    assert c.gen.problems == "mbpp" and c.gen.split == "all"  # MBPP for training, HumanEval for evaluation
+    for p, _ in c.arms.values():  # the pairs' leakage guard is aimed at the eval set, all of it
+        assert p.eval_problems == "humaneval" and p.eval_fraction is None
