@@ -61,6 +61,7 @@ class StageConfigs:
     # single arm "" (outputs pairs/, adapter/ as always).
     arms: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     equal_pairs: bool = True  # arms train on the same number of pairs (the smallest arm's count)
+    command: str = ""  # the command line that made these configs (the run summary records it)
 
 
 ARM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -155,7 +156,8 @@ def loop_configs(argv: list[str]) -> StageConfigs:
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **eval_set, "split": eval_split,
                                     "limit": loop.eval_limit, "out": join_uri(out, "eval")}, "eval")
     first_pairs, first_train = next(iter(arms.values()))
-    return StageConfigs(loop, engine, gen, first_pairs, first_train, evl, arms, loop.equal_pairs)
+    return StageConfigs(loop, engine, gen, first_pairs, first_train, evl, arms, loop.equal_pairs,
+                        " ".join(["pairloop run", *argv]))
 
 
 def _digest(obj: Any) -> str:
@@ -397,6 +399,11 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
                           between=between)
     report_dir = join_uri(c.loop.out, "report")
     write_report(report, report_dir)
+    from pairloop import summary
+
+    run_summary, images = summary.build(c.command, log.state, c.gen.out, arms, report)
+    summary.write(report_dir, run_summary, images)
+    report["run_summary"] = run_summary
     print(render_terminal(report))
     print(f"\npairloop run: done in {(time.perf_counter() - t_all) / 60:.1f} min; report in {report_dir}/report.md")
     return report

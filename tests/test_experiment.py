@@ -123,3 +123,22 @@ def test_bad_arms_are_refused_before_any_work(arms, match, tmp_path):
     path.write_text(yaml.safe_dump({"run": {"out": str(tmp_path / "r")}, "arms": arms}))
     with pytest.raises(ValueError, match=match):
         loop_configs(["--config", str(path)])
+
+
+def test_a_rerun_with_the_same_seeds_reproduces_the_digests(experiment, tmp_path):
+    """docs/results.md's numbers must reproduce: a second run into a fresh folder gives the same pool, the same
+    pairs per arm and the same report numbers (content digests in report/run.json)."""
+    from pairloop.cli import main
+
+    _, out, argv, _ = experiment
+    first = json.loads((out / "report" / "run.json").read_text())
+    second_out = tmp_path / "rerun"
+    assert main([a if not a.startswith("run.out=") else f"run.out={second_out}" for a in argv]) == 0
+    second = json.loads((second_out / "report" / "run.json").read_text())
+    assert first["pool"]["digest"] == second["pool"]["digest"]
+    assert {a: v["pairs_digest"] for a, v in first["arms"].items()} == \
+        {a: v["pairs_digest"] for a, v in second["arms"].items()}
+    assert first["report_digest"] == second["report_digest"]
+    md = (out / "report" / "run.md").read_text()
+    assert first["pool"]["digest"] in md and "train-balanced.png" in md and (out / "report" / "train-balanced.png").exists()
+    assert set(first["stages"]) == set(json.loads((out / "loop_state.json").read_text())["stages"])
