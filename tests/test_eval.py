@@ -403,6 +403,43 @@ def test_pack_items_mixes_seeds_and_respects_the_call_size():
 # ------------------------------------------------------------------------ hot-load check (gen.probe)
 
 
+def _probe_case(effect: float, noise: float, n: int = 50, seed: int = 0):
+    """PEFT's reference (base, adapter = base + a weak per-token effect) and an engine's view of it with per-token
+    numerical noise of this size (bf16-like), for the engine serving the adapter, a no-op, or another adapter."""
+    import random
+
+    rng = random.Random(seed)
+    base = [-rng.uniform(0.1, 3.0) for _ in range(n)]
+    delta = [rng.gauss(0, effect) for _ in range(n)]
+    other = [rng.gauss(0, effect) for _ in range(n)]
+    ref = {"base_logprobs": base, "adapter_logprobs": [b + d for b, d in zip(base, delta)]}
+    eng_base = [b + rng.gauss(0, noise) for b in base]
+    serve = lambda d: [b + x + rng.gauss(0, noise) for b, x in zip(base, d)]  # noqa: E731
+    return ref, eng_base, {"right": serve(delta), "noop": serve([0.0] * n), "other": serve(other)}
+
+
+@pytest.mark.parametrize("effect, noise, tol", [(0.05, 0.005, 0.25), (0.2, 0.02, 0.25), (0.01, 1e-5, 2e-3)])
+def test_hot_load_compare_tells_the_right_adapter_from_a_noop_and_other_weights_under_noise(effect, noise, tol):
+    """A lightly trained adapter moves each probe token less than a bf16 engine's noise bound (tol 0.25) would
+    allow a token-wise test to see; compared as a whole against the engine's own measured noise it is told apart
+    from a served no-op and from another adapter's weights, and the right one passes."""
+    from gen.probe import compare
+
+    ref, eng_base, served = _probe_case(effect, noise)
+    assert compare(served["right"], eng_base, ref, tol) is None
+    assert "no-op" in compare(served["noop"], eng_base, ref, tol)
+    assert "other weights" in compare(served["other"], eng_base, ref, tol)
+
+
+def test_hot_load_compare_refuses_an_effect_within_the_engines_noise():
+    """If the engine's noise on the probe is as large as the adapter's effect, a no-op could pass: refuse."""
+    from gen.probe import compare
+
+    ref, eng_base, served = _probe_case(effect=0.01, noise=0.02)
+    assert "indistinguishable from the base" in compare(served["right"], eng_base, ref, 0.25)
+    assert "other base weights" in compare(served["right"], [b + 1.0 for b in ref["base_logprobs"]], ref, 0.25)
+
+
 def test_hot_load_check_passes_for_the_adapter_as_trained_and_measures_its_margin(engine_pool, adapters,
                                                                                   tiny_model):
     from gen.probe import reference_from_files
