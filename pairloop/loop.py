@@ -314,8 +314,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     log = StageLog(c.loop.out)
     t_all = time.perf_counter()
     model_path = resolve_model(c.engine.model)
+    started_ray = ensure_ray(c.gen.ray_address or None)  # first: `auto` device and dtype depend on the cluster
     engine_ident = engine_output_identity(c.engine)
-    started_ray = ensure_ray(c.gen.ray_address or None)
     pool = None
 
     def engines() -> EnginePool:
