@@ -142,3 +142,113 @@ def test_a_rerun_with_the_same_seeds_reproduces_the_digests(experiment, tmp_path
     md = (out / "report" / "run.md").read_text()
     assert first["pool"]["digest"] in md and "train-balanced.png" in md and (out / "report" / "train-balanced.png").exists()
     assert set(first["stages"]) == set(json.loads((out / "loop_state.json").read_text())["stages"])
+
+
+# ---- the GPU counterpart: configs/gpu-experiment.yaml, run by bench/gpu_experiment.sh (nothing here needs a GPU)
+
+GPU_CONFIG = ROOT / "configs" / "gpu-experiment.yaml"
+GPU_SCRIPTS = [ROOT / "bench" / "gpu_experiment.sh", ROOT / "bench" / "gpu_stage.sh"]
+# How the GPU run may differ from the CPU one: where it writes, and how much work is in flight (not what is drawn).
+GPU_ONLY = {"loop": {"out"}, "gen": {"out", "inflight_per_engine"}, "eval": {"out", "sequences_per_call"},
+            "pairs": {"out", "inputs"}, "train": {"out", "pairs"}}
+
+
+def _has_gen_policy() -> bool:
+    import dataclasses
+
+    from gen.config import GenConfig
+
+    return "policy" in {f.name for f in dataclasses.fields(GenConfig)}
+
+
+@pytest.mark.skipif(not _has_gen_policy(), reason="GenConfig has no `policy` yet (adaptive gen, branch `adaptive`): "
+                    "both experiment configs set gen.policy; remove this skip when that branch is merged")
+def test_the_gpu_config_is_the_cpu_experiment_on_a_gpu_engine():
+    from gen.shards import config_to_dict
+    from pairloop.loop import loop_configs
+
+    gpu = loop_configs(["--config", str(GPU_CONFIG)])
+    cpu = loop_configs(["--config", str(CONFIG)])
+
+    def same(a, b, section):
+        a, b = config_to_dict(a), config_to_dict(b)
+        differ = {k for k in a if a[k] != b[k]} - GPU_ONLY[section]
+        assert not differ, {k: (a[k], b[k]) for k in differ}
+
+    for section in ("loop", "gen", "eval"):  # the split, the pool, the held-out problems, seeds and sampling
+        same(getattr(gpu, section), getattr(cpu, section), section)
+    assert list(gpu.arms) == list(cpu.arms) == ["balanced", "proportional"] and gpu.equal_pairs and cpu.equal_pairs
+    for arm in gpu.arms:  # every arm's pairs and DPO settings, training seed included
+        same(gpu.arms[arm][0], cpu.arms[arm][0], "pairs")
+        same(gpu.arms[arm][1], cpu.arms[arm][1], "train")
+    e, ce = gpu.engine, cpu.engine
+    assert e.dtype == "bfloat16" and e.enforce_eager and 0 < e.gpu_memory_utilization < 0.9
+    assert (e.model, e.max_model_len, e.max_lora_rank) == (ce.model, ce.max_model_len, ce.max_lora_rank)
+    assert e.max_num_seqs >= gpu.gen.inflight_per_engine * gpu.gen.problems_per_unit * gpu.gen.round_size
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS, ids=lambda p: p.name)
+def test_the_gpu_scripts_are_valid_bash(script):
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "set -euo pipefail" in script.read_text()
+
+
+def _dry_gpu_machine(tmp_path, pieces: dict[str, bytes], carried: list[str]):
+    """A copy of the script in a scratch project whose .gpu/ carries `carried` of `pieces` (name -> bytes, named
+    cN/partNN or mN/model.tar.NN), with a manifest of all of them; the GPU machine's /tmp is tmp_path/t."""
+    import hashlib
+    import shutil
+
+    (tmp_path / "bench").mkdir()
+    for name in ("gpu_experiment.sh", "gpu_preflight.py"):
+        shutil.copy(ROOT / "bench" / name, tmp_path / "bench" / name)
+    gpu = tmp_path / ".gpu"
+    lines = []
+    for rel, data in pieces.items():
+        lines.append(f"{hashlib.sha256(data).hexdigest()}  {rel}\n")
+        if rel in carried:
+            (gpu / rel).parent.mkdir(parents=True, exist_ok=True)
+            (gpu / rel).write_bytes(data)
+    gpu.mkdir(exist_ok=True)
+    (gpu / "MANIFEST").write_text("".join(lines))
+    st = tmp_path / "t" / "st"
+    st.mkdir(parents=True)
+    (st / ".preflight-done").touch()  # the preflight needs the GPU machine; it has its own checks on that machine
+    return st
+
+
+def _gpu_script(tmp_path, *args):
+    import os
+    import subprocess
+
+    env = {**os.environ, "GPU_TMP": str(tmp_path / "t"), "OUT": str(tmp_path / "out")}
+    return subprocess.run(["bash", "bench/gpu_experiment.sh", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_receive_moves_a_carried_piece_and_counts_what_is_still_to_come(tmp_path):
+    st = _dry_gpu_machine(tmp_path, {"c0/part00": b"a" * 1000, "c1/part01": b"b" * 10}, carried=["c0/part00"])
+    proc = _gpu_script(tmp_path, "receive")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (st / "part00").read_bytes() == b"a" * 1000 and not (tmp_path / ".gpu" / "c0" / "part00").exists()
+    assert "holds 1 of 2 pieces; still to come: part01" in proc.stdout
+
+
+def test_receive_refuses_a_damaged_piece(tmp_path):
+    st = _dry_gpu_machine(tmp_path, {"c0/part00": b"a" * 1000}, carried=["c0/part00"])
+    (tmp_path / ".gpu" / "c0" / "part00").write_bytes(b"a" * 999 + b"b")  # one byte changed in transit
+    proc = _gpu_script(tmp_path, "receive")
+    assert proc.returncode == 1 and "c0/part00: sha256" in proc.stdout, proc.stdout + proc.stderr
+    assert not (st / "part00").exists()
+
+
+def test_run_stops_before_installing_anything_when_a_piece_is_missing(tmp_path):
+    _dry_gpu_machine(tmp_path, {"c0/part00": b"a", "m0/model.tar.00": b"m"}, carried=["c0/part00"])
+    assert _gpu_script(tmp_path, "receive").returncode == 0
+    proc = _gpu_script(tmp_path, "run")
+    assert proc.returncode == 1 and "missing in" in proc.stdout and "model.tar.00" in proc.stdout, proc.stdout
+    assert not (tmp_path / "t" / "site").exists() and not (tmp_path / "t" / "pkg").exists()
+    assert "FAILED (exit 1) in step 'pieces'" in proc.stdout
