@@ -54,7 +54,9 @@ class StageConfigs:
 # What the loop sets in each stage's section (it ties the stages together): a user value there is refused, not
 # silently replaced.
 WIRED = {
-    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit"),
+    # gen.pass_rate_min/max: policy=adaptive spends its budget on the problems that can land in the pairs window,
+    # so it is the pairs section's window (under policy=uniform they only size gen's summary, left at defaults)
+    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "pass_rate_min", "pass_rate_max"),
     "pairs": ("inputs", "out", "problems", "eval_problems", "eval_fraction", "split_seed", "eval_ids"),
     "train": ("pairs", "out", "model", "max_lora_rank"),
     "eval": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "adapters", "include_base"),
@@ -75,8 +77,8 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         clash = sorted(set(raw.get(sec, {})) & set(fields))
         if clash:
             raise ValueError(f"pairloop run: {', '.join(f'{sec}.{f}' for f in clash)} is set by the loop "
-                             "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit and "
-                             f"engine.model); remove it from the {sec} section")
+                             "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit, "
+                             f"engine.model and pairs.pass_rate_min/max); remove it from the {sec} section")
     loop = build_config(LoopConfig, raw.get("run", {}), "run")
     from gen.shards import check_output_path
 
@@ -90,6 +92,8 @@ def loop_configs(argv: list[str]) -> StageConfigs:
                                        "out": join_uri(out, "pairs"), "problems": loop.problems,
                                        "eval_problems": loop.problems, "eval_fraction": loop.eval_fraction,
                                        "split_seed": loop.split_seed}, "pairs")
+    if gen.policy == "adaptive":  # uniform: left alone, so a new pairs window does not make gen's samples stale
+        gen = replace(gen, pass_rate_min=pairs.pass_rate_min, pass_rate_max=pairs.pass_rate_max)
     train = build_config(TrainConfig, {**raw.get("train", {}), "pairs": [join_uri(out, "pairs")],
                                        "out": join_uri(out, "adapter"), "model": engine.model,
                                        "max_lora_rank": engine.max_lora_rank}, "train")
