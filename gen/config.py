@@ -3,6 +3,7 @@
 
     gen:
       n: 64
+      policy: adaptive   # n is then a budget per problem (gen.policy)
       sampling: {temperature: 0.8, top_p: 0.95, max_tokens: 512}
       execution: {executor: local, cpu_timeout_s: 5}
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gen.policy import POLICIES
 from sandbox import Limits
 from tasks.problems import SPLITS
 
@@ -89,7 +91,18 @@ class GenConfig:
     eval_fraction: float = 0.5  # share of problems in the eval split
     split_seed: int = 0
     limit: int = 0  # first N problems of the split (0 = all); for quick runs
-    n: int = 64  # samples per problem; a problem yields pairs only if it has >=1 pass and >=1 fail
+    n: int = 64  # samples per problem (adaptive: at most); a problem yields pairs only with >=1 pass and >=1 fail
+    # uniform: every problem gets n samples. adaptive (gen.policy): n is a budget per problem, spent in rounds on
+    # the problems that can still yield pairs; a problem stops once a one-sided binomial test at stop_confidence
+    # puts its pass rate outside [pass_rate_min, pass_rate_max]. An all-pass (all-fail) problem then stops after
+    # ceil(log(1 - c) / log(0.95)) samples: c=0.2 -> 5, 0.5 -> 14, 0.8 -> 32 (rounded up to a round).
+    policy: str = "uniform"
+    first_round: int = 8  # adaptive: samples every problem gets before any decision
+    round_size: int = 8  # adaptive: samples per later round (the last is capped at n); also the unit's sample block
+    # adaptive: the pairs window (pairs.pass_rate_min/max; `pairloop run` sets these from the pairs section)
+    pass_rate_min: float = 0.05
+    pass_rate_max: float = 0.95
+    stop_confidence: float = 0.5  # adaptive: c of the stopping test; lower stops unanimous problems sooner
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     seed: int = 0  # run seed; every sample's seed derives from (seed, problem, sample index)
@@ -106,6 +119,25 @@ class GenConfig:
     def __post_init__(self) -> None:
         if self.n <= 0:
             raise ValueError(f"gen.n must be > 0, got {self.n}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"gen.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.first_round <= 0:
+            raise ValueError(f"gen.first_round must be > 0, got {self.first_round}")
+        if self.round_size <= 0:
+            raise ValueError(f"gen.round_size must be > 0, got {self.round_size}")
+        if not 0.0 < self.stop_confidence < 1.0:
+            raise ValueError(f"gen.stop_confidence must be in (0, 1), got {self.stop_confidence}")
+        if not 0.0 <= self.pass_rate_min <= self.pass_rate_max <= 1.0:
+            raise ValueError("gen.pass_rate_min/pass_rate_max must satisfy 0 <= min <= max <= 1, got "
+                             f"{self.pass_rate_min}, {self.pass_rate_max}")
+        if self.policy == "adaptive":
+            if self.first_round > self.n:
+                raise ValueError(f"gen.first_round={self.first_round} is above the budget gen.n={self.n}")
+            if self.round_size > self.n:
+                raise ValueError(f"gen.round_size={self.round_size} is above the budget gen.n={self.n}")
+            if self.samples_per_unit:
+                raise ValueError(f"gen.samples_per_unit={self.samples_per_unit} is for policy=uniform; with "
+                                 "policy=adaptive a unit's samples are a round (gen.first_round, gen.round_size)")
         if self.split not in SPLITS:
             raise ValueError(f"gen.split must be one of {SPLITS}, got {self.split!r}")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -128,3 +160,5 @@ class GenConfig:
         if not isinstance(self.sampling, SamplingConfig) or not isinstance(self.execution, ExecutionConfig):
             raise ValueError(f"gen.sampling/gen.execution must be SamplingConfig/ExecutionConfig, got "
                              f"{type(self.sampling).__name__}/{type(self.execution).__name__}")
+        if self.policy == "adaptive" and not self.execution.execute:
+            raise ValueError("gen.policy=adaptive decides on outcomes: it needs gen.execution.execute=true")

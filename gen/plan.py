@@ -47,31 +47,43 @@ class Unit:
         return sum(r.size for r in self.requests)
 
 
-def make_plan(
-    problem_ids: list[str], n: int, run_seed: int, problems_per_unit: int, samples_per_unit: int
-) -> list[Unit]:
-    """Units over (problem block) x (sample block). Unit ids are stable: they name the block, not an order."""
+def seed_bases(problem_ids: list[str], n: int, run_seed: int) -> dict[str, int]:
+    """Each problem's seed base, after checking that the problems and budget `n` fit the seed layout."""
     if n <= 0:
         raise ValueError(f"n must be > 0, got {n}")
     if n >= 1 << SEED_SPACING_BITS:
         raise ValueError(f"n must be < {1 << SEED_SPACING_BITS} (seed spacing), got {n}")
     if not problem_ids:
         raise ValueError("problem set is empty: nothing to sample")
-    if problems_per_unit <= 0:
-        raise ValueError(f"problems_per_unit must be > 0, got {problems_per_unit}")
-    if samples_per_unit <= 0:
-        raise ValueError(f"samples_per_unit must be > 0, got {samples_per_unit}")
     if len(set(problem_ids)) != len(problem_ids):
         raise ValueError("problem ids are not unique")
     bases = {pid: problem_seed_base(run_seed, pid) for pid in problem_ids}
     if len(set(bases.values())) != len(bases):
         raise RuntimeError(f"seed base collision between problems (run seed {run_seed}, {len(bases)} problems, "
                            f"{len(set(bases.values()))} distinct bases)")
-    units = []
-    for pb in range(0, len(problem_ids), problems_per_unit):
-        block = problem_ids[pb : pb + problems_per_unit]
-        for sb in range(0, n, samples_per_unit):
-            size = min(samples_per_unit, n - sb)
-            reqs = tuple(Request(pid, sb, size, bases[pid] + sb) for pid in block)
-            units.append(Unit(f"p{pb:06d}-s{sb:07d}", reqs))
-    return units
+    return bases
+
+
+def problem_blocks(problem_ids: list[str], problems_per_unit: int) -> list[tuple[int, list[str]]]:
+    """(index of the block's first problem, its problem ids): the problem side of a unit."""
+    if problems_per_unit <= 0:
+        raise ValueError(f"problems_per_unit must be > 0, got {problems_per_unit}")
+    return [(pb, problem_ids[pb : pb + problems_per_unit]) for pb in range(0, len(problem_ids), problems_per_unit)]
+
+
+def block_unit(pb: int, problem_ids: list[str], start: int, size: int, bases: dict[str, int]) -> Unit:
+    """Samples [start, start+size) of each of these problems of block `pb`. The id names (problem block, sample
+    block) only, so it is the same whichever problems of the block the unit holds."""
+    return Unit(f"p{pb:06d}-s{start:07d}", tuple(Request(pid, start, size, bases[pid] + start) for pid in problem_ids))
+
+
+def make_plan(
+    problem_ids: list[str], n: int, run_seed: int, problems_per_unit: int, samples_per_unit: int
+) -> list[Unit]:
+    """Units over (problem block) x (sample block). Unit ids are stable: they name the block, not an order."""
+    bases = seed_bases(problem_ids, n, run_seed)
+    blocks = problem_blocks(problem_ids, problems_per_unit)
+    if samples_per_unit <= 0:
+        raise ValueError(f"samples_per_unit must be > 0, got {samples_per_unit}")
+    return [block_unit(pb, block, sb, min(samples_per_unit, n - sb), bases)
+            for pb, block in blocks for sb in range(0, n, samples_per_unit)]

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 from gen.engine import EngineConfig, EnginePool, ensure_ray, planned_use_gpu, resolve_dtype
 from gen.plan import Unit, make_plan
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+from gen.policy import AdaptivePlan, AdaptivePolicy
 from gen.shards import ShardStore, rows_to_table
-
 
 
 @dataclass
@@ -164,25 +164,47 @@ def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ct
     return {"rows": _execute_unit(box, problems, style, unit, outputs, ctx), "isolation": record}
 
 
-def summarize(store: ShardStore) -> dict[str, Any]:
-    """Rows, pass rate, outcome counts, and problems usable for pairs (>=1 pass and >=1 fail)."""
-    t = store.read_table(columns=["problem_id", "outcome"])
+def pool_value(problem_ids: Sequence[str], outcomes: Sequence[str], tokens: Sequence[int],
+               window: tuple[float, float] = (0.05, 0.95)) -> dict[str, Any]:
+    """What a pool of samples (one row per entry) is worth for pairs:
+
+    usable problems: >=1 pass, >=1 fail, pass rate (PASS / non-INFRA rows) in `window` (pairs' window);
+    usable pairs: the sum over usable problems of min(passes, fails), the pairs that use no completion twice (an
+      upper bound on what pairs.max_reuse=1 selects, before pairs' exclusions, length bounds, dedup and caps);
+    tokens per usable pair: every generated token (usable problems' or not) over usable pairs."""
+    per = collections.defaultdict(lambda: [0, 0])
+    for pid, o in zip(problem_ids, outcomes, strict=True):
+        if o != "INFRA_ERROR":
+            per[pid][0 if o == "PASS" else 1] += 1
+    lo, hi = window
+    usable = [(p, f) for p, f in per.values() if p and f and lo <= p / (p + f) <= hi]
+    pairs = sum(min(p, f) for p, f in usable)
+    total = int(sum(tokens))
+    return {
+        "problems_pass_and_fail": sum(1 for p, f in per.values() if p and f),
+        "pass_rate_window": [lo, hi],
+        "usable_problems": len(usable),
+        "usable_pairs": pairs,
+        "generated_tokens": total,
+        "tokens_per_usable_pair": total / pairs if pairs else None,
+    }
+
+
+def summarize(store: ShardStore, window: tuple[float, float] = (0.05, 0.95)) -> dict[str, Any]:
+    """Rows, pass rate, outcome counts, samples per problem, and what the pool is worth for pairs (pool_value)."""
+    t = store.read_table(columns=["problem_id", "outcome", "completion_tokens"])
     outcomes = t.column("outcome").to_pylist()
     pids = t.column("problem_id").to_pylist()
     counts = collections.Counter(outcomes)
     scored = sum(v for k, v in counts.items() if k != "INFRA_ERROR")
-    per = collections.defaultdict(lambda: [0, 0])
-    for pid, o in zip(pids, outcomes):
-        if o == "INFRA_ERROR":
-            continue
-        per[pid][0 if o == "PASS" else 1] += 1
     return {
         "rows": len(outcomes),
         "pass_rate": counts.get("PASS", 0) / scored if scored else None,
         "outcomes": dict(sorted(counts.items())),
         "infra_errors": counts.get("INFRA_ERROR", 0),
         "problems": len(set(pids)),
-        "problems_pass_and_fail": sum(1 for p, f in per.values() if p and f),
+        "samples_per_problem": dict(sorted(collections.Counter(pids).items())),
+        **pool_value(pids, outcomes, t.column("completion_tokens").to_pylist(), window),
     }
 
 
@@ -197,8 +219,9 @@ class RunSpec:
     stop: list[str]
     identity: dict[str, Any]
     run_id: str
-    units: list[Unit]
+    units: list[Unit]  # uniform: the whole plan; adaptive: the first rounds (later ones follow from outcomes)
     adapter_label: str | None
+    adaptive: AdaptivePolicy | None = None
 
 
 def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any], problem_set: str,
@@ -213,6 +236,9 @@ def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any]
         "sampling": asdict(cfg.sampling),
         "prompt_style": style, "response_prefix": response_prefix,  # as resolved; pairs reads these two
         "seed": cfg.seed, "problems_per_unit": cfg.problems_per_unit, "samples_per_unit": samples_per_unit,
+        # adaptive: which samples exist depends on these (uniform: absent, so its identity is as it always was)
+        **({"policy": {"name": cfg.policy, **dataclasses.asdict(AdaptivePolicy.of(cfg))}}
+           if cfg.policy != "uniform" else {}),
         "execute": cfg.execution.execute,
         "sandbox_limits": asdict(cfg.execution.limits()) if cfg.execution.execute else None,
         # engine settings that change outputs: the context cap bounds every budget, dtype changes the numerics
@@ -242,12 +268,16 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
     identity = run_identity(cfg, engine_cfg, model_identity(engine_cfg.model), problem_set_fingerprint(problems_list),
                             renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving, dtype)
     prompts = {p.id: renderer.prompt(p) for p in problems_list}
+    adaptive = AdaptivePolicy.of(cfg) if cfg.policy == "adaptive" else None
+    if adaptive is None:
+        units = make_plan(list(prompts), cfg.n, cfg.seed, cfg.problems_per_unit, samples_per_unit)
+    else:
+        units = AdaptivePlan(adaptive, list(prompts), cfg.problems_per_unit, cfg.seed).open_units()
     return RunSpec(
         problems={p.id: p for p in problems_list}, style=renderer.style, prompts=prompts,
         budgets={pid: renderer.budget(pr, cfg.sampling.max_tokens, pid) for pid, pr in prompts.items()},
         stop=renderer.stop, identity=identity, run_id=cfg.run_id or f"gen-{_digest(identity)[:12]}",
-        units=make_plan(list(prompts), cfg.n, cfg.seed, cfg.problems_per_unit, samples_per_unit),
-        adapter_label=adapter_label,
+        units=units, adapter_label=adapter_label, adaptive=adaptive,
     )
 
 
@@ -274,6 +304,34 @@ class _Run:
     todo: list[Unit]
     lora: dict | None = None  # the adapter this run samples from (None: the base model)
     failed: dict[str, str] = field(default_factory=dict)
+    plan: AdaptivePlan | None = None  # policy=adaptive: tallies and next rounds, kept up to date by the driver
+
+    def planned_samples(self) -> int:
+        return self.plan.planned_samples() if self.plan else sum(u.num_samples for u in self.spec.units)
+
+    def is_complete(self) -> bool:
+        """No unit failed and nothing is left to sample (adaptive: no block has another round)."""
+        if self.failed:
+            return False
+        if self.plan is not None:
+            return not self.plan.open_units()
+        return len(self.manifest.units) == len(self.spec.units)
+
+    def call_sequences(self) -> int:
+        """adaptive: rounds are small, so the driver packs several into one engine call, up to a uniform unit's
+        size (problems_per_unit x n). 0: one unit per call."""
+        return self.cfg.problems_per_unit * self.cfg.n if self.plan is not None else 0
+
+
+def open_adaptive(run: _Run) -> None:
+    """Rebuild an adaptive run's plan from the shards its manifest lists (resume) and set its open rounds."""
+    run.plan = AdaptivePlan(run.spec.adaptive, list(run.spec.prompts), run.cfg.problems_per_unit, run.cfg.seed)
+    t = run.store.read_table(columns=["problem_id", "sample_index", "outcome"])
+    run.plan.observe(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist(),
+                     t.column("outcome").to_pylist())
+    run.todo = run.plan.open_units()
+    done = [u.unit_id for u in run.todo if u.unit_id in run.manifest.units]
+    assert not done, f"{run.spec.run_id}: next rounds {done[:3]} are already recorded"
 
 
 # What one engine call generates: (run index, unit) pairs. gen: one unit; eval: units of several seeds' runs.
@@ -441,7 +499,7 @@ class _Driver:
         busy = set(self.recovering.values()) | self.disabled
         for i in range(len(self.pool)):
             while i not in busy and self.todo and self.load(i) < self.inflight_per_engine:
-                item = self.todo.popleft()
+                item = self.take()
                 prompts, params, loras = [], [], []
                 for ri, u in item:
                     run = self.runs[ri]
@@ -456,8 +514,29 @@ class _Driver:
                     ref = self.pool.generate(i, prompts, params, loras=loras)
                 self.inflight[ref] = (i, item, self.epoch[i])
 
+    def take(self) -> Item:
+        """The next work item; an adaptive run's rounds waiting behind it join it up to the run's call size."""
+        item = self.todo.popleft()
+        ri = item[0][0]
+        cap = self.runs[ri].call_sequences() if all(r == ri for r, _ in item) else 0
+        size = sum(u.num_samples for _, u in item)
+        while cap and self.todo and all(r == ri for r, _ in self.todo[0]):
+            more = sum(u.num_samples for _, u in self.todo[0])
+            if size + more > cap:
+                break
+            item += self.todo.popleft()
+            size += more
+        return item
+
     def record(self, run: _Run, u: Unit, rows: list[dict]) -> None:
         run.store.write_unit(run.manifest, u.unit_id, rows_to_table(rows))
+        if run.plan is not None:  # decide this block's next round now: no barrier across blocks
+            run.plan.observe([r["problem_id"] for r in rows], [r["sample_index"] for r in rows],
+                             [r["outcome"] for r in rows])
+            nxt = run.plan.next_unit(run.plan.block_of_unit(u))
+            if nxt is not None:
+                self.todo.append(((self.runs.index(run), nxt),))
+            self.bar.total = sum(r.planned_samples() for r in self.runs)
         self.stats["pass"] += sum(r["outcome"] == "PASS" for r in rows)
         self.stats["scored"] += sum(r["outcome"] != "INFRA_ERROR" for r in rows)
         self.bar.update(len(rows))
@@ -541,7 +620,7 @@ class _Driver:
 
         self.executor = ex = executor
         self.dispatch()
-        while self.inflight or ex.pending() or (self.recovering and self.todo):
+        while self.inflight or ex.pending() or self.todo:  # adaptive runs add rounds as units are recorded
             ex.collect_local(self.record)
             if len(self.disabled) == len(self.pool):
                 for item in list(self.todo) + [it for _, it, _ in self.inflight.values()]:
@@ -609,6 +688,8 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
                    "adapter": spec.adapter_label, "prompts": spec.prompts}
             runs.append(_Run(c, spec, store, manifest, ctx, [u for u in spec.units if u.unit_id not in manifest.units],
                              run_loras[len(runs)]))
+            if spec.adaptive is not None:
+                open_adaptive(runs[-1])
     except BaseException:
         executor.close(wait=False)
         raise
@@ -617,7 +698,7 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
     items = pack_items([r.todo for r in runs], sequences_per_call, groups)
     driver = None
     if items:
-        total = sum(u.num_samples for r in runs for u in r.spec.units)
+        total = sum(r.planned_samples() for r in runs)
         started_ray = ensure_ray(cfgs[0].ray_address or None)
         own_pool = pool is None
         interrupted = False
@@ -635,7 +716,8 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
                     r.lora = lora
             executor.warn_if_no_cpu()
             label = runs[0].spec.run_id if len(runs) == 1 else f"{len(runs)} runs"
-            bar = tqdm(total=total, initial=total - sum(u.num_samples for r in runs for u in r.todo), unit="sample",
+            bar = tqdm(total=total, initial=sum(sum(u["rows"] for u in r.manifest.units.values()) for r in runs),
+                       unit="sample",
                        desc=f"gen {label}", disable=not cfgs[0].progress, dynamic_ncols=True)
             driver = _Driver(runs, items, engine_cfg, pool, bar)
             driver.run(executor)
@@ -657,12 +739,16 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
         isolation = list(m.summary.get("isolation", []))  # a resumed run keeps what earlier calls recorded
         if driver is not None:
             isolation += [r for r in executor.isolation if r not in isolation]
-        m.summary = {**m.summary, **summarize(run.store), "failed_units": run.failed, "isolation": isolation}
+        window = (run.cfg.pass_rate_min, run.cfg.pass_rate_max)
+        m.summary = {**m.summary, **summarize(run.store, window), "failed_units": run.failed, "isolation": isolation,
+                     "policy": run.cfg.policy}
+        if run.plan is not None:
+            m.summary["stopped"] = dict(sorted(collections.Counter(run.plan.stopped().values()).items()))
         if driver is not None:
             m.summary["engine_dtype"] = {"dtype": pool.engine_kwargs["dtype"], "why": getattr(pool, "dtype_why", "")}
         if driver is not None:
             m.summary["weak_isolation_allowed"] = execution.allow_weak_isolation
-        m.complete = not run.failed and len(m.units) == len(run.spec.units)
+        m.complete = run.is_complete()
         run.store.write_manifest(m)
         results.append(GenResult(run.cfg.out, run.spec.run_id, m.summary["rows"], m.complete, run.failed, m.summary,
                                  (driver.requeued + executor.retried) if driver is not None else 0))
@@ -674,7 +760,16 @@ def print_summary(res: GenResult) -> None:
     print(f"\n{res.run_id}: {s['rows']} rows in {res.out} ({'complete' if res.complete else 'INCOMPLETE'})")
     if s.get("pass_rate") is not None:
         print(f"  pass rate {s['pass_rate']:.2%} over {s['problems']} problems; "
-              f"{s['problems_pass_and_fail']} problems have >=1 pass and >=1 fail (usable for pairs)")
+              f"{s['problems_pass_and_fail']} problems have >=1 pass and >=1 fail")
+    lo, hi = s["pass_rate_window"]
+    counts = sorted(s["samples_per_problem"].values()) or [0]
+    stopped = ", ".join(f"{k} {v}" for k, v in s.get("stopped", {}).items())
+    print(f"  policy {s['policy']}: {counts[0]}-{counts[-1]} samples per problem"
+          + (f" (stopped: {stopped})" if stopped else ""))
+    per_pair = s["tokens_per_usable_pair"]
+    print(f"  usable for pairs (pass rate in {lo:g}..{hi:g}): {s['usable_problems']} problems, "
+          f"{s['usable_pairs']} pairs (sum of min(passes, fails)); {s['generated_tokens']} tokens generated, "
+          + (f"{per_pair:.0f} per usable pair" if per_pair else "no usable pair"))
     width = max((len(k) for k in s["outcomes"]), default=0)
     for k, v in sorted(s["outcomes"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:<{width}}  {v:>8}  {v / max(s['rows'], 1):6.1%}")

@@ -95,7 +95,9 @@ def check_arms(raw: Any) -> dict[str, dict[str, dict[str, Any]]]:
 # What the loop sets in each stage's section (it ties the stages together): a user value there is refused, not
 # silently replaced.
 WIRED = {
-    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit"),
+    # gen.pass_rate_min/max: policy=adaptive spends its budget on the problems that can land in the pairs window,
+    # so it is the pairs section's window (under policy=uniform they only size gen's summary, left at defaults)
+    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "pass_rate_min", "pass_rate_max"),
     "pairs": ("inputs", "out", "problems", "eval_problems", "eval_fraction", "split_seed", "eval_ids"),
     "train": ("pairs", "out", "model", "max_lora_rank"),
     "eval": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "adapters", "include_base"),
@@ -120,8 +122,8 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         clash = sorted(set(values) & set(fields))
         if clash:
             raise ValueError(f"pairloop run: {', '.join(f'{where}.{f}' for f in clash)} is set by the loop "
-                             "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit and "
-                             f"engine.model); remove it from {where}")
+                             "(from run.out, run.problems, run.eval_fraction, run.split_seed, run.*_limit, "
+                             f"engine.model and pairs.pass_rate_min/max); remove it from {where}")
     loop = build_config(LoopConfig, raw.get("run", {}), "run")
     from gen.shards import check_output_path
 
@@ -153,6 +155,10 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         return pairs, train
 
     arms = {name: arm(name, over) for name, over in arms_raw.items()} or {"": arm("", {})}
+    if gen.policy == "adaptive":  # uniform: left alone, so a new pairs window does not make gen's samples stale
+        # the pool serves every arm: sample for the widest window any arm selects from
+        gen = replace(gen, pass_rate_min=min(p.pass_rate_min for p, _ in arms.values()),
+                      pass_rate_max=max(p.pass_rate_max for p, _ in arms.values()))
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **eval_set, "split": eval_split,
                                     "limit": loop.eval_limit, "out": join_uri(out, "eval")}, "eval")
     first_pairs, first_train = next(iter(arms.values()))

@@ -130,6 +130,18 @@ def test_loop_refuses_a_wired_field_set_by_hand():
         loop_configs(["--config", DEMO, "n=4"])
 
 
+def test_loop_wires_the_pairs_window_into_adaptive_gen():
+    from pairloop.loop import loop_configs
+
+    window = ["pairs.pass_rate_min=0.1", "pairs.pass_rate_max=0.8"]
+    c = loop_configs(["--config", DEMO, "gen.policy=adaptive", "gen.first_round=4", "gen.round_size=4", *window])
+    assert (c.gen.pass_rate_min, c.gen.pass_rate_max) == (0.1, 0.8)
+    u = loop_configs(["--config", DEMO, *window])  # uniform draws the same samples whatever the window
+    assert (u.gen.pass_rate_min, u.gen.pass_rate_max) == (0.05, 0.95)
+    with pytest.raises(ValueError, match=r"gen.pass_rate_min is set by the loop.*pairs.pass_rate_min/max"):
+        loop_configs(["--config", DEMO, "gen.pass_rate_min=0.2"])
+
+
 def test_demo_config_wires_the_loop():
     from tasks.problems import select_problems
 

@@ -1,0 +1,178 @@
+"""Pool efficiency: usable pairs and usable problems per 1,000 generated tokens, gen.policy uniform vs adaptive.
+
+    python bench/pool_efficiency.py                                                 # the real 0.5B model
+    python bench/pool_efficiency.py --problems 24 --budget 16 --first-round 4 --round-size 4 --confidence 0.2
+    python bench/pool_efficiency.py --model tiny --problems 6 --budget 8 --first-round 2 --round-size 2  # wiring
+
+One process, one EnginePool, two gen runs (gen.run.run_generation) on the same problems (the first --problems of
+HumanEval's train split, as `make demo` uses), with the same budget per problem (gen.n = --budget), seeds and
+sampling: uniform draws the budget for every problem; adaptive spends it in rounds and stops a problem once a
+one-sided binomial test at --confidence puts its pass rate outside the pairs window (gen.policy). Usable problems
+and usable pairs are gen.run.pool_value's (pass rate in the window; pairs = sum of min(passes, fails)).
+
+Printed side by side: samples, generated tokens, usable problems and pairs, both per 1,000 tokens, and the
+adaptive/uniform ratios (target >= 1.5x). Then, from the same rows and no engine:
+  - uniform cut to adaptive's tokens: the first n' samples of every problem with n' the largest whose tokens do not
+    exceed adaptive's (the same token budget spent uniformly);
+  - replays of the stopping rule (gen.policy.replay) on uniform's outcomes at other confidences and first rounds:
+    how the trade moves, without another run;
+  - whether each sample adaptive drew is uniform's sample of that index (it must be: seeds are per sample index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help="tiny | a built-in name | a model folder")
+    ap.add_argument("--problems", type=int, default=24, help="first N problems of HumanEval's train split")
+    ap.add_argument("--budget", type=int, default=16, help="gen.n: samples per problem (adaptive: at most)")
+    ap.add_argument("--first-round", type=int, default=4)
+    ap.add_argument("--round-size", type=int, default=4)
+    ap.add_argument("--confidence", type=float, default=0.2, help="gen.stop_confidence")
+    ap.add_argument("--window", type=float, nargs=2, default=(0.05, 0.95), metavar=("MIN", "MAX"),
+                    help="pass-rate window (pairs.pass_rate_min/max)")
+    ap.add_argument("--replay-confidences", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.5, 0.8])
+    ap.add_argument("--max-tokens", type=int, default=384, help="as configs/demo.yaml")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--problems-per-unit", type=int, default=4)
+    ap.add_argument("--dtype", default="auto", help="engine.dtype")
+    ap.add_argument("--max-model-len", type=int, default=1536)
+    ap.add_argument("--kv-gib", type=float, default=2.0, help="engine.cpu_kv_cache_gib")
+    ap.add_argument("--workers", type=int, default=0, help="sandbox workers (0 = all cores)")
+    ap.add_argument("--keep", metavar="DIR", help="write the two run folders here and keep them")
+    a = ap.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.expanduser("~/.cache/pairloop/vllm"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    from gen.config import ExecutionConfig, GenConfig, SamplingConfig
+    from gen.engine import EngineConfig, EnginePool
+    from gen.model_source import resolve_model
+    from gen.policy import AdaptivePolicy, replay
+    from gen.run import pool_value, run_generation
+    from gen.shards import ShardStore
+
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="pl-pool-efficiency-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if a.model == "tiny":
+        from tiny_model import build_tiny_model
+
+        model_path = str(build_tiny_model(work / "tiny"))
+    else:
+        model_path = resolve_model(a.model)
+    lo, hi = a.window
+    common = dict(problems="humaneval", split="train", eval_fraction=0.5, split_seed=0, limit=a.problems,
+                  n=a.budget, problems_per_unit=a.problems_per_unit, pass_rate_min=lo, pass_rate_max=hi,
+                  sampling=SamplingConfig(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p),
+                  execution=ExecutionConfig(workers=a.workers))
+    uniform_cfg = GenConfig(out=str(work / "uniform"), **common)
+    adaptive_cfg = GenConfig(out=str(work / "adaptive"), policy="adaptive", first_round=a.first_round,
+                             round_size=a.round_size, stop_confidence=a.confidence, **common)
+    engine_cfg = EngineConfig(model=model_path, dtype=a.dtype, max_model_len=a.max_model_len,
+                              cpu_kv_cache_gib=a.kv_gib, enable_lora=False)
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    pool = EnginePool(engine_cfg, model_path)
+    walls = {}
+    try:
+        for name, cfg in (("uniform", uniform_cfg), ("adaptive", adaptive_cfg)):
+            t0 = time.perf_counter()
+            res = run_generation(cfg, engine_cfg, pool=pool)
+            walls[name] = time.perf_counter() - t0
+            if not res.complete:
+                print(f"pool_efficiency: {name} run incomplete: {res.failed_units}", file=sys.stderr)
+                return 1
+    finally:
+        pool.shutdown()
+        ray.shutdown()
+
+    def rows(cfg) -> dict[str, list[dict]]:
+        """problem id -> its rows in sample-index order"""
+        t = ShardStore(cfg.out).read_table(columns=["problem_id", "sample_index", "completion", "outcome",
+                                                    "completion_tokens"])
+        out = defaultdict(list)
+        for r in sorted(t.to_pylist(), key=lambda r: (r["problem_id"], r["sample_index"])):
+            out[r["problem_id"]].append(r)
+        return out
+
+    uni, ada = rows(uniform_cfg), rows(adaptive_cfg)
+
+    def value(per_problem: dict[str, int]) -> dict:
+        """pool_value of the first k uniform samples of each problem (k per problem)."""
+        picked = [r for pid, k in per_problem.items() for r in uni[pid][:k]]
+        v = pool_value([r["problem_id"] for r in picked], [r["outcome"] for r in picked],
+                       [r["completion_tokens"] for r in picked], (lo, hi))
+        return {**v, "samples": len(picked)}
+
+    def measured(per_problem: dict[str, list[dict]]) -> dict:
+        picked = [r for rs in per_problem.values() for r in rs]
+        v = pool_value([r["problem_id"] for r in picked], [r["outcome"] for r in picked],
+                       [r["completion_tokens"] for r in picked], (lo, hi))
+        return {**v, "samples": len(picked)}
+
+    u, d = measured(uni), measured(ada)
+    mismatched = sum(r["completion"] != uni[pid][r["sample_index"]]["completion"]
+                     for pid, rs in ada.items() for r in rs)
+
+    def per_1k(v: dict, key: str) -> float:
+        return 1000 * v[key] / v["generated_tokens"] if v["generated_tokens"] else 0.0
+
+    def line(label: str, v: dict, wall: float | None = None) -> None:
+        print(f"  {label:<34} {v['samples']:>7} {v['generated_tokens']:>8} {v['usable_problems']:>7} "
+              f"{v['usable_pairs']:>6} {per_1k(v, 'usable_pairs'):>10.3f} {per_1k(v, 'usable_problems'):>12.3f}"
+              + (f" {wall:>7.0f}" if wall is not None else ""))
+
+    print(f"\nmodel {a.model} (engine.dtype {a.dtype}): {a.problems} HumanEval train problems, budget {a.budget} "
+          f"per problem, T={a.temperature}, max_tokens {a.max_tokens}; window {lo:g}..{hi:g}; adaptive: first "
+          f"round {a.first_round}, rounds of {a.round_size}, confidence {a.confidence:g}")
+    print(f"  {'':<34} {'samples':>7} {'tokens':>8} {'usable':>7} {'pairs':>6} {'pairs/1k':>10} "
+          f"{'problems/1k':>12} {'wall s':>7}")
+    line(f"uniform n={a.budget}", u, walls["uniform"])
+    line("adaptive", d, walls["adaptive"])
+    pr = per_1k(d, "usable_pairs") / per_1k(u, "usable_pairs") if u["usable_pairs"] else float("nan")
+    qr = per_1k(d, "usable_problems") / per_1k(u, "usable_problems") if u["usable_problems"] else float("nan")
+    print(f"  {'ratio adaptive / uniform':<34} {d['samples'] / u['samples']:>7.2f} "
+          f"{d['generated_tokens'] / u['generated_tokens']:>8.2f} {'':>7} {'':>6} {pr:>9.2f}x {qr:>11.2f}x")
+    stopped = defaultdict(int)
+    policy = AdaptivePolicy.of(adaptive_cfg)
+    for pid in ada:
+        stopped[len(ada[pid])] += 1
+    print(f"  adaptive samples per problem: {dict(sorted(stopped.items()))} (count -> problems); "
+          f"{mismatched} of {d['samples']} samples differ from uniform's of the same index")
+
+    print("\n  from uniform's rows, no engine:")
+    cut = max((k for k in range(1, a.budget + 1)
+               if value({p: k for p in uni})["generated_tokens"] <= d["generated_tokens"]), default=1)
+    line(f"uniform n={cut} (tokens <= adaptive's)", value({p: cut for p in uni}))
+    replayed = {p: replay(policy, [r["outcome"] for r in uni[p]]) for p in uni}
+    line(f"replay c={a.confidence:g} (the run above)", value(replayed))
+    same = replayed == {p: len(rs) for p, rs in ada.items()}
+    for fr, rs in dict.fromkeys([(a.first_round, a.round_size), (max(1, a.first_round // 2), a.round_size)]):
+        for c in a.replay_confidences:
+            pol = AdaptivePolicy(a.budget, fr, rs, lo, hi, c)
+            line(f"replay first {fr}, rounds {rs}, c={c:g}", value({p: replay(pol, [r["outcome"] for r in uni[p]])
+                                                                    for p in uni}))
+    print(f"  replay of the run's own settings {'matches' if same else 'DIFFERS FROM'} what the adaptive run drew")
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if same and not mismatched else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
