@@ -535,7 +535,7 @@ class _Driver:
                              [r["outcome"] for r in rows])
             nxt = run.plan.next_unit(run.plan.block_of_unit(u))
             if nxt is not None:
-                self.todo.append(((self.runs.index(run), nxt),))
+                self.todo.append(((next(i for i, r in enumerate(self.runs) if r is run), nxt),))
             self.bar.total = sum(r.planned_samples() for r in self.runs)
         self.stats["pass"] += sum(r["outcome"] == "PASS" for r in rows)
         self.stats["scored"] += sum(r["outcome"] != "INFRA_ERROR" for r in rows)
@@ -627,6 +627,7 @@ class _Driver:
                     self.fail(item, "no live engine left")
                 self.todo.clear()
                 self.inflight.clear()  # and fall through: executions already under way still finish
+            self.dispatch()  # what was just recorded may have added rounds (adaptive)
             waitables = list(self.inflight) + list(self.recovering) + list(ex.refs)
             if not waitables:
                 ex.wait_local(timeout=0.5)
