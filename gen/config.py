@@ -5,7 +5,7 @@
       n: 64
       policy: adaptive   # n is then a budget per problem (gen.policy)
       sampling: {temperature: 0.8, top_p: 0.95, max_tokens: 512}
-      execution: {executor: local, cpu_timeout_s: 5}
+      execution: {executor: local, cpu_timeout_s: 5, time_limit: reference, time_floor_s: 1, time_factor: 4}
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tasks.problems import SPLITS
 
 EXECUTORS = ("local", "ray")
 PROMPT_STYLES = ("auto", "chat", "base")
+TIME_LIMITS = ("fixed", "reference")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class ExecutionConfig:
     executor: str = "local"
     workers: int = 0  # executor=local: sandbox workers (0 = all cores); ray: 1 per task
     cpu_timeout_s: float = 5.0  # CPU-seconds per execution (primary timeout; load can't cause a false TIMEOUT)
+    # reference: a problem with a reference solution gets max(time_floor_s, time_factor x its reference's CPU time),
+    # at most cpu_timeout_s (tasks/time_limits.py; measured once per problem set, cached under $PAIRLOOP_CACHE);
+    # the rest keep cpu_timeout_s. fixed: every job gets cpu_timeout_s. HumanEval references cost 2-142 CPU-ms here,
+    # so the floor decides: an infinite loop costs 1 CPU-s instead of 5.
+    time_limit: str = "reference"
+    time_floor_s: float = 1.0  # evalplus uses 4 s of wall clock over 700+ tests per task; ours is CPU time
+    time_factor: float = 4.0  # evalplus's default factor over the ground truth's time
     wall_timeout_s: float = 0.0  # wall-clock backstop for jobs that sleep; 0 = max(30 s, 4 x cpu_timeout_s)
     memory_mb: int = Limits.memory_mb  # address-space limit per job process
     max_attempts: int = 3  # a unit whose execution fails this often (our fault, not the model's) is reported
@@ -73,6 +81,17 @@ class ExecutionConfig:
             raise ValueError(f"execution.wall_timeout_s must be >= 0 (0 = derived), got {self.wall_timeout_s}")
         if self.max_attempts <= 0:
             raise ValueError(f"execution.max_attempts must be > 0, got {self.max_attempts}")
+        if self.time_limit not in TIME_LIMITS:
+            raise ValueError(f"execution.time_limit must be one of {TIME_LIMITS}, got {self.time_limit!r}")
+        if not self.time_factor > 1:
+            raise ValueError(f"execution.time_factor must be > 1 (a limit below the reference's own time fails "
+                             f"it), got {self.time_factor}")
+        if not self.time_floor_s > 0:
+            raise ValueError(f"execution.time_floor_s must be > 0, got {self.time_floor_s}")
+        if self.time_limit == "reference" and self.time_floor_s > self.cpu_timeout_s:
+            raise ValueError(f"execution.time_floor_s ({self.time_floor_s}) must be <= execution.cpu_timeout_s "
+                             f"({self.cpu_timeout_s}) with time_limit=reference (the floor would raise every "
+                             "limit to the fixed one); lower it or set execution.time_limit=fixed")
         self.limits()  # memory_mb and the timeouts are checked by the sandbox's own rules, named here
 
     def limits(self) -> Limits:

@@ -115,7 +115,8 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
             if program is None:
                 row.update(outcome=Outcome.NO_CODE.value)
                 continue
-            jobs.append(Job(program=program, test=problem.test, entry_point=problem.entry_point, prompt=problem.prompt))
+            jobs.append(Job(program=program, test=problem.test, entry_point=problem.entry_point, prompt=problem.prompt,
+                            cpu_s=ctx["cpu_limits"].get(req.problem_id)))
             job_rows.append(row)
     if jobs:
         for row, res in zip(job_rows, sandbox.run(jobs), strict=True):
@@ -222,11 +223,55 @@ class RunSpec:
     units: list[Unit]  # uniform: the whole plan; adaptive: the first rounds (later ones follow from outcomes)
     adapter_label: str | None
     adaptive: AdaptivePolicy | None = None
+    time_limits: dict[str, Any] | None = None  # execution.time_limit=reference: problem_time_limits' record
+
+
+def problem_time_limits(ex: ExecutionConfig, problems: Sequence[Any]) -> dict[str, Any] | None:
+    """execution.time_limit=reference: each problem's CPU limit (tasks/time_limits.py), from the measurement of its
+    problem set's references cached at $PAIRLOOP_CACHE/reference-cpu/<key>.json (measured on a miss: ~5 jobs per
+    reference, a few seconds for HumanEval). fixed (or execute=false): None. The record goes into manifests:
+    {mode, floor_s, factor, cap_s, measurement (the cache key), cpu_model, limits_sha256, limits, kept_fixed}."""
+    if ex.time_limit == "fixed" or not ex.execute:
+        return None
+    from gen.model_source import cache_root
+    from gen.shards import write_bytes_atomic
+    from tasks.time_limits import FORMAT, derive_limits, limits_digest, measure_references, measurement_key
+
+    limits = ex.limits()
+    key = measurement_key(problems, limits)
+    path = cache_root() / "reference-cpu" / f"{key}.json"
+    measured = None
+    if path.is_file():
+        try:
+            measured = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"pairloop: unreadable reference-time cache {str(path)!r} ({e}); measuring again", file=sys.stderr)
+        if measured is not None and (measured.get("key") != key or measured.get("format") != FORMAT):
+            print(f"pairloop: reference-time cache {str(path)!r} is not for this key; measuring again", file=sys.stderr)
+            measured = None
+    if measured is None:
+        t0 = time.perf_counter()
+        measured = measure_references(problems, limits, workers=ex.workers or None)
+        try:
+            write_bytes_atomic(str(path), json.dumps(measured, sort_keys=True).encode())
+        except OSError as e:  # a cache we can't write costs a measurement next time, nothing else
+            print(f"pairloop: could not cache the reference times at {str(path)!r}: {e}", file=sys.stderr)
+        failed = {pid: e for pid, e in measured["problems"].items() if "outcome" in e}
+        print(f"pairloop: measured {len(measured['problems'])} reference solutions x {measured['repeats']} in "
+              f"{time.perf_counter() - t0:.1f} s (cached at {path})", file=sys.stderr)
+        for pid, e in failed.items():
+            print(f"pairloop: reference of {pid} does not pass ({e['outcome']}: {e['error']}); it keeps "
+                  f"cpu_timeout_s={ex.cpu_timeout_s:g}", file=sys.stderr)
+    cpu_limits, kept = derive_limits(measured, problems, ex.time_floor_s, ex.time_factor, limits.cpu_s)
+    return {"mode": ex.time_limit, "floor_s": ex.time_floor_s, "factor": ex.time_factor, "cap_s": limits.cpu_s,
+            "measurement": key, "cpu_model": measured["cpu_model"], "limits_sha256": limits_digest(cpu_limits),
+            "limits": cpu_limits, "kept_fixed": kept}
 
 
 def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any], problem_set: str,
                  style: str, response_prefix: str, samples_per_unit: int, adapter_label: str | None,
-                 serving: dict[str, Any] | None = None, dtype: str | None = None) -> dict[str, Any]:
+                 serving: dict[str, Any] | None = None, dtype: str | None = None,
+                 time_limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every setting that changes a row: two runs with equal identities are the same run (resume), else not."""
     asdict = dataclasses.asdict
     return {
@@ -246,6 +291,10 @@ def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any]
         "engine": {"max_model_len": engine_cfg.max_model_len, "dtype": dtype or engine_cfg.dtype,
                    "tensor_parallel_size": engine_cfg.tensor_parallel_size},
         **({"serving": serving} if serving else {}),  # eval: how the adapter was served (lora | merged)
+        # per-problem CPU limits (execution.time_limit=reference): the limits themselves, not the measurement, so a
+        # rerun on another machine whose measurement gives the same limits is the same run; fixed: absent
+        **({"time_limits": {k: time_limits[k] for k in ("mode", "floor_s", "factor", "limits_sha256")}}
+           if time_limits else {}),
     }
 
 
@@ -265,8 +314,10 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
     renderer = _Renderer(model_path, cfg.sampling.prompt_style, engine_cfg.max_model_len,
                          cfg.sampling.response_prefix)
     dtype, _ = resolve_dtype(engine_cfg, planned_use_gpu(engine_cfg) if use_gpu is None else use_gpu)
+    time_limits = problem_time_limits(cfg.execution, problems_list)
     identity = run_identity(cfg, engine_cfg, model_identity(engine_cfg.model), problem_set_fingerprint(problems_list),
-                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving, dtype)
+                            renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving, dtype,
+                            time_limits)
     prompts = {p.id: renderer.prompt(p) for p in problems_list}
     adaptive = AdaptivePolicy.of(cfg) if cfg.policy == "adaptive" else None
     if adaptive is None:
@@ -277,7 +328,7 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
         problems={p.id: p for p in problems_list}, style=renderer.style, prompts=prompts,
         budgets={pid: renderer.budget(pr, cfg.sampling.max_tokens, pid) for pid, pr in prompts.items()},
         stop=renderer.stop, identity=identity, run_id=cfg.run_id or f"gen-{_digest(identity)[:12]}",
-        units=units, adapter_label=adapter_label, adaptive=adaptive,
+        units=units, adapter_label=adapter_label, adaptive=adaptive, time_limits=time_limits,
     )
 
 
@@ -416,7 +467,8 @@ class _Executor:
             self.futs[fut] = (run, u, outputs)
             return
         pids = [r.problem_id for r in u.requests]
-        uctx = dict(run.ctx, prompts={p: run.ctx["prompts"][p] for p in pids})
+        uctx = dict(run.ctx, prompts={p: run.ctx["prompts"][p] for p in pids},
+                    cpu_limits={p: run.ctx["cpu_limits"][p] for p in pids if p in run.ctx["cpu_limits"]})
         ref = self._task.remote({p: spec.problems[p] for p in pids}, spec.style, u, outputs, uctx,
                                 dataclasses.asdict(self.ex.limits()), self.ex.allow_weak_isolation)
         self.refs[ref] = (run, u, outputs)
@@ -686,7 +738,8 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
             store = ShardStore(c.out)
             manifest = store.open_run(spec.run_id, spec.identity)
             ctx = {"run_id": spec.run_id, "seed": c.seed, "model": spec.identity["model"],
-                   "adapter": spec.adapter_label, "prompts": spec.prompts}
+                   "adapter": spec.adapter_label, "prompts": spec.prompts,
+                   "cpu_limits": spec.time_limits["limits"] if spec.time_limits else {}}
             runs.append(_Run(c, spec, store, manifest, ctx, [u for u in spec.units if u.unit_id not in manifest.units],
                              run_loras[len(runs)]))
             if spec.adaptive is not None:
@@ -742,7 +795,7 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
             isolation += [r for r in executor.isolation if r not in isolation]
         window = (run.cfg.pass_rate_min, run.cfg.pass_rate_max)
         m.summary = {**m.summary, **summarize(run.store, window), "failed_units": run.failed, "isolation": isolation,
-                     "policy": run.cfg.policy}
+                     "policy": run.cfg.policy, "time_limits": run.spec.time_limits}
         if run.plan is not None:
             m.summary["stopped"] = dict(sorted(collections.Counter(run.plan.stopped().values()).items()))
         if driver is not None:
@@ -776,5 +829,13 @@ def print_summary(res: GenResult) -> None:
         print(f"  {k:<{width}}  {v:>8}  {v / max(s['rows'], 1):6.1%}")
     if s.get("infra_errors"):
         print(f"  ({s['infra_errors']} INFRA_ERROR rows are harness faults, excluded from the pass rate)")
+    tl = s.get("time_limits")
+    if tl:
+        lim = sorted(tl["limits"].values())
+        failed = {k: v for k, v in tl["kept_fixed"].items() if v != "no reference solution"}
+        print(f"  CPU limits from references (floor {tl['floor_s']:g} s, factor {tl['factor']:g}): "
+              f"{lim[0]:g}-{lim[-1]:g} s, median {lim[len(lim) // 2]:g} s; {len(tl['kept_fixed'])} problems kept "
+              f"{tl['cap_s']:g} s" + (f" ({len(failed)} whose reference does not pass: "
+                                      f"{', '.join(sorted(failed)[:5])})" if failed else ""))
     for uid, why in res.failed_units.items():
         print(f"  FAILED unit {uid}: {why}")

@@ -680,7 +680,6 @@ class ForkServer:
     def __init__(self, cfg: dict, features: set[str], job_root: str, user_tasks: int | None,
                  sock: socket.socket) -> None:
         lim = cfg["limits"]
-        self.cpu_s = float(lim["cpu_s"])
         self.wall_s = float(lim["wall_s"])
         self.mem_bytes = int(lim["memory_mb"]) << 20
         self.fsize_bytes = int(lim["file_size_mb"]) << 20
@@ -735,7 +734,7 @@ class ForkServer:
             try:
                 if len(fds) != 2:
                     raise RuntimeError(f"expected 2 descriptors with a job, got {len(fds)}")
-                status = self.run(frame["program"], frame["entry"], fds[0], fds[1])
+                status = self.run(frame["program"], frame["entry"], fds[0], fds[1], frame["cpu"])
             except Exception as e:  # ours, not the job's (e.g. fork failed): report it, clean up, carry on
                 for fd in fds:
                     try:
@@ -762,13 +761,13 @@ class ForkServer:
                 return None, fds
             buf += data
 
-    def run(self, program: str, entry_point: str, call_r: int, reply_w: int) -> dict:
+    def run(self, program: str, entry_point: str, call_r: int, reply_w: int, cpu_s: float) -> dict:
         page = self.page
         page[:_MSG_AT] = bytes(_MSG_AT)
         pid = os.fork()
         if pid == 0:
             try:
-                self._child(program, entry_point, call_r, reply_w)
+                self._child(program, entry_point, call_r, reply_w, cpu_s)
             finally:
                 os._exit(_EXIT_HARNESS_FELL_THROUGH)
         os.close(call_r)  # the job's ends of its channel: held only by the job from now on
@@ -879,7 +878,7 @@ class ForkServer:
             return out
 
     # -- in the job process (forked): set up, run the program, answer calls ---------------------------------
-    def _child(self, program: str, entry_point: str, call_r: int, reply_w: int) -> None:
+    def _child(self, program: str, entry_point: str, call_r: int, reply_w: int, cpu_s: float) -> None:
         page = self.page
         write, read, exit_ = os.write, os.read, os._exit  # bound before the program can patch `os`
         try:
@@ -902,7 +901,7 @@ class ForkServer:
             except OSError:
                 pass
             # AS, FSIZE, CORE, NPROC, SIGXFSZ and no_new_privs come from the fork server (see __init__).
-            cpu_soft = math.ceil(self.cpu_s) + 1  # backstop if the job ignores SIGPROF (CPU counts from fork)
+            cpu_soft = math.ceil(cpu_s) + 1  # backstop if the job ignores SIGPROF (CPU counts from fork)
             resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_soft + 1))
             if self.uid is not None:
                 os.setgroups([])
@@ -910,7 +909,7 @@ class ForkServer:
                 os.setresuid(self.uid, self.uid, self.uid)
             if "pidns" not in self.features:  # else the namespace dies with the fork server anyway
                 _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            signal.setitimer(signal.ITIMER_PROF, self.cpu_s)  # precise CPU limit; default action kills
+            signal.setitimer(signal.ITIMER_PROF, cpu_s)  # precise CPU limit (this job's); default action kills
             if not _write_all(replies, _OK):
                 exit_(0)
         except BaseException as e:
@@ -1042,7 +1041,9 @@ class Judge:
             entry = self.tests[key] = (prompt_code, test_code)
         return entry, None
 
-    def run(self, idx: int, program: str, test: str, entry_point: str, prompt: str | None) -> list:
+    def run(self, idx: int, program: str, test: str, entry_point: str, prompt: str | None,
+            cpu_s: float | None = None) -> list:
+        self.job_cpu_s = self.cpu_s if cpu_s is None else min(float(cpu_s), self.cpu_s)  # Job.cpu_s, if given
         compiled, err = self._compiled(test, prompt)
         if compiled is None:
             return [idx, "INFRA_ERROR", None, CAUSE_TEST_CODE, err, 0.0, ""]
@@ -1055,7 +1056,7 @@ class Judge:
         self.aborted: tuple | None = None  # (outcome, etype, msg) when the candidate tried to end the process
         self.raised: dict[int, tuple] = {}
         try:
-            data = _pack({"program": program, "entry": entry_point})
+            data = _pack({"program": program, "entry": entry_point, "cpu": self.job_cpu_s})
             try:
                 sent = socket.send_fds(self.sock, [data[:1 << 16]], [call_r, reply_w])
                 self.sock.sendall(data[sent:])
@@ -1200,8 +1201,8 @@ class Judge:
         if os.WIFSIGNALED(raw):
             sig = os.WTERMSIG(raw)
             name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
-            if sig in (signal.SIGPROF, signal.SIGXCPU) or (sig == signal.SIGKILL and cpu >= self.cpu_s):
-                return "TIMEOUT", phase, None, f"CPU limit {self.cpu_s:g}s exceeded"
+            if sig in (signal.SIGPROF, signal.SIGXCPU) or (sig == signal.SIGKILL and cpu >= self.job_cpu_s):
+                return "TIMEOUT", phase, None, f"CPU limit {self.job_cpu_s:g}s exceeded"
             rss = int(status.get("maxrss_kb", 0))
             if rss * 1024 >= 0.8 * self.mem_bytes:
                 return "MEMORY", phase, name, f"killed by {name} at {rss >> 10} MiB resident " \
@@ -1269,9 +1270,9 @@ def main(argv: list[str]) -> int:
             return 1
         if frame is None:
             break
-        idx, program, test, entry_point, prompt = frame
+        idx, program, test, entry_point, prompt, cpu_s = frame
         try:
-            result = judge.run(idx, program, test, entry_point, prompt)
+            result = judge.run(idx, program, test, entry_point, prompt, cpu_s)
         except Exception as e:  # ours: report it and start over
             result = [idx, "INFRA_ERROR", None, "judge", f"judge: {type(e).__name__}: {e}"[:_MSG_MAX], 0.0, ""]
             judge.zygote_lost = judge.zygote_lost or "judge failed"

@@ -79,6 +79,9 @@ class Job:
     # The problem's prompt (trusted): the test runs beside its helpers (HumanEval/32's tests call `poly`), never
     # the program's versions of them. None: the test gets no helpers, and one that needs them is INFRA_ERROR.
     prompt: str | None = None
+    # This job's CPU-time limit, at most the pool's Limits.cpu_s (None: that). A per-problem limit derived from the
+    # problem's reference solution (tasks/time_limits.py) ends an infinite loop long before the pool-wide one.
+    cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,10 @@ class Sandbox:
                 raise ValueError(f"jobs[{i}].entry_point must be an identifier, got {job.entry_point!r}")
             if job.prompt is not None and not isinstance(job.prompt, str):
                 raise ValueError(f"jobs[{i}].prompt must be a str or None, got {type(job.prompt).__name__}")
+            if job.cpu_s is not None and (isinstance(job.cpu_s, bool) or not isinstance(job.cpu_s, (int, float))
+                                          or not 0 < job.cpu_s <= self.limits.cpu_s):
+                raise ValueError(f"jobs[{i}].cpu_s must be a number in (0, Limits.cpu_s={self.limits.cpu_s:g}] or "
+                                 f"None, got {job.cpu_s!r}")
         results: list[ExecResult | None] = [None] * len(jobs)
         todo: deque[int] = deque()
         for i, job in enumerate(jobs):
@@ -433,7 +440,7 @@ class Sandbox:
                     while todo and len(w.inflight) < _DEPTH:
                         i = todo.popleft()
                         job = jobs[i]
-                        body = json.dumps([i, job.program, job.test, job.entry_point, job.prompt]).encode()
+                        body = json.dumps([i, job.program, job.test, job.entry_point, job.prompt, job.cpu_s]).encode()
                         w.outbuf += len(body).to_bytes(4, "big") + body
                         w.inflight.append(i)
                         if w.deadline is None:

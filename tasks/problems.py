@@ -264,9 +264,10 @@ def _unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def problem_set_fingerprint(problems: Sequence[Problem]) -> str:
-    """sha256 hex over every problem's id, entry point, prompt and test, independent of list order:
-    results made against a different (or edited) problem set get a different fingerprint."""
+def problem_set_fingerprint(problems: Sequence[Problem], with_reference: bool = False) -> str:
+    """sha256 hex over every problem's id, entry point, prompt and test (and, with_reference, its reference),
+    independent of list order: results made against a different (or edited) problem set get a different
+    fingerprint."""
     _check_unique_ids(problems)
     h = hashlib.sha256()
     for p in sorted(problems, key=lambda p: p.id):
@@ -274,6 +275,9 @@ def problem_set_fingerprint(problems: Sequence[Problem]) -> str:
             data = field.encode("utf-8")
             h.update(len(data).to_bytes(8, "big"))  # length-prefixed: no two field lists hash alike
             h.update(data)
+        if with_reference:  # b"\0": none; b"\1" + length + bytes: this one ("" and None differ)
+            ref = None if p.reference is None else p.reference.encode("utf-8")
+            h.update(b"\0" if ref is None else b"\1" + len(ref).to_bytes(8, "big") + ref)
     return h.hexdigest()
 
 

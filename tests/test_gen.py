@@ -252,7 +252,8 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_set(first_run, tmp_p
     {"sampling": {"temperature": 0.5}}, {"sampling": {"top_p": 0.5}}, {"sampling": {"max_tokens": 17}},
     {"sampling": {"logprobs": False}}, {"sampling": {"response_prefix": ""}},
     {"execution": {"cpu_timeout_s": 3.0}}, {"execution": {"memory_mb": 1024}}, {"execution": {"wall_timeout_s": 99}},
-    {"execution": {"execute": False}}, {"n": 6}, {"seed": 1}, {"samples_per_unit": 2}, {"limit": 2},
+    {"execution": {"execute": False}}, {"execution": {"time_limit": "fixed"}}, {"execution": {"time_floor_s": 0.5}},
+    {"execution": {"time_factor": 8.0}}, {"n": 6}, {"seed": 1}, {"samples_per_unit": 2}, {"limit": 2},
     {"engine": {"max_model_len": 384}}, {"engine": {"dtype": "bfloat16"}},
 ])
 def test_every_setting_that_changes_a_row_changes_the_run_identity(change, tiny_model, toy_problems, tmp_path):
@@ -300,6 +301,26 @@ def test_a_crash_on_the_local_executor_thread_is_retried_not_fatal(tmp_path, eng
     keys = list(zip(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist()))
     assert len(keys) == len(set(keys)) == 4
     assert crashed[0] in set(t.column("unit_id").to_pylist())
+
+
+def test_each_problems_cpu_limit_reaches_its_jobs_and_the_manifest(tmp_path, engine_pool, engine_config,
+                                                                   toy_problems, monkeypatch):
+    """execution.time_limit=reference (the default): the limits derived from the references are what the executor
+    gets, what the identity's digest covers, and what the manifest lists per problem."""
+    import gen.run as gr
+    from tasks.time_limits import limits_digest
+
+    real = gr._execute_unit
+    seen: list[dict] = []
+    monkeypatch.setattr(gr, "_execute_unit", lambda *a: seen.append(a[-1]["cpu_limits"]) or real(*a))
+    res = run_generation(_cfg(tmp_path / "limits", toy_problems, limit=2, n=1, samples_per_unit=1),
+                         engine_config, pool=engine_pool)
+    m = ShardStore(res.out).read_manifest()
+    tl = m.summary["time_limits"]
+    assert tl["limits"] == {"toy/add": 1.0, "toy/neg": 1.0} and tl["kept_fixed"] == {}  # ~ms references: the floor
+    assert seen and all(s == tl["limits"] for s in seen)
+    assert m.identity["time_limits"] == {"mode": "reference", "floor_s": 1.0, "factor": 4.0,
+                                         "limits_sha256": limits_digest(tl["limits"])}
 
 
 def test_a_unit_whose_execution_keeps_failing_is_reported_not_scored(tmp_path, engine_pool, engine_config,
