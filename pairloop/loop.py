@@ -61,7 +61,8 @@ class StageConfigs:
     # single arm "" (outputs pairs/, adapter/ as always).
     arms: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     equal_pairs: bool = True  # arms train on the same number of pairs (the smallest arm's count)
-    command: str = ""  # the command line that made these configs (the run summary records it)
+    # the command line that made these configs (the run summary records it); not part of what the configs are
+    command: str = field(default="", compare=False)
 
 
 ARM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
