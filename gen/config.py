@@ -57,7 +57,7 @@ class ExecutionConfig:
     workers: int = 0  # executor=local: sandbox workers (0 = all cores); ray: 1 per task
     cpu_timeout_s: float = 5.0  # CPU-seconds per execution (primary timeout; load can't cause a false TIMEOUT)
     # reference: a problem with a reference solution gets max(time_floor_s, time_factor x its reference's CPU time),
-    # at most cpu_timeout_s (tasks/time_limits.py; measured once per problem set, cached under $PAIRLOOP_CACHE);
+    # at most cpu_timeout_s (sandbox/time_limits.py; measured once per problem set, cached under $PAIRLOOP_CACHE);
     # the rest keep cpu_timeout_s. fixed: every job gets cpu_timeout_s. HumanEval references cost 2-142 CPU-ms here,
     # so the floor decides: an infinite loop costs 1 CPU-s instead of 5.
     time_limit: str = "reference"

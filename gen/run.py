@@ -227,18 +227,20 @@ class RunSpec:
 
 
 def problem_time_limits(ex: ExecutionConfig, problems: Sequence[Any]) -> dict[str, Any] | None:
-    """execution.time_limit=reference: each problem's CPU limit (tasks/time_limits.py), from the measurement of its
-    problem set's references cached at $PAIRLOOP_CACHE/reference-cpu/<key>.json (measured on a miss: ~5 jobs per
+    """execution.time_limit=reference: each problem's CPU limit (sandbox/time_limits.py), from the measurement of
+    its problem set's references cached at $PAIRLOOP_CACHE/reference-cpu/<key>.json (measured on a miss: 5 jobs per
     reference, a few seconds for HumanEval). fixed (or execute=false): None. The record goes into manifests:
     {mode, floor_s, factor, cap_s, measurement (the cache key), cpu_model, limits_sha256, limits, kept_fixed}."""
     if ex.time_limit == "fixed" or not ex.execute:
         return None
     from gen.model_source import cache_root
     from gen.shards import write_bytes_atomic
-    from tasks.time_limits import FORMAT, derive_limits, limits_digest, measure_references, measurement_key
+    from sandbox import Job
+    from sandbox.time_limits import FORMAT, derive_limits, limits_digest, measure_references, measurement_key
+    from tasks.problems import problem_set_fingerprint
 
     limits = ex.limits()
-    key = measurement_key(problems, limits)
+    key = measurement_key(problem_set_fingerprint(problems, with_reference=True), limits)
     path = cache_root() / "reference-cpu" / f"{key}.json"
     measured = None
     if path.is_file():
@@ -251,18 +253,20 @@ def problem_time_limits(ex: ExecutionConfig, problems: Sequence[Any]) -> dict[st
             measured = None
     if measured is None:
         t0 = time.perf_counter()
-        measured = measure_references(problems, limits, workers=ex.workers or None)
+        jobs = {p.id: None if p.reference is None else Job(p.reference, p.test, p.entry_point, p.prompt)
+                for p in problems}
+        measured = {**measure_references(jobs, limits, workers=ex.workers or None), "key": key}
         try:
             write_bytes_atomic(str(path), json.dumps(measured, sort_keys=True).encode())
         except OSError as e:  # a cache we can't write costs a measurement next time, nothing else
             print(f"pairloop: could not cache the reference times at {str(path)!r}: {e}", file=sys.stderr)
-        failed = {pid: e for pid, e in measured["problems"].items() if "outcome" in e}
-        print(f"pairloop: measured {len(measured['problems'])} reference solutions x {measured['repeats']} in "
-              f"{time.perf_counter() - t0:.1f} s (cached at {path})", file=sys.stderr)
-        for pid, e in failed.items():
-            print(f"pairloop: reference of {pid} does not pass ({e['outcome']}: {e['error']}); it keeps "
-                  f"cpu_timeout_s={ex.cpu_timeout_s:g}", file=sys.stderr)
-    cpu_limits, kept = derive_limits(measured, problems, ex.time_floor_s, ex.time_factor, limits.cpu_s)
+        print(f"pairloop: measured {sum(j is not None for j in jobs.values())} reference solutions x "
+              f"{measured['repeats']} in {time.perf_counter() - t0:.1f} s (cached at {path})", file=sys.stderr)
+        for pid, e in measured["references"].items():
+            if "outcome" in e:
+                print(f"pairloop: {pid}: {e['kept']}; it keeps cpu_timeout_s={ex.cpu_timeout_s:g}", file=sys.stderr)
+    cpu_limits, kept = derive_limits(measured, [p.id for p in problems], ex.time_floor_s, ex.time_factor,
+                                     limits.cpu_s)
     return {"mode": ex.time_limit, "floor_s": ex.time_floor_s, "factor": ex.time_factor, "cap_s": limits.cpu_s,
             "measurement": key, "cpu_model": measured["cpu_model"], "limits_sha256": limits_digest(cpu_limits),
             "limits": cpu_limits, "kept_fixed": kept}
@@ -832,7 +836,7 @@ def print_summary(res: GenResult) -> None:
     tl = s.get("time_limits")
     if tl:
         lim = sorted(tl["limits"].values())
-        failed = {k: v for k, v in tl["kept_fixed"].items() if v != "no reference solution"}
+        failed = {k: v for k, v in tl["kept_fixed"].items() if v.startswith("reference ")}
         print(f"  CPU limits from references (floor {tl['floor_s']:g} s, factor {tl['factor']:g}): "
               f"{lim[0]:g}-{lim[-1]:g} s, median {lim[len(lim) // 2]:g} s; {len(tl['kept_fixed'])} problems kept "
               f"{tl['cap_s']:g} s" + (f" ({len(failed)} whose reference does not pass: "

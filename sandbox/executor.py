@@ -80,7 +80,7 @@ class Job:
     # the program's versions of them. None: the test gets no helpers, and one that needs them is INFRA_ERROR.
     prompt: str | None = None
     # This job's CPU-time limit, at most the pool's Limits.cpu_s (None: that). A per-problem limit derived from the
-    # problem's reference solution (tasks/time_limits.py) ends an infinite loop long before the pool-wide one.
+    # problem's reference solution (sandbox/time_limits.py) ends an infinite loop long before the pool-wide one.
     cpu_s: float | None = None
 
 

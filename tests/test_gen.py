@@ -308,7 +308,7 @@ def test_each_problems_cpu_limit_reaches_its_jobs_and_the_manifest(tmp_path, eng
     """execution.time_limit=reference (the default): the limits derived from the references are what the executor
     gets, what the identity's digest covers, and what the manifest lists per problem."""
     import gen.run as gr
-    from tasks.time_limits import limits_digest
+    from sandbox.time_limits import limits_digest
 
     real = gr._execute_unit
     seen: list[dict] = []

@@ -1,4 +1,4 @@
-"""Per-problem CPU limits (tasks/time_limits.py, gen's cache of them, Job.cpu_s in the sandbox).
+"""Per-problem CPU limits (sandbox/time_limits.py, gen's cache of them, Job.cpu_s in the sandbox).
 
 No timed assertions: CPU limits are checked by relations ("below cpu_timeout_s", "at least factor x the burn a
 reference does by construction"), and verdicts.
@@ -13,8 +13,8 @@ import pytest
 
 from gen.config import ExecutionConfig
 from sandbox import Job, Limits, Outcome, Sandbox
-from tasks.problems import Problem
-from tasks.time_limits import derive_limits, limits_digest, measure_references, measurement_key
+from sandbox.time_limits import derive_limits, limits_digest, measure_references, measurement_key
+from tasks.problems import Problem, problem_set_fingerprint
 
 LIMITS = Limits(cpu_s=2.0, wall_s=10.0)
 TEST = "def check(candidate):\n    assert candidate(1) == 1\n"
@@ -32,28 +32,36 @@ def burner(pid: str = "t/burn", burn_s: float = BURN_S) -> Problem:
                         f"    while time.process_time() - t < {burn_s!r}:\n        pass\n    return x\n")
 
 
+def reference_job(p: Problem) -> Job | None:
+    return None if p.reference is None else Job(p.reference, p.test, p.entry_point, p.prompt)
+
+
 @pytest.fixture(scope="module")
 def measured():
     problems = [burner(), problem("t/fast"), problem("t/none", None), problem("t/wrong", PROMPT + "    return 2\n")]
-    return problems, measure_references(problems, LIMITS, workers=1)
+    return problems, measure_references({p.id: reference_job(p) for p in problems}, LIMITS, workers=1)
+
+
+def derive(m, problems, **kw):
+    return derive_limits(m, [p.id for p in problems], cap_s=LIMITS.cpu_s, **kw)
 
 
 def test_the_limit_is_factor_times_the_references_cpu_above_the_floor(measured):
     problems, m = measured
-    limits, kept = derive_limits(m, problems, floor_s=0.01, factor=2.0, cap_s=LIMITS.cpu_s)
-    cpu = max(m["problems"]["t/burn"]["cpu_s"])
-    assert len(m["problems"]["t/burn"]["cpu_s"]) == m["repeats"] == 5
+    limits, kept = derive(m, problems, floor_s=0.01, factor=2.0)
+    cpu = max(m["references"]["t/burn"]["cpu_s"])
+    assert len(m["references"]["t/burn"]["cpu_s"]) == m["repeats"] == 5
     assert cpu >= BURN_S  # the job's CPU includes the burn, so the robust value does
     assert limits["t/burn"] == math.ceil(max(0.01, 2.0 * cpu) * 1000) / 1000
     assert 2.0 * BURN_S <= limits["t/burn"] < LIMITS.cpu_s
     # a reference that costs ~ms gets the floor
-    limits, _ = derive_limits(m, problems, floor_s=0.5, factor=2.0, cap_s=LIMITS.cpu_s)
+    limits, _ = derive(m, problems, floor_s=0.5, factor=2.0)
     assert limits["t/fast"] == 0.5 and "t/fast" not in kept
 
 
 def test_an_infinite_loop_ends_at_the_problems_limit_not_at_cpu_timeout(measured):
     problems, m = measured
-    limits, _ = derive_limits(m, problems, floor_s=0.01, factor=2.0, cap_s=LIMITS.cpu_s)
+    limits, _ = derive(m, problems, floor_s=0.01, factor=2.0)
     p = problems[0]
     with Sandbox(workers=1, limits=LIMITS) as box:
         loop, ref = box.run([Job(LOOP, p.test, p.entry_point, p.prompt, cpu_s=limits[p.id]),
@@ -66,24 +74,29 @@ def test_an_infinite_loop_ends_at_the_problems_limit_not_at_cpu_timeout(measured
 
 def test_problems_without_a_passing_reference_keep_cpu_timeout(measured):
     problems, m = measured
-    limits, kept = derive_limits(m, problems, floor_s=0.01, factor=2.0, cap_s=LIMITS.cpu_s)
+    limits, kept = derive(m, problems, floor_s=0.01, factor=2.0)
     assert limits["t/none"] == limits["t/wrong"] == LIMITS.cpu_s
     assert kept["t/none"] == "no reference solution"
     assert kept["t/wrong"].startswith("reference ASSERTION_FAIL"), kept
     assert set(kept) == {"t/none", "t/wrong"}
+    with pytest.raises(ValueError, match="t/other"):  # a measurement of another set is refused, not guessed at
+        derive(m, problems + [problem("t/other")], floor_s=0.01, factor=2.0)
 
 
 def test_the_measurement_key_follows_references_and_limits():
+    def key(problems, limits=LIMITS):
+        return measurement_key(problem_set_fingerprint(problems, with_reference=True), limits)
+
     a = [problem("t/a"), problem("t/b")]
-    assert measurement_key(a, LIMITS) == measurement_key(list(reversed(a)), LIMITS)
-    assert measurement_key(a, LIMITS) != measurement_key([problem("t/a"), problem("t/b", PROMPT + "  return x\n")],
-                                                         LIMITS)
-    assert measurement_key(a, LIMITS) != measurement_key([problem("t/a"), problem("t/b", None)], LIMITS)
-    assert measurement_key(a, LIMITS) != measurement_key(a, Limits(cpu_s=3.0, wall_s=10.0))
+    assert key(a) == key(list(reversed(a)))
+    assert key(a) != key([problem("t/a"), problem("t/b", PROMPT + "  return x\n")])
+    assert key(a) != key([problem("t/a"), problem("t/b", None)])
+    assert key([problem("t/a", "")]) != key([problem("t/a", None)])
+    assert key(a) != key(a, Limits(cpu_s=3.0, wall_s=10.0))
 
 
 def test_a_cached_measurement_is_reused_and_a_changed_set_is_measured_again(tmp_path, monkeypatch):
-    import tasks.time_limits as tl
+    import sandbox.time_limits as tl
     from gen.run import problem_time_limits
 
     monkeypatch.setenv("PAIRLOOP_CACHE", str(tmp_path))
