@@ -105,7 +105,7 @@ def render(s: dict[str, Any]) -> str:
               f">= 1 fail: {p['problems_pass_and_fail']}; INFRA_ERROR: {p['infra_errors']}."]
     for k in ("policy", "usable_problems", "usable_pairs", "tokens", "tokens_per_usable_pair"):
         if p.get(k) is not None:
-            lines.append(f"- {k}: {p[k]}")
+            lines.append(f"- {k}: {round(p[k], 1) if isinstance(p[k], float) else p[k]}")
     lines += ["", "| outcome | samples |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in (p["outcomes"] or {}).items()]
     lines += ["", f"Pool digest: `{p['digest']}`", ""]
     for arm, a in s["arms"].items():

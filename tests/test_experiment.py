@@ -54,8 +54,8 @@ def test_every_stage_of_both_arms_runs_and_the_report_compares_them(experiment):
     assert {between["base"], between["adapter"]} == set(arm_labels)
     assert f"{between['adapter']} vs {between['base']}" in (out / "report" / "report.md").read_text()
     # one eval pass: a single eval stage served base and both adapters, each with its own results
-    for label in arm_labels:
-        assert (out / "eval" / label / "manifest.json").exists()
+    for label in arm_labels + ["base"]:
+        assert len(list((out / "eval" / label).glob("seed-*/manifest.json"))) == 2, label  # eval.seeds=[0,1]
 
 
 def test_the_arms_train_on_equal_pair_counts_from_one_pool(experiment):
