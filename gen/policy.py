@@ -147,7 +147,8 @@ class AdaptivePlan:
         if not going:
             return None
         behind = {p: self.tally[p].drawn for p in going if self.tally[p].drawn != start}
-        assert not behind, f"block p{pb:06d}: going problems must have {start} samples each, got {behind}"
+        if behind:  # our bug, never the model's: a round's problems all have the same samples so far
+            raise RuntimeError(f"block p{pb:06d}: going problems must have {start} samples each, got {behind}")
         return block_unit(pb, going, start, self.policy.round_size_after(start), self.bases)
 
     def open_units(self) -> list[Unit]:

@@ -60,7 +60,7 @@ def main() -> dict:
     t["cluster_up"] = time.perf_counter()
     pool = None
     try:
-        ecfg = EngineConfig(model=a.model, engines=2, max_model_len=512, cpu_kv_cache_gib=0.25, max_num_seqs=32,
+        ecfg = EngineConfig(model=a.model, engines=2, dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.25, max_num_seqs=32,
                             max_restarts=3)
         pool = EnginePool(ecfg, a.model, use_gpu=False)
         before = [i["node"] for i in pool.infos]

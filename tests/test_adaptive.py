@@ -204,7 +204,9 @@ def coder(ray_local, tiny_coder):
     """An engine on the tiny coder: at temperature 1 its samples mix passes and fails, greedily it passes."""
     from gen.engine import EngineConfig, EnginePool
 
-    cfg = EngineConfig(model=tiny_coder, max_model_len=512, cpu_kv_cache_gib=0.25, max_num_seqs=64)
+    # float32: the tiny coder's standard is checked in float32; `auto` would pick bf16 on a bf16 CPU
+    cfg = EngineConfig(model=tiny_coder, dtype="float32", max_model_len=512, cpu_kv_cache_gib=0.25,
+                       max_num_seqs=64)
     pool = EnginePool(cfg, tiny_coder, use_gpu=False)
     yield cfg, pool
     pool.shutdown()

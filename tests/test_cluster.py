@@ -530,4 +530,4 @@ def test_seed_3b_config_runs_as_its_header_says(tmp_path, monkeypatch):
         check_output_path("out", value)
         assert value.startswith(shared), value
     for p, t in c.arms.values():
-        assert p.inputs == [c.gen.out] and t.pairs == [p.out]
+        assert list(p.inputs) == [c.gen.out] and list(t.pairs) == [p.out]

@@ -153,16 +153,6 @@ GPU_ONLY = {"loop": {"out"}, "gen": {"out", "inflight_per_engine"}, "eval": {"ou
             "pairs": {"out", "inputs"}, "train": {"out", "pairs"}}
 
 
-def _has_gen_policy() -> bool:
-    import dataclasses
-
-    from gen.config import GenConfig
-
-    return "policy" in {f.name for f in dataclasses.fields(GenConfig)}
-
-
-@pytest.mark.skipif(not _has_gen_policy(), reason="GenConfig has no `policy` yet (adaptive gen, branch `adaptive`): "
-                    "both experiment configs set gen.policy; remove this skip when that branch is merged")
 def test_the_gpu_config_is_the_cpu_experiment_on_a_gpu_engine():
     from gen.shards import config_to_dict
     from pairloop.loop import loop_configs
