@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
-from gen.policy import POLICIES
+from gen.policy import POLICIES, AdaptivePolicy, earliest_stop
 from sandbox import Limits
 from tasks.problems import SPLITS
 
@@ -157,6 +158,13 @@ class GenConfig:
             if self.samples_per_unit:
                 raise ValueError(f"gen.samples_per_unit={self.samples_per_unit} is for policy=uniform; with "
                                  "policy=adaptive a unit's samples are a round (gen.first_round, gen.round_size)")
+            if earliest_stop(AdaptivePolicy.of(self)) is None:
+                warnings.warn(
+                    f"gen.policy=adaptive can stop no problem before its budget here (gen.n={self.n}, "
+                    f"first_round={self.first_round}, round_size={self.round_size}, stop_confidence="
+                    f"{self.stop_confidence}, window [{self.pass_rate_min}, {self.pass_rate_max}]): even a unanimous "
+                    "problem gets all gen.n samples, as under uniform; lower gen.stop_confidence or raise gen.n",
+                    RuntimeWarning, stacklevel=3)
         if self.split not in SPLITS:
             raise ValueError(f"gen.split must be one of {SPLITS}, got {self.split!r}")
         if not 0.0 < self.eval_fraction < 1.0:

@@ -92,6 +92,13 @@ def stop_reason(policy: AdaptivePolicy, drawn: int, passes: int, scored: int) ->
     return None
 
 
+def earliest_stop(policy: AdaptivePolicy) -> int | None:
+    """Samples after which a unanimous problem (every sample PASS, or every one failing) stops, the sooner of the
+    two; None when neither stops before the budget: then no problem can, and adaptive spends what uniform would."""
+    stops = [m for m in (replay(policy, [o] * policy.budget) for o in ("PASS", "ASSERTION_FAIL")) if m < policy.budget]
+    return min(stops) if stops else None
+
+
 def replay(policy: AdaptivePolicy, outcomes: Sequence[str]) -> int:
     """How many samples adaptive draws for a problem whose samples, in index order, have these outcomes (a uniform
     run's rows of it: a sample is the same completion whichever policy asked for it). At most len(outcomes)."""

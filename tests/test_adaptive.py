@@ -12,7 +12,7 @@ import pytest
 
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.plan import make_plan, sample_seed
-from gen.policy import AdaptivePlan, AdaptivePolicy, binomial_tail, replay, stop_reason
+from gen.policy import AdaptivePlan, AdaptivePolicy, binomial_tail, earliest_stop, replay, stop_reason
 from gen.shards import ShardStore
 
 
@@ -76,6 +76,24 @@ def test_infra_errors_are_no_evidence():
 def test_a_window_of_everything_never_stops_early():
     assert replay(_policy(budget=50, lo=0.0, hi=1.0, c=0.99), ["PASS"] * 50) == 50
     assert replay(_policy(budget=50, lo=0.0, hi=1.0, c=0.99), ["NO_CODE"] * 50) == 50
+
+
+def test_a_setting_where_no_problem_can_stop_early_is_flagged():
+    """The trap experiment-cpu.yaml fell into: n=16 in rounds of 8 at c=0.5 stops nothing (an all-pass problem
+    needs 14 samples, so it gets 16), adaptive spent as uniform. The config says so; c=0.3 stops after round 1."""
+    import warnings
+
+    trap = dict(policy="adaptive", n=16, first_round=8, round_size=8, stop_confidence=0.5)
+    assert earliest_stop(_policy(budget=16, first_round=8, round_size=8, c=0.5)) is None
+    with pytest.warns(RuntimeWarning, match=r"stop no problem before its budget.*stop_confidence=0.5"):
+        GenConfig(**trap)
+    fixed = {**trap, "stop_confidence": 0.3}
+    assert earliest_stop(AdaptivePolicy.of(GenConfig(**fixed))) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GenConfig(**fixed)
+        GenConfig(n=16, first_round=8, round_size=8, stop_confidence=0.5)  # uniform: nothing to stop
+    assert earliest_stop(_policy(budget=16, first_round=4, round_size=4, c=0.2)) == 8
 
 
 # ---- the plan of rounds --------------------------------------------------------------------------------------
