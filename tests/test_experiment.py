@@ -53,6 +53,11 @@ def test_every_stage_of_both_arms_runs_and_the_report_compares_them(experiment):
     (between,) = [c for c in report["comparisons"] if c["base"] != report["base"]]
     assert {between["base"], between["adapter"]} == set(arm_labels)
     assert f"{between['adapter']} vs {between['base']}" in (out / "report" / "report.md").read_text()
+    # the report says how the adapters were served and that each one's hot-load check passed
+    assert report["adapter_serving"] == {"adapter_mode": "lora", "why": "set by eval.adapter_mode"}
+    checks = {h["sha256"]: h for h in report["hot_load"]}
+    assert len(checks) == 2 and all(h["mode"] == "lora" and h["max_abs_diff"] <= h["tolerance"] for h in checks.values())
+    assert "adapters served lora: set by eval.adapter_mode" in report["status"]
     # one eval pass: a single eval stage served base and both adapters, each with its own results
     for label in arm_labels + ["base"]:
         assert len(list((out / "eval" / label).glob("seed-*/manifest.json"))) == 2, label  # eval.seeds=[0,1]
