@@ -9,6 +9,11 @@ longest answer before the next) and eval.schedule=one_pass (every seed's units i
 calls of up to eval.sequences_per_call sequences). Contenders alternate, each on a fresh output folder, and both
 produce the same rows (a sample's seed is data). Targets (issue 12), CPU: 3 seeds in one pass <= 2.0x the wall of
 1 seed, and >= 1.4x faster than sequential over 3 seeds.
+
+Then (--modes) the adapter alone over 3 seeds, one pass, served each way eval.adapter_mode offers: lora (hot-loaded
+into the running engine) and merged (PEFT folds it into the weights, an engine of its own serves them: the merge and
+that engine's start are in its wall time). This measures the LoRA path's decode overhead over a whole evaluation
+and whether `auto`'s choice (eval/run.py resolve_adapter_mode) is the faster one here.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ def make_adapter(model_path: str, out: Path, r: int, seed: int) -> str:
     return str(out)
 
 
+def _tokens(run_dir: str) -> int:
+    from gen.shards import ShardStore
+
+    return sum(ShardStore(run_dir).read_table(columns=["completion_tokens"]).column("completion_tokens").to_pylist())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="default")
@@ -52,6 +63,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--sequences-per-call", type=int, default=96)
+    p.add_argument("--modes", default="lora,merged", help="adapter-only comparison of eval.adapter_mode values "
+                   "('' to skip)")
+    p.add_argument("--skip-schedules", action="store_true", help="only the adapter-mode comparison")
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -72,20 +86,44 @@ def main() -> None:
                           sampling=SamplingConfig(max_tokens=8), include_base=True, adapters=[adapter],
                           allow_foreign_adapter=True, allow_unknown_provenance=True, progress=False)
         run_eval(warm, ecfg, pool=pool, report=False)  # driver imports, tokenizer, first LoRA load
-        for seeds in ([0], [0, 1, 2]):
+        for seeds in ([] if a.skip_schedules else [[0], [0, 1, 2]]):
             for schedule in ("sequential", "one_pass"):
                 tag = f"{schedule}-{len(seeds)}"
                 cfg = EvalConfig(out=str(Path(tmp) / tag), problems="humaneval", limit=a.problems, seeds=seeds, k=1,
                                  sampling=SamplingConfig(max_tokens=a.max_tokens, temperature=0.2),
                                  include_base=True, adapters=[adapter], allow_foreign_adapter=True,
-                                 allow_unknown_provenance=True, schedule=schedule,
+                                 allow_unknown_provenance=True, schedule=schedule, adapter_mode="lora",
                                  sequences_per_call=a.sequences_per_call, progress=False)
                 t0 = time.perf_counter()
                 run_eval(cfg, ecfg, pool=pool, report=False)
                 results[tag] = {"wall_s": time.perf_counter() - t0}
                 print(f"{tag}: {results[tag]['wall_s']:.1f} s", flush=True)
+        for mode in [m for m in a.modes.split(",") if m]:
+            tag = f"adapter-{mode}-3"
+            cfg = EvalConfig(out=str(Path(tmp) / tag), problems="humaneval", limit=a.problems, seeds=[0, 1, 2], k=1,
+                             sampling=SamplingConfig(max_tokens=a.max_tokens, temperature=0.2),
+                             include_base=False, adapters=[adapter], allow_foreign_adapter=True,
+                             allow_unknown_provenance=True, adapter_mode=mode,
+                             sequences_per_call=a.sequences_per_call, progress=False)
+            t0 = time.perf_counter()
+            res = run_eval(cfg, ecfg, pool=pool, report=False)
+            tokens = sum(_tokens(d) for ds in res.result_dirs.values() for d in ds)
+            results[tag] = {"wall_s": time.perf_counter() - t0, "tokens": tokens}
+            print(f"{tag}: {results[tag]['wall_s']:.1f} s, {tokens} tokens", flush=True)
         pool.shutdown()
         ray.shutdown()
+    modes = {k: v for k, v in results.items() if k.startswith("adapter-")}
+    if modes:
+        print(f"\nadapter alone, 3 seeds, one pass ({a.problems} problems, max_tokens {a.max_tokens}):")
+        for k, v in modes.items():
+            print(f"  {k}: {v['wall_s']:.1f} s for {v['tokens']} tokens ({v['tokens'] / v['wall_s']:.1f} tok/s overall)")
+        if {"adapter-lora-3", "adapter-merged-3"} <= set(modes):
+            ratio = modes["adapter-lora-3"]["wall_s"] / modes["adapter-merged-3"]["wall_s"]
+            print(f"  lora / merged wall = {ratio:.2f} (> 1: merged is faster over this eval)")
+    if a.skip_schedules:
+        print("RESULTS_JSON " + json.dumps({"results": results, "problems": a.problems, "max_tokens": a.max_tokens,
+                                            "model": a.model}))
+        return
     s1, s3 = results["sequential-1"]["wall_s"], results["sequential-3"]["wall_s"]
     o1, o3 = results["one_pass-1"]["wall_s"], results["one_pass-3"]["wall_s"]
     print(f"\nmodel={a.model} problems={a.problems} k=1 max_tokens={a.max_tokens} base + 1 adapter "
