@@ -80,6 +80,13 @@ class EngineConfig:
             raise ValueError(f"engine.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
+def greedy_copies(sampling: Sequence[dict[str, Any]]) -> list[int]:
+    """Per request, how many n=1 requests it becomes: n where it is greedy (temperature 0) with n > 1, which vLLM
+    refuses (every completion of a greedy request is the same one anyway), else 1."""
+    return [int(s.get("n", 1)) if float(s.get("temperature", 1.0)) < 1e-5 and int(s.get("n", 1)) > 1 else 1
+            for s in sampling]
+
+
 def requests_loras(n_prompts: int, n_sampling: int, lora: dict | None,
                    loras: Sequence[dict | None] | None) -> list[dict | None]:
     """The adapter of each of `n_prompts` requests (None = base), from one `lora` for all or a per-request list."""
@@ -225,6 +232,16 @@ class EngineActor:
         from vllm import SamplingParams
 
         per_request = requests_loras(len(prompts), len(sampling), lora, loras)
+        copies = greedy_copies(sampling)
+        if any(c > 1 for c in copies):  # vLLM refuses n > 1 when greedy: n requests of n=1, regrouped in order
+            owner = [i for i, c in enumerate(copies) for _ in range(c)]
+            flat = self.generate([prompts[i] for i in owner],
+                                 [{**sampling[i], "n": 1} if copies[i] > 1 else sampling[i] for i in owner],
+                                 loras=[per_request[i] for i in owner])
+            grouped: list[list[dict]] = [[] for _ in prompts]
+            for i, outs in zip(owner, flat, strict=True):
+                grouped[i].extend(outs)
+            return grouped
         params = [SamplingParams(**s) for s in sampling]
         calls: dict[int | None, list[int]] = {}  # adapter id (None = base) -> request indices, in order
         for i, ad in enumerate(per_request):

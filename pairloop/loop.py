@@ -346,7 +346,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         info = body() or {}
         log.mark(name, ident, outputs, time.perf_counter() - t0, {**info, **({"alias": alias} if alias else {})})
 
-    base_eval = replace(c.eval, adapters=[], include_base=True)
+    # the base eval serves no adapter: how adapters are served (eval.adapter_mode) is not part of its identity
+    base_eval = replace(c.eval, adapters=[], include_base=True, adapter_mode="lora")
     adapter_eval = None  # built once the adapter exists (EvalConfig checks its folder)
 
     def eval_base() -> None:
