@@ -403,7 +403,7 @@ def _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, 
             if mode == "merged":  # the adapter folded into the weights, served by an engine of its own
                 merged = merge_adapter(model_path, path)
                 merged_pool = serve = EnginePool(replace(engine_cfg, model=merged), merged)
-                check = serve.verify_merged(ref)
+                check = serve.verify_merged(ref, base=pool)
             else:
                 lora = pool.load_adapter(path, name_prefix=label)
                 check = pool.verify_adapter(lora, ref)

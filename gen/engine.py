@@ -466,16 +466,18 @@ class EnginePool:
         return {"engines": len(self.actors), "tolerance": tol, "max_abs_diff": worst, "tokens": len(ids) - 1,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
-    def verify_merged(self, ref: dict[str, Any]) -> dict[str, Any]:
+    def verify_merged(self, ref: dict[str, Any], base: "EnginePool") -> dict[str, Any]:
         """The same check for an engine serving the adapter merged into its weights: its plain log-probs must match
-        PEFT's with the adapter on, and differ from PEFT's base ones."""
+        PEFT's with the adapter on, and its effect over `base` (engines on the base weights, same dtype) must be
+        PEFT's effect: paired, so the dtype's rounding of the base is measured as noise, not taken for the adapter."""
         from gen.probe import compare, tolerance
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
         served = ray.get([a.prompt_logprobs.remote(ref["token_ids"], None) for a in self.actors])
+        base_lp = ray.get(base.actors[0].prompt_logprobs.remote(ref["token_ids"], None))
         for i, lp in enumerate(served):
-            why = compare(lp, ref["base_logprobs"], ref, tol)
+            why = compare(lp, base_lp, ref, tol)
             if why is not None:
                 raise ValueError(f"merged-adapter check failed on engine {i} ({self.model_path}): {why}")
         worst = max(abs(a - b) for lp in served for a, b in zip(lp, ref["adapter_logprobs"]))
