@@ -49,7 +49,7 @@ def prompts_for(model_path: str, count: int) -> list[str]:
 def run_bare(a) -> dict:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(a.model_path, dtype="float32", enable_chunked_prefill=False, gpu_memory_utilization=0.3,
+    llm = LLM(a.model_path, dtype=a.dtype, enable_chunked_prefill=False, gpu_memory_utilization=0.3,
               max_model_len=2048, max_num_seqs=256, seed=0)
     prompts = prompts_for(a.model_path, a.prompts)
     out = {}
@@ -79,7 +79,7 @@ def run_pipeline(a) -> dict:
             f.write(json.dumps({"task_id": p.id, "prompt": p.prompt, "entry_point": p.entry_point,
                                 "test": p.test}) + "\n")
     ensure_ray()
-    ecfg = EngineConfig(model=a.model_path, max_model_len=2048, enable_lora=False, max_num_seqs=256)
+    ecfg = EngineConfig(model=a.model_path, dtype=a.dtype, max_model_len=2048, enable_lora=False, max_num_seqs=256)
     pool = EnginePool(ecfg, a.model_path, use_gpu=False)
     ray.get(pool.generate(0, ["def f():"], [{"n": 2, "max_tokens": 4}]))  # warm, like bare
     # warm the driver too (imports, tokenizer): bare's process has them loaded before its timer starts
@@ -121,7 +121,7 @@ def run_hf(a) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     tok = AutoTokenizer.from_pretrained(a.model_path)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=getattr(torch, a.dtype)).eval()
     prompts = prompts_for(a.model_path, a.prompts)
     enc = tok(prompts, return_tensors="pt", padding=True)
     out = {}
@@ -144,6 +144,8 @@ def main() -> None:
     p.add_argument("--n", type=int, nargs="+", default=[16, 64])
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (gen/hardware.py: what the engine's "
+                   "auto picks on this CPU); the same for all three contenders")
     p.add_argument("--contenders", nargs="+", default=["bare", "pipeline", "hf"])
     p.add_argument("--exec-compare", action="store_true", default=True)
     p.add_argument("--no-exec-compare", dest="exec_compare", action="store_false")
@@ -153,6 +155,10 @@ def main() -> None:
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.dtype == "auto":
+        from gen.hardware import cpu_dtype
+
+        a.dtype = cpu_dtype()[0]
     if a.variant:
         os.environ.update(cpu_env())
         res = {"bare": run_bare, "pipeline": run_pipeline, "hf": run_hf}[a.variant](a)
@@ -166,7 +172,7 @@ def main() -> None:
         for c in a.contenders:
             cmd = [sys.executable, __file__, "--variant", c, "--model-path", model_path, "--tmp", tmp,
                    "--prompts", str(a.prompts), "--max-tokens", str(a.max_tokens), "--exec-n", str(a.exec_n),
-                   "--exec-max-tokens", str(a.exec_max_tokens), "--n", *map(str, a.n)]
+                   "--exec-max-tokens", str(a.exec_max_tokens), "--dtype", a.dtype, "--n", *map(str, a.n)]
             if not a.exec_compare:
                 cmd.append("--no-exec-compare")
             print(f"== {c} ...", flush=True)
@@ -178,7 +184,8 @@ def main() -> None:
                 raise SystemExit(f"{c} failed")
             results[c] = json.loads(line[-1][7:])
             print(f"   {results[c]}", flush=True)
-    print(f"\nmodel={a.model} prompts={a.prompts} max_tokens={a.max_tokens} (ignore_eos) cores={os.cpu_count()}")
+    print(f"\nmodel={a.model} dtype={a.dtype} prompts={a.prompts} max_tokens={a.max_tokens} (ignore_eos) "
+          f"cores={os.cpu_count()}")
     print(f"{'n':>4} " + " ".join(f"{c + ' tok/s':>16}" for c in a.contenders) + "   pipeline/bare   bare/hf")
     for n in map(str, a.n):
         row = [results[c][n]["tok_s"] if c in results else float("nan") for c in a.contenders]
