@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from eval import sequential
 from gen.engine import EngineConfig, EnginePool, ensure_ray
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.run import run_generations
@@ -68,6 +69,15 @@ class EvalConfig:
     # hot-load check applies to whichever runs; the report says which ran and why.
     adapter_mode: str = "auto"
     sequences_per_call: int = 96  # CPU throughput grows with batch size; 3 seeds x 32 problems at k=1
+    # until_decided: after `seeds`, add rounds of `round_seeds` new seeds (every variant, every problem) until each
+    # adapter-vs-base comparison is decided, precise (MDE <= target_mde), futile or at max_seeds, under a stopping
+    # rule that stays valid under optional stopping (eval/sequential.py); the report says how many seeds it took
+    until_decided: bool = False
+    max_seeds: int = 12
+    round_seeds: int = 0  # 0: as many as `seeds` has
+    target_mde: float = 0.0  # pass@1 points as a fraction (0.05 = 5 points); 0: stop only when decided
+    alpha: float = 0.05  # of the until_decided rule (the report's own tests keep report.alpha)
+    power: float = 0.8
     ray_address: str = ""
     progress: bool = True
 
@@ -92,6 +102,21 @@ class EvalConfig:
             raise ValueError(f"eval.split must be one of {SPLITS}, got {self.split!r}")
         if not self.include_base and not self.adapters:
             raise ValueError("eval: nothing to evaluate (include_base=false and no adapters)")
+        if self.until_decided:
+            if not self.include_base or not self.adapters:
+                raise ValueError("eval.until_decided compares adapters with the base: it needs include_base=true and "
+                                 f"at least one adapter (include_base={self.include_base}, adapters={self.adapters})")
+            if self.max_seeds <= len(self.seeds):
+                raise ValueError(f"eval.max_seeds={self.max_seeds} leaves no room to add seeds after eval.seeds "
+                                 f"({len(self.seeds)}): raise it or turn eval.until_decided off")
+        if self.round_seeds < 0:
+            raise ValueError(f"eval.round_seeds must be >= 0 (0 = len(eval.seeds)), got {self.round_seeds}")
+        if not 0 <= self.target_mde < 1:
+            raise ValueError(f"eval.target_mde must be in [0, 1) (a pass@1 difference), got {self.target_mde}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"eval.alpha must be in (0, 1), got {self.alpha}")
+        if not 0 < self.power < 1:
+            raise ValueError(f"eval.power must be in (0, 1), got {self.power}")
         for a in self.adapters:
             if not os.path.isfile(os.path.join(a, "adapter_config.json")):
                 raise ValueError(f"eval.adapters: {a!r} is not a PEFT adapter folder (no adapter_config.json)")
@@ -342,6 +367,8 @@ class EvalResult:
     leakage: list[dict[str, Any]] = field(default_factory=list)  # what the guard compared, per adapter
     hot_load: list[dict[str, Any]] = field(default_factory=list)  # the hot-load check, per adapter
     serving: dict[str, str] | None = None  # how the adapters were served (adapter_mode) and why; None: no adapter
+    until_decided: dict[str, Any] | None = None  # eval.until_decided's looks and stops (eval/sequential.record)
+    seeds: list[int] = field(default_factory=list)  # every seed evaluated (until_decided adds to eval.seeds)
 
 
 def _seed_runs(cfg: EvalConfig, label: str, path: str | None) -> list[GenConfig]:
@@ -452,6 +479,8 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     dirs: dict[str, list[str]] = {}
     hot_load: list[dict[str, Any]] = []
     serving: dict[str, str] | None = None
+    looks: list = []
+    seeds = list(cfg.seeds)
     try:
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
@@ -459,25 +488,65 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         mode, why = resolve_adapter_mode(cfg, pool.mixed_lora_batches, problems)
         if cfg.adapters:
             print(f"eval: adapters served {mode} ({why})")
-        if cfg.schedule == "one_pass" and mode == "lora" and pool.mixed_lora_batches:
-            _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load)
-        else:
-            _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load, mode)
+        new = list(cfg.seeds)
+        while new:
+            part = replace(cfg, seeds=new, until_decided=False)  # this round's seeds
+            if cfg.schedule == "one_pass" and mode == "lora" and pool.mixed_lora_batches:
+                _eval_all_variants_in_one_pass(part, engine_cfg, pool, model_path, variants, dirs, hot_load)
+            else:
+                _eval_variant_by_variant(part, engine_cfg, pool, model_path, variants, dirs, hot_load, mode)
+            if not cfg.until_decided:
+                break
+            # a comparison that stopped keeps the decision of the look where it stopped (the rule's guarantee is
+            # about that look); later rounds, run for the others, do not reopen it
+            stopped = {d.adapter: d for d in (looks[-1] if looks else []) if d.stop is not None}
+            looks.append([stopped.get(d.adapter, d) for d in _look(cfg, dirs, len(looks) + 1, len(seeds))])
+            for d in looks[-1]:
+                print(f"eval: {sequential.words(d)}")
+            if all(d.stop is not None for d in looks[-1]):
+                break
+            new = sequential.next_seeds(seeds, cfg.round_seeds or len(cfg.seeds), cfg.max_seeds)
+            seeds += new
         serving = {"adapter_mode": mode, "why": why} if cfg.adapters else None
     finally:
         if own_pool and pool is not None:
             pool.shutdown()
         if started_ray and own_pool:
             ray.shutdown()
+    record = None
+    if cfg.until_decided:
+        record = sequential.record(looks, cfg.alpha, cfg.power, cfg.target_mde, cfg.max_seeds,
+                                   cfg.round_seeds or len(cfg.seeds))
     rep = None
     if report:
         from eval.report import build_report, render_terminal, write_report
 
         rep = build_report([d for ds in dirs.values() for d in ds], warnings=guard_warnings, leakage=leakage)
         add_serving(rep, hot_load, serving)
+        if record is not None:
+            add_until_decided(rep, record)
         write_report(rep, join_uri(cfg.out, "report"))
         print(render_terminal(rep))
-    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage, hot_load, serving)
+    return EvalResult(cfg.out, dirs, rep, guard_warnings, leakage, hot_load, serving, record, seeds)
+
+
+def _look(cfg: EvalConfig, dirs: dict[str, list[str]], look: int, seeds: int) -> list:
+    """Every adapter-vs-base comparison over all seeds so far, decided at this look (eval/sequential.py)."""
+    from eval.report import build_report
+
+    rep = build_report([d for ds in dirs.values() for d in ds])
+    return [sequential.decide(c, look, seeds, cfg.alpha, cfg.power, cfg.target_mde, cfg.max_seeds)
+            for c in rep["comparisons"]]
+
+
+def add_until_decided(rep: dict[str, Any], record: dict[str, Any]) -> None:
+    """The until_decided section (sequential.record), and status lines first: the valid decision of each
+    comparison, and that the fixed-sample numbers below it ignore the optional stopping."""
+    rep["until_decided"] = record
+    lines = [sequential.words(sequential.Decision(**d)) for d in record["final"]]
+    lines.append("until_decided: the seed count was chosen by the data; the decision above is valid under that "
+                 "optional stopping, the fixed-sample p-values and CIs below are not (they are optimistic)")
+    rep["status"] = lines + rep["status"]
 
 
 def add_serving(rep: dict[str, Any], hot_load: list[dict[str, Any]], serving: dict[str, str] | None) -> None:

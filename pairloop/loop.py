@@ -306,7 +306,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     import ray
 
     from eval.report import build_report, render_terminal, write_report
-    from eval.run import add_serving, adapter_label, result_dirs, run_eval
+    from eval.run import add_serving, add_until_decided, adapter_label, result_dirs, run_eval
     from gen.engine import EnginePool, ensure_ray
     from gen.model_source import resolve_model
     from gen.run import print_summary, run_generation
@@ -347,7 +347,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         log.mark(name, ident, outputs, time.perf_counter() - t0, {**info, **({"alias": alias} if alias else {})})
 
     # the base eval serves no adapter: how adapters are served (eval.adapter_mode) is not part of its identity
-    base_eval = replace(c.eval, adapters=[], include_base=True, adapter_mode="lora")
+    # nor is until_decided (it needs adapters to compare; the adapter eval adds its seeds to the base's too)
+    base_eval = replace(c.eval, adapters=[], include_base=True, adapter_mode="lora", until_decided=False)
     adapter_eval = None  # built once the adapter exists (EvalConfig checks its folder)
 
     def eval_base() -> None:
@@ -371,7 +372,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     def eval_adapter() -> dict[str, Any]:
         res = run_eval(adapter_eval, c.engine, pool=engines(), report=False)
         # kept for the report (and its rebuilds)
-        return {"warnings": res.warnings, "leakage": res.leakage, "hot_load": res.hot_load, "serving": res.serving}
+        return {"warnings": res.warnings, "leakage": res.leakage, "hot_load": res.hot_load, "serving": res.serving,
+                "until_decided": res.until_decided, "seeds": res.seeds}
 
     arms = dict(c.arms) or {"": (c.pairs, c.train)}
     named = lambda what, arm: f"{what}:{arm}" if arm else what  # noqa: E731
@@ -400,13 +402,16 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    dirs = [d for ds in result_dirs(adapter_eval).values() for d in ds]
     guard = log.state["stages"]["eval_adapter"]
+    seeds = guard.get("seeds") or adapter_eval.seeds  # until_decided may have added seeds
+    dirs = [d for ds in result_dirs(replace(adapter_eval, seeds=seeds, until_decided=False)).values() for d in ds]
     labels = [adapter_label(t.out) for _, t in arms.values()]
     between = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]  # arm vs arm, beside each vs base
     report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []),
                           between=between)
     add_serving(report, guard.get("hot_load", []), guard.get("serving"))
+    if guard.get("until_decided"):
+        add_until_decided(report, guard["until_decided"])
     report_dir = join_uri(c.loop.out, "report")
     write_report(report, report_dir)
     from pairloop import summary

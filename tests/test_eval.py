@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -588,4 +589,43 @@ def test_one_pass_over_every_variant_where_engines_mix_lora_batches(engine_pool,
     for label in apart.result_dirs:
         for a, b in zip(apart.result_dirs[label], together.result_dirs[label]):
             assert _completions(a) == _completions(b), label
+    assert engine_pool.loras == {}
+
+
+def test_until_decided_adds_seeds_in_rounds_and_each_look_decides_on_the_seeds_so_far(
+        engine_pool, engine_config, adapters, toy_problems, tmp_path, monkeypatch):
+    from eval import sequential
+    from eval.report import build_report
+
+    real = sequential.decide
+    # first: the real rule's decisions at every look, on the data that look had
+    cfg = _eval_cfg(tmp_path / "real", toy_problems, adapters=[str(adapters["v1"])], seeds=[0], k=2,
+                    until_decided=True, round_seeds=1, max_seeds=3, adapter_mode="lora",
+                    allow_unknown_provenance=True, allow_foreign_adapter=True)
+    res = run_eval(cfg, engine_config, pool=engine_pool)
+    rec = res.report["until_decided"]
+    label = adapter_label(str(adapters["v1"]))
+    assert res.seeds == list(range(len(rec["looks"]))) and rec["seeds_used"] == len(res.seeds)
+    for r, (look,) in enumerate(rec["looks"], start=1):
+        dirs = [d for ds in res.result_dirs.values() for d in ds[:r]]  # seeds 0..r-1 of every variant
+        (c,) = build_report(dirs)["comparisons"]
+        want = real(c, r, r, cfg.alpha, cfg.power, cfg.target_mde, cfg.max_seeds)
+        assert look == {**sequential.asdict(want)}
+        assert (look["stop"] is None) == (r < len(rec["looks"]))  # it went on exactly while undecided
+    assert rec["final"][0]["stop"] in sequential.STOP_REASONS
+    assert res.report["status"][0].startswith(f"until_decided: {label} vs ")
+    assert "fixed-sample p-values and CIs below are not" in res.report["status"][1]
+
+    # then: a rule that never decides runs to the budget, adding one seed per round to every variant
+    monkeypatch.setattr(sequential, "decide", lambda c, look, seeds, *a: replace(
+        real(c, look, seeds, *a), stop="budget" if seeds >= cfg.max_seeds else None))
+    res = run_eval(replace(cfg, out=str(tmp_path / "budget")), engine_config, pool=engine_pool)
+    rec = res.report["until_decided"]
+    assert res.seeds == [0, 1, 2] and [look[0]["seeds"] for look in rec["looks"]] == [1, 2, 3]
+    assert rec["final"][0]["stop"] == "budget"
+    for dirs in res.result_dirs.values():
+        t = pa.concat_tables(ShardStore(d).read_table() for d in dirs)
+        assert sorted(set(t.column("run_seed").to_pylist())) == [0, 1, 2]
+        assert t.num_rows == 6 * 2 * 3  # 6 toy problems x k x seeds
+    assert {v["label"] for v in res.report["variants"]} == {Path(engine_config.model).name, label}
     assert engine_pool.loras == {}
