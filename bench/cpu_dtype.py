@@ -87,13 +87,17 @@ def hf_probe(model_path: str) -> list[float]:
     return token_logprobs(model, tok(PROBE_TEXT, add_special_tokens=False)["input_ids"])
 
 
+def train_speed_cmd(model: str, steps: int, max_length: int, precision: str, json_path: str) -> list[str]:
+    """bench/train_speed.py for one precision, train/'s default settings only, its result written to json_path."""
+    return [sys.executable, str(ROOT / "bench/train_speed.py"), "--model", model, "--steps", str(steps),
+            "--max-length", str(max_length), "--precision", precision, "--variants", "defaults", "--json", json_path]
+
+
 def train_speed(a) -> dict:
     out = {}
     for precision in ("float32", "bf16-autocast"):
         with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, str(ROOT / "bench/train_speed.py"), "--model", a.model, "--steps",
-                   str(a.train_steps), "--max-length", str(a.train_max_length), "--precision", precision,
-                   "--json", f"{d}/r.json"]
+            cmd = train_speed_cmd(a.model, a.train_steps, a.train_max_length, precision, f"{d}/r.json")
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 out[precision] = {"error": (p.stderr or p.stdout)[-400:]}

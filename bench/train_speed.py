@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/train_speed.py                         # default model, this machine's CPU or GPU
     .venv/bin/python bench/train_speed.py --max-length 256 --batch-size 2 --steps 4 --model default
+    .venv/bin/python bench/train_speed.py --precision float32 bf16-autocast --variants defaults   # per precision
 
-Each variant runs in its own process (so peak RSS is its own): train/'s defaults (gradient checkpointing on), then
-gradient checkpointing off, then precomputed reference log-probs. Synthetic code pairs are sized to fill
+Each variant runs in its own process (so peak RSS is its own), for each --precision (default: what `auto` picks
+here): train/'s defaults (gradient checkpointing on), then gradient checkpointing off, then precomputed reference
+log-probs (--variants picks among defaults, no-gc, precompute). Synthetic code pairs are sized to fill
 --max-length tokens. The first optimizer step (allocations, lazy init) is excluded from the rate.
 """
 
@@ -53,7 +55,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    from train.dpo import TrainConfig, base_model, build_trainer
+    from train.dpo import TrainConfig, base_model, build_trainer, training_precision
 
     load, ident = base_model(args.model)
     tok = AutoTokenizer.from_pretrained(load)
@@ -62,7 +64,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(
         pairs=("synthetic",), out="unused", model=args.model, max_steps=args.steps, batch_size=args.batch_size,
         grad_accum=1, max_length=args.max_length, gradient_checkpointing=args.gc,
-        precompute_ref_log_probs=args.precompute, learning_rate=5e-6,
+        precompute_ref_log_probs=args.precompute, learning_rate=5e-6, precision=args.precision,
     )
     stamps: list[float] = []
 
@@ -86,48 +88,70 @@ def run_variant(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "max_length": args.max_length, "mean_seq_tokens": round(sum(lengths) / len(lengths), 1),
         "batch_size": args.batch_size, "steps": args.steps, "gradient_checkpointing": args.gc,
-        "precompute_ref_log_probs": args.precompute, "setup_s": round(t_setup, 1),
+        "precompute_ref_log_probs": args.precompute, "precision": training_precision(cfg)[0],
+        "setup_s": round(t_setup, 1),
         "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
         "peak_rss_gib": round(peak_rss_gib, 2), "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
     }
 
 
-def main() -> int:
+VARIANTS = {"defaults": (1, 0), "no-gc": (0, 0), "precompute": (0, 1)}  # (gradient checkpointing, precompute ref)
+
+
+def parser() -> argparse.ArgumentParser:
+    from train.dpo import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
+    p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
+                   help="train.precision values to compare (each with every variant)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--json", default="", help="write the results here (one variant and precision: that result)")
     p.add_argument("--gc", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--precompute", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = parser().parse_args()
+    if args.steps < 2:
+        raise SystemExit(f"--steps must be >= 2 (the first step is not timed), got {args.steps}")
     if args.gc is not None:  # child: one variant, one JSON line
-        args.gc, args.precompute = bool(args.gc), bool(args.precompute)
+        args.gc, args.precompute, args.precision = bool(args.gc), bool(args.precompute), args.precision[0]
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return 0
     from gen.model_source import resolve_model
 
     resolve_model(args.model)  # build/fetch once, before the timed children
     results = []
-    for gc, pre in ((1, 0), (0, 0), (0, 1)):
-        cmd = [sys.executable, __file__, "--model", args.model, "--max-length", str(args.max_length),
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--gc", str(gc), "--precompute", str(pre)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"variant gc={gc} precompute={pre} failed (exit {proc.returncode})")
-        r = json.loads(line[len("RESULT "):])
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    for precision in args.precision:
+        for variant in args.variants:
+            gc, pre = VARIANTS[variant]
+            cmd = [sys.executable, __file__, "--model", args.model, "--max-length", str(args.max_length),
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--precision", precision,
+                   "--gc", str(gc), "--precompute", str(pre)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"variant {variant} precision {precision} failed (exit {proc.returncode})")
+            r = json.loads(line[len("RESULT "):])
+            r["variant"], r["precision_asked"] = variant, precision
+            results.append(r)
+            print(json.dumps(r), flush=True)
     base = results[0]["pairs_per_s"]
-    print(f"\n{'variant':<44}{'pairs/s':>9}{'s/step':>8}{'vs default':>11}{'peak RSS GiB':>14}")
+    print(f"\n{'precision':<15}{'variant':<44}{'pairs/s':>9}{'s/step':>8}{'vs first':>9}{'peak RSS GiB':>14}")
     for r in results:
         gc, pre = r["gradient_checkpointing"], r["precompute_ref_log_probs"]
         name = f"grad ckpt {'on ' if gc else 'off'}, precompute ref {'on' if pre else 'off'}"
         ratio = r["pairs_per_s"] / base
-        print(f"{name:<44}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>10.2f}x{r['peak_rss_gib']:>14.2f}")
+        print(f"{r['precision']:<15}{name:<44}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>8.2f}x"
+              f"{r['peak_rss_gib']:>14.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0
 
 

@@ -1,0 +1,33 @@
+"""bench/ scripts that call each other agree on their command lines (no timing here: bench/ measures, tests don't)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16-autocast"])
+def test_cpu_dtype_calls_train_speed_with_arguments_it_accepts(precision):
+    cpu_dtype, train_speed = load("cpu_dtype"), load("train_speed")
+    cmd = cpu_dtype.train_speed_cmd("default", 3, 512, precision, "/tmp/r.json")
+    assert Path(cmd[1]) == ROOT / "bench" / "train_speed.py"
+    args = train_speed.parser().parse_args(cmd[2:])
+    assert args.precision == [precision] and args.variants == ["defaults"] and args.json == "/tmp/r.json"
+    assert (args.steps, args.max_length) == (3, 512)
+
+
+def test_train_speed_refuses_an_unknown_precision(capsys):
+    with pytest.raises(SystemExit) as e:
+        load("train_speed").parser().parse_args(["--precision", "fp8"])
+    assert e.value.code == 2 and "fp8" in capsys.readouterr().err
