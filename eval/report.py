@@ -361,6 +361,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ] + _power_notes(report) + ([""] if _power_notes(report) else [])
         out += [f"**{c['sentence']}**" + "\n" for c in report["comparisons"]]
+        out += _until_decided_lines(report)
         for c in report["comparisons"]:
             dec = c["decomposition"]
             cats = list(dict.fromkeys(
@@ -397,6 +398,32 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"(only INFRA_ERROR on one side): {c['excluded_problems'][:10]}"
             )
     return "\n".join(out).rstrip() + "\n"
+
+
+def _until_decided_lines(report: dict[str, Any]) -> list[str]:
+    """eval.until_decided's looks (eval/sequential.py): the interval each look used, and where each stopped."""
+    rec = report.get("until_decided")
+    if not rec:
+        return []
+    rows = []
+    for look in rec["looks"]:
+        for d in look:
+            iv = f"[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}]" if d["interval"] else "undefined"
+            mde = f"{100 * d['mde_look']:.1f}" if d["mde_look"] is not None else "-"
+            rows.append([f"`{d['adapter']}`", str(d["look"]), str(d["seeds"]), f"{1 - d['alpha_look']:.4f}",
+                         f"{d['delta']:+.4f}", iv, mde, d["stop"] or "go on"])
+    return [
+        "### until_decided: the seeds it took",
+        "",
+        f"Rounds of {rec['round_seeds']} seed(s) until each comparison stopped (max {rec['max_seeds']} seeds, target "
+        f"MDE {100 * rec['target_mde']:.1f} points; 0 = none). Look r tests at level 1 - alpha_r, alpha_r = alpha x "
+        f"6 / (pi^2 r^2) (alpha {rec['alpha']:g}), with a t quantile: valid however the data chose when to stop. A "
+        "comparison that stopped keeps its look's decision. The fixed-sample p-values and CIs above ignore the "
+        "stopping.",
+        "",
+        _markdown_table(["adapter", "look", "seeds", "level", "delta", "interval", "MDE (points)", "stop"], rows),
+        "",
+    ]
 
 
 def render_terminal(report: dict[str, Any]) -> str:

@@ -114,3 +114,16 @@ def test_until_decided_bad_input_is_named(tmp_path):
         EvalConfig(round_seeds=-1)
     with pytest.raises(ValueError, match="eval.alpha"):
         EvalConfig(alpha=0.0)
+
+
+def test_the_markdown_report_lists_every_look(tmp_path):
+    from eval.report import _until_decided_lines
+
+    c = comparison(delta=0.05, se=0.015)  # 3.3 SE: decided at look 2 (t 2.81)
+    looks = [[sequential.decide(comparison(0.0, 0.03), 1, 3, 0.05, 0.8, 0.0, 12)],
+             [sequential.decide(c, 2, 6, 0.05, 0.8, 0.0, 12)]]
+    rec = sequential.record(looks, 0.05, 0.8, 0.0, 12, 3)
+    lines = _until_decided_lines({"until_decided": rec})
+    rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| `a`")]
+    assert len(rows) == 2 and rows[0].endswith("| go on |") and rows[1].endswith("| decided |")
+    assert _until_decided_lines({}) == []
