@@ -27,6 +27,10 @@ The eval stops when every comparison has stopped. Rounds add whole seeds (every 
 seed keeps a per-seed pass@1 and results stay ordinary eval results; it does not steer samples toward the
 problems where variants disagree (that would leave seeds without every problem).
 
+Each round is an ordinary eval pass over its new seeds (eval/run.py): adapters are loaded and checked again per
+round (a hot-load, or in merged mode one more engine start per round), and every round's rows are plain eval
+results, so a report rebuilt from the folders shows every seed.
+
 Pure functions over report comparisons: no engine, no Ray.
 """
 
