@@ -43,9 +43,14 @@ class ReportConfig:
     bootstrap_seed: int = 0  # the CI is a function of the results and this seed
     ci_level: float = 0.95
     alpha: float = 0.05  # "beyond noise": the paired permutation test's p < alpha
+    # (reference, other) variant labels compared with each other too, after every variant against the base
+    between: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         self.compare_options()  # validates bootstrap_samples, ci_level, alpha (names them)
+        for pair in self.between:
+            if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+                raise ValueError(f"report between: {pair!r} must name two different variants (REFERENCE:OTHER)")
 
     def compare_options(self) -> stats.CompareOptions:
         return stats.CompareOptions(self.bootstrap_samples, self.bootstrap_seed, self.ci_level, self.alpha)
@@ -507,6 +512,6 @@ def default_out(first: str | os.PathLike) -> str:
 
 def run(results: Sequence[str], config: ReportConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """Rebuild a report from results folders (or .parquet files); returns (report, written paths)."""
-    report = build_report(list(results), config=config)
+    report = build_report(list(results), config=config, between=config.between)
     paths = write_report(report, config.out or default_out(results[0]))
     return report, paths

@@ -141,9 +141,11 @@ def _report(argv: Sequence[str]) -> int:
     ap.add_argument("--base", default=None, help="reference variant: a model or adapter name (default: adapter null)")
     ap.add_argument("--bootstrap-samples", type=int, default=rep.ReportConfig.bootstrap_samples)
     ap.add_argument("--bootstrap-seed", type=int, default=rep.ReportConfig.bootstrap_seed)
+    ap.add_argument("--between", action="append", default=[], metavar="REFERENCE:OTHER",
+                    help="also compare two variants with each other (e.g. two adapters); repeatable")
     a = ap.parse_args(list(argv))
     config = rep.ReportConfig(out=a.out, base=a.base, bootstrap_samples=a.bootstrap_samples,
-                              bootstrap_seed=a.bootstrap_seed)
+                              bootstrap_seed=a.bootstrap_seed, between=tuple(tuple(b.split(":")) for b in a.between))
     report, paths = rep.run(a.results, config)
     for i in report["inputs"]:
         if i.get("complete") is False:

@@ -215,3 +215,21 @@ def test_png_error_bars_are_the_cis_not_the_seed_std(runs):
         for f in v["failures"].values():
             f["ci"] = None
     assert not (_pixels(report.render_png(narrow_cats)) == png).all()  # and so do the categories' CIs
+
+
+def test_cli_between_compares_two_adapters_with_each_other(runs, tmp_path, capsys):
+    other = tmp_path / "eval" / "lora2.parquet"
+    spec = {s: {f"p{i}": ["PASS" if i < 3 else "NAME_ERROR"] for i in range(10)} for s in (1, 2)}
+    pq.write_table(rows_to_table(results(spec, adapter="lora-2")), other)
+    out = tmp_path / "out"
+    assert cli(["report", *runs, str(other), "--out", str(out), "--between", "lora-1:lora-2"]) == 0
+    saved = json.loads((out / "report.json").read_text())
+    pairs = [(c["base"], c["adapter"]) for c in saved["comparisons"]]
+    assert pairs == [("m", "lora-1"), ("m", "lora-2"), ("lora-1", "lora-2")]
+    # lora-2 - lora-1 per problem: p0 +1, p1, p2 0, p3..p8 -1, p9 -0.5 (lora-1 passes it in seed 2 only)
+    assert saved["comparisons"][2]["delta"] == pytest.approx((1 - 6 - 0.5) / 10)
+    capsys.readouterr()
+    assert cli(["report", *runs, "--out", str(tmp_path / "bad"), "--between", "lora-1"]) == 2
+    assert "REFERENCE:OTHER" in capsys.readouterr().err
+    assert cli(["report", *runs, "--out", str(tmp_path / "bad"), "--between", "lora-1:nope"]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "bad").exists()
