@@ -54,10 +54,12 @@ def test_every_stage_of_both_arms_runs_and_the_report_compares_them(experiment):
     assert {between["base"], between["adapter"]} == set(arm_labels)
     assert f"{between['adapter']} vs {between['base']}" in (out / "report" / "report.md").read_text()
     # the report says how the adapters were served and that each one's hot-load check passed
-    assert report["adapter_serving"] == {"adapter_mode": "lora", "why": "set by eval.adapter_mode"}
+    # (auto: the tiny eval is far below the merged break-even, so the adapters are hot-loaded)
+    assert report["adapter_serving"]["adapter_mode"] == "lora"
+    assert report["adapter_serving"]["why"].startswith("auto: this eval may generate only")
     checks = {h["sha256"]: h for h in report["hot_load"]}
     assert len(checks) == 2 and all(h["mode"] == "lora" and h["max_abs_diff"] <= h["tolerance"] for h in checks.values())
-    assert "adapters served lora: set by eval.adapter_mode" in report["status"]
+    assert any(line.startswith("adapters served lora: auto: ") for line in report["status"])
     # one eval pass: a single eval stage served base and both adapters, each with its own results
     for label in arm_labels + ["base"]:
         assert len(list((out / "eval" / label).glob("seed-*/manifest.json"))) == 2, label  # eval.seeds=[0,1]
