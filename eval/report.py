@@ -120,8 +120,9 @@ def build_report(
 
     `base` (or config.base) names the reference variant; by default the rows with adapter null. `warnings` (a
     weaker check that ran, e.g. the eval leakage guard's) are rendered first; `leakage` is what the eval leakage
-    guard compared, per adapter (eval.run.check_no_train_overlap). `between`: (reference, other) variant label
-    pairs compared with each other too (an experiment's arms), after every variant against the base.
+    guard compared, per adapter (eval.run.check_no_train_overlap). `between` (or config.between): (reference,
+    other) variant label pairs compared with each other too (an experiment's arms), after every variant against
+    the base.
     """
     if isinstance(sources, (str, os.PathLike, pa.Table)):
         sources = [sources]
@@ -134,7 +135,7 @@ def build_report(
     summaries = [stats.summarize_variant(v, options.ci_level) for v in variants]
     comparisons = [stats.compare(ref, v, options) for v in variants if ref is not None and v is not ref]
     by_label = {v.variant.label: v for v in variants}
-    for a, b in between:
+    for a, b in between or config.between:
         missing = [x for x in (a, b) if x not in by_label]
         if missing:
             raise ValueError(f"report: variant(s) {missing} to compare not in the results; have {sorted(by_label)}")
@@ -512,6 +513,6 @@ def default_out(first: str | os.PathLike) -> str:
 
 def run(results: Sequence[str], config: ReportConfig) -> tuple[dict[str, Any], dict[str, str]]:
     """Rebuild a report from results folders (or .parquet files); returns (report, written paths)."""
-    report = build_report(list(results), config=config, between=config.between)
+    report = build_report(list(results), config=config)
     paths = write_report(report, config.out or default_out(results[0]))
     return report, paths

