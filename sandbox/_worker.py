@@ -85,7 +85,6 @@ _MAX_FRAME = 16 << 20  # largest reply a job may send (bigger results are sent a
 # call, ~16 us each on a small frame (measured: 1 MiB 17.6 us vs 64 KiB 1.1 us per write+read of 40 bytes); the
 # protocol reads one per call of the entry point, on both sides. Bigger frames just take more reads.
 _READ_CHUNK = 1 << 16
-_PRECOMPILE_MAX_CHARS = 16 << 10  # programs up to this size are compiled by the fork server (ForkServer.run)
 _BIG_INT = 1 << 64  # ints beyond this travel as hex (JSON's decimal ints are capped at 4300 digits on decode)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -769,24 +768,12 @@ class ForkServer:
     def run(self, program: str, entry_point: str, call_r: int, reply_w: int, cpu_s: float) -> dict:
         page = self.page
         page[:_MSG_AT] = bytes(_MSG_AT)
-        # Compiled here, before the fork, when small: compiling is parsing, never running (str source: no coding
-        # cookie, no codec lookup), and the compiler's scratch memory then is ours rather than ~110 copy-on-write
-        # page faults in every job (measured on HumanEval's references: job CPU 1.4 -> 0.7 ms, ours +0.2-0.4).
-        # What compile raises is the job's to report, as if it had compiled it itself. Larger programs compile in
-        # the job, under its CPU limit: a source of this size compiles in < 0.1 s however it is written.
-        code = compile_error = None
-        if len(program) <= _PRECOMPILE_MAX_CHARS:
-            try:
-                code = compile(program, "<program>", "exec", dont_inherit=True)
-            except Exception as e:  # SyntaxError (+ Indentation/Tab), ValueError (null bytes), Memory/RecursionError
-                compile_error = e
         pid = os.fork()
         if pid == 0:
             try:
-                self._child(program, entry_point, call_r, reply_w, cpu_s, code, compile_error)
+                self._child(program, entry_point, call_r, reply_w, cpu_s)
             finally:
                 os._exit(_EXIT_HARNESS_FELL_THROUGH)
-        code = compile_error = None
         os.close(call_r)  # the job's ends of its channel: held only by the job from now on
         os.close(reply_w)
         wall_killed = self._wait_or_kill(pid)
@@ -895,8 +882,7 @@ class ForkServer:
             return out
 
     # -- in the job process (forked): set up, run the program, answer calls ---------------------------------
-    def _child(self, program: str, entry_point: str, call_r: int, reply_w: int, cpu_s: float, code=None,
-               compile_error: Exception | None = None) -> None:
+    def _child(self, program: str, entry_point: str, call_r: int, reply_w: int, cpu_s: float) -> None:
         page = self.page
         write, read, exit_ = os.write, os.read, os._exit  # bound before the program can patch `os`
         try:
@@ -961,15 +947,12 @@ class ForkServer:
         sys.modules["__candidate__"] = module
         ns = module.__dict__
         ns["__builtins__"] = builtins
-        if code is None and compile_error is None:  # not compiled by the fork server (see run): here, then
-            try:
-                code = compile(program, "<program>", "exec", dont_inherit=True)
-            except BaseException as e:
-                compile_error = e
-        if compile_error is not None:
-            if isinstance(compile_error, (MemoryError, RecursionError)):
-                fail(compile_error, "definition")
-            fail(compile_error, "definition", "SYNTAX_ERROR")  # SyntaxError, IndentationError, TabError, ValueError
+        try:
+            code = compile(program, "<program>", "exec", dont_inherit=True)
+        except (MemoryError, RecursionError) as e:
+            fail(e, "definition")
+        except BaseException as e:  # SyntaxError, IndentationError, TabError, ValueError (null bytes)
+            fail(e, "definition", "SYNTAX_ERROR")
         try:
             exec(code, ns)
         except BaseException as e:

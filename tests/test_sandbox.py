@@ -158,15 +158,9 @@ def test_planted_fault_gets_its_outcome_and_phase(box, name, job, outcome, phase
     ("x = " + "not " * 3000 + "1\n" + SQUARE, Outcome.RECURSION),  # the compiler's own recursion limit
     ("x = " + "-" * 12000 + "1\n" + SQUARE, Outcome.MEMORY),  # the parser's stack: MemoryError
 ])
-@pytest.mark.parametrize("size", ["small", "large"])
-def test_compile_failures_are_the_jobs_whoever_compiles(box, source, outcome, size):
-    # Programs up to worker._PRECOMPILE_MAX_CHARS are compiled by the fork server before the fork, larger ones by
-    # the job: either way what compile raises is the model's, with the same outcome and phase, and the worker
-    # goes on to the next job.
-    if size == "large":
-        padding = "# " + "x" * 98 + "\n"
-        source = padding * (worker._PRECOMPILE_MAX_CHARS // len(padding) + 1) + source
-    assert (len(source) > worker._PRECOMPILE_MAX_CHARS) == (size == "large")
+def test_compile_failures_are_the_jobs(box, source, outcome):
+    # What compile itself raises (the parser's stack, the compiler's recursion limit) is the model's, in phase
+    # definition, and the worker goes on to the next job.
     failed, passed = box.run([Job(source, SQUARE_TEST, "square"), Job(SQUARE, SQUARE_TEST, "square")])
     assert (failed.outcome, failed.phase) == (outcome, Phase.DEFINITION), failed
     assert passed.passed, passed
