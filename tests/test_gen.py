@@ -372,6 +372,21 @@ def test_weak_isolation_when_allowed_is_recorded_and_reported_first(tmp_path, en
     assert any(line.startswith("INFRA_ERROR samples: 0") for line in report["status"])
 
 
+def test_the_report_names_the_engine_dtype_and_what_reduced_precision_costs(first_run):
+    from eval.report import build_report, status_lines
+
+    res, _ = first_run
+    dtype = ShardStore(res.out).read_manifest().identity["engine"]["dtype"]
+    status = build_report([res.out])["status"]
+    assert f"engine dtype: {dtype}" in [line.split(" (")[0] for line in status], status
+    status, _ = status_lines([{"source": "a", "engine_dtype": "float32"}, {"source": "b", "engine_dtype": "bfloat16"}], 0)
+    (line,) = [line for line in status if line.startswith("engine dtype:")]
+    assert line.startswith("engine dtype: bfloat16, float32 (reduced precision") and "need not reproduce" in line
+    status, _ = status_lines([{"source": "a", "engine_dtype": "float32"}], 0)
+    assert "engine dtype: float32" in status
+    assert not any(line.startswith("engine dtype") for line in status_lines([{"source": "a"}], 0)[0])
+
+
 def test_full_isolation_is_recorded_in_the_manifest(first_run):
     res, _ = first_run
     records = ShardStore(res.out).read_manifest().summary["isolation"]
