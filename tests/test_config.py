@@ -180,3 +180,12 @@ def test_seed_config_is_the_experiment_at_reference_scale():
     assert c.gen.problems == "mbpp" and c.gen.split == "all"  # MBPP for training, HumanEval for evaluation
     for p, _ in c.arms.values():  # the pairs' leakage guard is aimed at the eval set, all of it
         assert p.eval_problems == "humaneval" and p.eval_fraction is None
+
+
+def test_demo_engines_run_float32_whatever_the_cpu():
+    # The demo's adapter (24 pairs, 6 steps at lr 2e-5) moves the hot-load probe by L2 ~0.03, far inside what a bf16
+    # engine's noise lets the check resolve (4 x ~0.2): with engine.dtype auto a bf16-capable CPU would refuse the
+    # demo's adapter eval after all the work before it. float32 resolves ~1e-5.
+    from pairloop.loop import loop_configs
+
+    assert loop_configs(["--config", DEMO]).engine.dtype == "float32"
