@@ -183,9 +183,9 @@ def test_seed_config_is_the_experiment_at_reference_scale():
 
 
 def test_demo_engines_run_float32_whatever_the_cpu():
-    # The demo's adapter (24 pairs, 6 steps at lr 2e-5) moves the hot-load probe by L2 ~0.03, far inside what a bf16
-    # engine's noise lets the check resolve (4 x ~0.2): with engine.dtype auto a bf16-capable CPU would refuse the
-    # demo's adapter eval after all the work before it. float32 resolves ~1e-5.
+    # An adapter trained like the demo's (lr 2e-5, a few steps) moved the hot-load probe by L2 ~0.03 (the
+    # experiment's run 1), far inside what a bf16 engine's noise lets the check resolve (4 x ~0.2): with engine.dtype
+    # auto a bf16-capable CPU would refuse the demo's adapter eval after all the work before it. float32: ~1e-5.
     from pairloop.loop import loop_configs
 
     assert loop_configs(["--config", DEMO]).engine.dtype == "float32"
