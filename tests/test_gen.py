@@ -379,7 +379,8 @@ def test_the_report_names_the_engine_dtype_and_what_reduced_precision_costs(firs
     dtype = ShardStore(res.out).read_manifest().identity["engine"]["dtype"]
     status = build_report([res.out])["status"]
     assert f"engine dtype: {dtype}" in [line.split(" (")[0] for line in status], status
-    status, _ = status_lines([{"source": "a", "engine_dtype": "float32"}, {"source": "b", "engine_dtype": "bfloat16"}], 0)
+    mixed = [{"source": "a", "engine_dtype": "float32"}, {"source": "b", "engine_dtype": "bfloat16"}]
+    status, _ = status_lines(mixed, 0)
     (line,) = [line for line in status if line.startswith("engine dtype:")]
     assert line.startswith("engine dtype: bfloat16, float32 (reduced precision") and "need not reproduce" in line
     status, _ = status_lines([{"source": "a", "engine_dtype": "float32"}], 0)
