@@ -10,8 +10,9 @@ problems, 5.6% false decisions at a nominal 5%, tests/test_sequential.py), where
 
 so the chance that *any* look's interval misses the true delta is at most alpha (a union bound over the looks: a
 confidence sequence over discrete looks; as exact as the t interval at each look, a CLT approximation). Stopping
-when an interval excludes 0 is then a level-alpha decision under optional stopping; the fixed-sample p-value and CI of the final report are not (they ignore that the data
-chose when to stop), which the report says in its first lines. The price: look 1 is already stricter than a plain
+when an interval excludes 0 is then a level-alpha decision under optional stopping; the fixed-sample p-value and
+CI of the final report are not (they ignore that the data chose when to stop), which the report says in its first
+lines. The price: look 1 is already stricter than a plain
 test (alpha_1 = 0.61 alpha: z 2.16 instead of 1.96 at alpha 0.05), look 5 uses z 2.82 (a little more as t).
 
 A comparison stops (the first that applies, in this order):
