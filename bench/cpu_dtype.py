@@ -159,8 +159,9 @@ def main() -> None:
     if a.train_steps > 0:
         res["train"] = train_speed(a)
         for k, v in res["train"].items():
-            print(f"DPO {k}: " + (f"{v['s_per_pair']:.2f} s/pair, peak RSS {v.get('peak_rss_gib', 0):.2f} GiB"
-                                  if "s_per_pair" in v else f"failed: {v['error']}"))
+            print(f"DPO {k}: " + (f"{1 / v['pairs_per_s']:.2f} s/pair ({v['s_per_step']:.1f} s/step), peak RSS "
+                                  f"{v['peak_rss_gib']:.2f} GiB" if v.get("pairs_per_s") else
+                                  f"failed: {v.get('error', v)}"))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1, default=str))
 

@@ -294,6 +294,18 @@ class EngineActor:
         os._exit(1)
 
 
+def check_margins(served: Sequence[Sequence[float]], base: Sequence[Sequence[float]],
+                  ref: dict[str, Any]) -> dict[str, float]:
+    """The hot-load check's numbers for the report, of the engine nearest to refusal: the largest token difference
+    from PEFT's adapter log-probs, and the adapter's effect, the engine's residual from it and its noise (L2)."""
+    from gen.probe import measure
+
+    ms = [measure(lp, blp, ref) for lp, blp in zip(served, base)]
+    worst = max(ms, key=lambda m: m["residual"] / max(m["effect"], 1e-30))
+    return {"max_abs_diff": max(m["max_abs_diff"] for m in ms), "effect_l2": worst["effect"],
+            "residual_l2": worst["residual"], "noise_l2": worst["noise"]}
+
+
 class PlacementTimeout(RuntimeError):
     """Ray could not reserve a placement group within the timeout (the cluster lacks, or cannot add, the room)."""
 
@@ -457,14 +469,12 @@ class EnginePool:
         ids = ref["token_ids"]
         with_lora = ray.get([a.prompt_logprobs.remote(ids, lora) for a in self.actors])
         base = ray.get([a.prompt_logprobs.remote(ids, None) for a in self.actors])
-        worst = 0.0
         for i, (lp, blp) in enumerate(zip(with_lora, base)):
             why = compare(lp, blp, ref, tol)
             if why is not None:
                 raise ValueError(f"hot-load check failed on engine {i} for adapter {lora['path']}: {why}")
-            worst = max(worst, max(abs(a - b) for a, b in zip(lp, ref["adapter_logprobs"])))
-        return {"engines": len(self.actors), "tolerance": tol, "max_abs_diff": worst, "tokens": len(ids) - 1,
-                "seconds": round(time.perf_counter() - t0, 3)}
+        return {**check_margins(with_lora, base, ref), "engines": len(self.actors), "tolerance": tol,
+                "tokens": len(ids) - 1, "seconds": round(time.perf_counter() - t0, 3)}
 
     def verify_merged(self, ref: dict[str, Any], base: "EnginePool") -> dict[str, Any]:
         """The same check for an engine serving the adapter merged into its weights: its plain log-probs must match
@@ -480,9 +490,8 @@ class EnginePool:
             why = compare(lp, base_lp, ref, tol)
             if why is not None:
                 raise ValueError(f"merged-adapter check failed on engine {i} ({self.model_path}): {why}")
-        worst = max(abs(a - b) for lp in served for a, b in zip(lp, ref["adapter_logprobs"]))
-        return {"engines": len(self.actors), "tolerance": tol, "max_abs_diff": worst,
-                "tokens": len(ref["token_ids"]) - 1, "seconds": round(time.perf_counter() - t0, 3)}
+        return {**check_margins(served, [base_lp] * len(served), ref), "engines": len(self.actors),
+                "tolerance": tol, "tokens": len(ref["token_ids"]) - 1, "seconds": round(time.perf_counter() - t0, 3)}
 
     def unload_adapter(self, lora: dict) -> None:
         ray.get([a.remove_lora.remote(lora["id"]) for a in self.actors])

@@ -453,6 +453,8 @@ def test_hot_load_check_passes_for_the_adapter_as_trained_and_measures_its_margi
         engine_pool.unload_adapter(lora)
     assert check["engines"] == len(engine_pool) and check["max_abs_diff"] <= check["tolerance"]
     assert check["tokens"] == len(ref["token_ids"]) - 1 > 10
+    # the margins the report prints: the effect reproduced to within half of it, clear of 4x the engine's noise
+    assert 0 <= check["residual_l2"] < check["effect_l2"] / 2 and 4 * check["noise_l2"] < check["effect_l2"]
 
 
 def test_hot_load_check_catches_a_corrupted_adapter_file(engine_pool, adapters, tiny_model, tmp_path):
