@@ -115,6 +115,9 @@ def status_lines(inputs: Sequence[dict[str, Any]], infra_errors: int) -> tuple[l
             line += (" (reduced precision: a sample's completion can depend on which samples shared its batch, so "
                      "a rerun with the same seeds need not reproduce every long completion)")
         status.append(line)
+    no_dtype = [i["source"] for i in inputs if not i.get("engine_dtype")]
+    if no_dtype:  # rows from outside a gen run (pairloop score, an older manifest): say so rather than stay silent
+        status.append(f"engine dtype: not recorded for {len(no_dtype)} input(s) (e.g. {no_dtype[0]})")
     return status, warnings
 
 

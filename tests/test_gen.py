@@ -385,7 +385,7 @@ def test_the_report_names_the_engine_dtype_and_what_reduced_precision_costs(firs
     assert line.startswith("engine dtype: bfloat16, float32 (reduced precision") and "need not reproduce" in line
     status, _ = status_lines([{"source": "a", "engine_dtype": "float32"}], 0)
     assert "engine dtype: float32" in status
-    assert not any(line.startswith("engine dtype") for line in status_lines([{"source": "a"}], 0)[0])
+    assert "engine dtype: not recorded for 1 input(s) (e.g. a)" in status_lines([{"source": "a"}], 0)[0]
 
 
 def test_full_isolation_is_recorded_in_the_manifest(first_run):
