@@ -267,8 +267,8 @@ def hot_load_line(h: dict[str, Any]) -> str:
             f"trained on {h['engines']} engine(s): probe log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
             f"{h['max_abs_diff']:.2g})")
     if h.get("effect_l2"):  # older records lack these
-        line += (f", its effect on the probe reproduced to {h['residual_l2'] / h['effect_l2']:.0%} (L2 residual "
-                 f"{h['residual_l2']:.2g} of {h['effect_l2']:.2g}; engine noise {h['noise_l2']:.2g})")
+        line += (f", its effect on the probe matched with a residual of {h['residual_l2'] / h['effect_l2']:.2%} of it "
+                 f"(L2 {h['residual_l2']:.2g} of {h['effect_l2']:.2g}; engine noise {h['noise_l2']:.2g})")
     return line + f", {h['seconds']:.2f} s"
 
 
@@ -409,8 +409,8 @@ def _check_complete(label: str, cfg: EvalConfig, results, dirs: dict[str, list[s
 def _record_check(hot_load: list, label: str, path: str, mode: str, check: dict[str, Any]) -> None:
     hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check})
     print(f"eval: hot-load check of {label} ({mode}): {check['engines']} engine(s) match PEFT within "
-          f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}), effect reproduced to "
-          f"{check['residual_l2'] / check['effect_l2']:.0%} in {check['seconds']:.2f} s")
+          f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}), residual "
+          f"{check['residual_l2'] / check['effect_l2']:.2%} of the adapter's effect, in {check['seconds']:.2f} s")
 
 
 def _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load) -> None:

@@ -525,7 +525,9 @@ def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(
     res = run_eval(cfg, engine_config, pool=engine_pool)
     (check,) = res.hot_load
     assert check["mode"] == "merged" and check["max_abs_diff"] <= check["tolerance"]
-    assert any(line.startswith("hot-load check (merged)") for line in res.report["status"])
+    (line,) = [line for line in res.report["status"] if line.startswith("hot-load check (merged)")]
+    assert f"(L2 {check['residual_l2']:.2g} of {check['effect_l2']:.2g}" in line  # the margin, not just "passed"
+    assert check["residual_l2"] < check["effect_l2"] / 2
     assert engine_pool.loras == {}  # nothing was hot-loaded into the shared engines
     lora_cfg = _eval_cfg(tmp_path / "lora", toy_problems, adapters=[str(adapters["v1"])], seeds=[0], k=1, limit=3,
                          allow_unknown_provenance=True, allow_foreign_adapter=True)
