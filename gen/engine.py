@@ -294,18 +294,6 @@ class EngineActor:
         os._exit(1)
 
 
-def check_margins(served: Sequence[Sequence[float]], base: Sequence[Sequence[float]],
-                  ref: dict[str, Any]) -> dict[str, float]:
-    """The hot-load check's numbers for the report, of the engine nearest to refusal: the largest token difference
-    from PEFT's adapter log-probs, and the adapter's effect, the engine's residual from it and its noise (L2)."""
-    from gen.probe import measure
-
-    ms = [measure(lp, blp, ref) for lp, blp in zip(served, base)]
-    worst = max(ms, key=lambda m: m["residual"] / max(m["effect"], 1e-30))
-    return {"max_abs_diff": max(m["max_abs_diff"] for m in ms), "effect_l2": worst["effect"],
-            "residual_l2": worst["residual"], "noise_l2": worst["noise"]}
-
-
 class PlacementTimeout(RuntimeError):
     """Ray could not reserve a placement group within the timeout (the cluster lacks, or cannot add, the room)."""
 
@@ -462,7 +450,7 @@ class EnginePool:
     def verify_adapter(self, lora: dict, ref: dict[str, Any]) -> dict[str, Any]:
         """The hot-load check (gen.probe): every engine's probe log-probs under `lora` match the reference and differ
         from its base's. Raises ValueError naming the engine; returns what it measured (for the report)."""
-        from gen.probe import compare, tolerance
+        from gen.probe import check_margins, compare, tolerance
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
@@ -480,7 +468,7 @@ class EnginePool:
         """The same check for an engine serving the adapter merged into its weights: its plain log-probs must match
         PEFT's with the adapter on, and its effect over `base` (engines on the base weights, same dtype) must be
         PEFT's effect: paired, so the dtype's rounding of the base is measured as noise, not taken for the adapter."""
-        from gen.probe import compare, tolerance
+        from gen.probe import check_margins, compare, tolerance
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])

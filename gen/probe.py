@@ -87,6 +87,16 @@ def measure(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: 
     }
 
 
+def check_margins(served: Sequence[Sequence[float]], base: Sequence[Sequence[float]],
+                  ref: dict[str, Any]) -> dict[str, float]:
+    """The hot-load check's numbers for the report, of the engine nearest to refusal: the largest token difference
+    from PEFT's adapter log-probs, and the adapter's effect, the engine's residual from it and its noise (L2)."""
+    ms = [measure(lp, blp, ref) for lp, blp in zip(served, base)]
+    worst = max(ms, key=lambda m: m["residual"] / max(m["effect"], 1e-30))
+    return {"max_abs_diff": max(m["max_abs_diff"] for m in ms), "effect_l2": worst["effect"],
+            "residual_l2": worst["residual"], "noise_l2": worst["noise"]}
+
+
 def compare(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: dict[str, Any],
             tol: float) -> str | None:
     """None when the engine serves the reference adapter; else why not (in words, with the numbers).
