@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sequential", action="store_true", help="one pool at a time (big models: memory)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="engine dtype (auto: what gen.hardware picks for this CPU)")
     a = ap.parse_args()
 
     if len(os.sched_getaffinity(0)) < 2:
@@ -68,7 +70,7 @@ def main() -> int:
     big = a.model in ("default", "qwen2.5-coder-0.5b-instruct")
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
     base = EngineConfig(model=model_path, max_model_len=1024, cpu_kv_cache_gib=1.0 if big else 0.5,
-                        max_num_seqs=64, enable_lora=False)
+                        max_num_seqs=64, enable_lora=False, dtype=a.dtype)
     load0 = os.getloadavg()[0]
     runs = 0
 
@@ -94,10 +96,12 @@ def main() -> int:
                           use_gpu=False)
         print(f"{name}: {engines} engine(s) on cores {[i['cores'] for i in pool.infos]}, "
               f"up in {time.perf_counter() - t0:.0f} s", flush=True)
+        pools_dtype[:] = [pool.engine_kwargs["dtype"]]
         run(pool, name, problems=1)  # warm-up: first batches compile kernels and fault in weights
         return pool
 
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in CONTENDERS}
+    pools_dtype: list[str] = []
     pools = {} if a.sequential else {k: start(k) for k in CONTENDERS}
     try:
         for r in range(a.rounds):
@@ -119,7 +123,7 @@ def main() -> int:
     med = {k: statistics.median(samples / w for w, _ in v) for k, v in results.items()}
     tok = {k: statistics.median(t / w for w, t in v) for k, v in results.items()}
     print(f"\nmodel {a.model}: {a.problems} HumanEval problems x n={a.n} x {a.max_tokens} tokens (ignore_eos), "
-          f"units of {a.samples_per_unit} samples, median of {a.rounds} rounds; "
+          f"dtype {pools_dtype[0] if pools_dtype else a.dtype}, units of {a.samples_per_unit} samples, median of {a.rounds} rounds; "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'contender':<10}{'samples/s':>12}{'tokens/s':>12}")
     for k in CONTENDERS:

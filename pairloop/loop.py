@@ -6,7 +6,8 @@
 One config file, one section per stage (`run:`, `engine:`, `gen:`, `pairs:`, `train:`, `eval:`); the loop fills
 in what ties the stages together (each stage's input is the previous stage's output folder under `run.out`, the
 problem set and its split, the model), so those fields are not set per stage. The engines start once for the whole
-run and serve base eval, gen and the adapter's eval (hot-loaded). Every stage's output is kept; a rerun skips the
+run and serve base eval, gen and the adapter's eval (hot-loaded), unless `run.gen_dtype` gives gen engines of
+another dtype: then gen runs first on its own engines, and the evaluations' engines start after it. Every stage's output is kept; a rerun skips the
 stages that are complete (gen and eval also resume inside a stage, unit by unit).
 """
 
@@ -40,8 +41,18 @@ class LoopConfig:
     # With `arms:`: every arm trains on as many pairs as the arm with the fewest got (its selection is rerun with
     # that count), so a difference between arms is not a difference in data volume.
     equal_pairs: bool = True
+    # The pool's engine dtype, when it should differ from engine.dtype (which the evaluations use): "" = the same.
+    # The pool's numerics enter no comparison (every variant is evaluated by the eval engines, in one dtype), so
+    # gen can take the fast one (`auto`: bf16 where the CPU has native bf16) while the evals stay in float32, which
+    # the hot-load check needs to vouch for a lightly trained adapter (docs/benchmarks.md, "The hot-load check's
+    # resolution"). When the two resolve differently, gen runs before the base eval, so each dtype's engines
+    # start once.
+    gen_dtype: str = ""
 
     def __post_init__(self) -> None:
+        if self.gen_dtype not in ("", "auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"run.gen_dtype must be empty (= engine.dtype) or auto|float32|bfloat16|float16, "
+                             f"got {self.gen_dtype!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"run.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.train_limit < 0 or self.eval_limit < 0:
@@ -323,15 +334,24 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     model_path = resolve_model(c.engine.model)
     started_ray = ensure_ray(c.gen.ray_address or None)  # first: `auto` device and dtype depend on the cluster
     engine_ident = engine_output_identity(c.engine)
-    pool = None
+    gen_engine = replace(c.engine, dtype=c.loop.gen_dtype) if c.loop.gen_dtype else c.engine
+    gen_ident = engine_output_identity(gen_engine)
+    if gen_ident == engine_ident:  # `auto` resolved to engine.dtype's own: one set of engines serves every stage
+        gen_engine = c.engine
+    else:
+        print(f"pairloop run: gen engines run {gen_ident['dtype']} (run.gen_dtype={c.loop.gen_dtype}), the "
+              f"evaluations' {engine_ident['dtype']} (engine.dtype={c.engine.dtype})")
+    pools: dict[str, EnginePool] = {}  # "gen" | "eval" -> its engines; at most one set up at a time
 
-    def engines() -> EnginePool:
-        nonlocal pool
-        if pool is None:
+    def engines(which: str = "eval") -> EnginePool:
+        key = "gen" if which == "gen" and gen_engine is not c.engine else "eval"
+        if key not in pools:
+            for other in list(pools):  # the other dtype's engines: done with (see the stage order below)
+                pools.pop(other).shutdown()
             t0 = time.perf_counter()
-            pool = EnginePool(c.engine, model_path)
-            print(f"pairloop run: {len(pool)} engine(s) up in {time.perf_counter() - t0:.0f} s")
-        return pool
+            pools[key] = EnginePool(gen_engine if key == "gen" else c.engine, model_path)
+            print(f"pairloop run: {len(pools[key])} {key} engine(s) up in {time.perf_counter() - t0:.0f} s")
+        return pools[key]
 
     def stage(name: str, title: str, cfg: Any, inputs, outputs, body, alias: str | None = None) -> None:
         """Run `body` unless the log holds this stage with the same identity. Each call below is made after the
@@ -355,7 +375,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
         run_eval(base_eval, c.engine, pool=engines(), report=False)
 
     def gen() -> dict[str, Any]:
-        res = run_generation(c.gen, c.engine, pool=engines())
+        res = run_generation(c.gen, gen_engine, pool=engines("gen"))
         print_summary(res)
         if not res.complete:
             raise RuntimeError(f"gen incomplete: {res.failed_units}")
@@ -379,9 +399,14 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     named = lambda what, arm: f"{what}:{arm}" if arm else what  # noqa: E731
     titled = lambda title, arm: f"{title} [{arm}]" if arm else title  # noqa: E731
     try:
-        stage("eval_base", "1/5 base eval (held-out split)", base_eval, {"engine": engine_ident},
-              [join_uri(c.eval.out, "base")], eval_base)
-        stage("gen", "2/5 gen (train split)", c.gen, {"engine": engine_ident}, [c.gen.out], gen)
+        # gen's engines differ from the evaluations': gen first, then the eval engines start once and stay up
+        gen_first = gen_engine is not c.engine
+        stage_base = lambda i: stage("eval_base", f"{i}/5 base eval (held-out split)", base_eval,  # noqa: E731
+                                     {"engine": engine_ident}, [join_uri(c.eval.out, "base")], eval_base)
+        stage_gen = lambda i: stage("gen", f"{i}/5 gen (train split, engines {gen_ident['dtype']})",  # noqa: E731
+                                    c.gen, {"engine": gen_ident}, [c.gen.out], gen)
+        for i, run_stage in enumerate([stage_gen, stage_base] if gen_first else [stage_base, stage_gen], 1):
+            run_stage(i)
         pool_ident = {"gen_manifest": file_sha256(join_uri(c.gen.out, MANIFEST_NAME))}
         for arm, (pcfg, _) in arms.items():
             stage(named("pairs", arm), titled("3/5 pairs", arm), pcfg, pool_ident, [pcfg.out], lambda p=pcfg: pairs(p))
@@ -398,8 +423,8 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
               {"engine": engine_ident, **({"adapter": shas[0]} if len(shas) == 1 else {"adapters": shas})},
               [join_uri(c.eval.out, adapter_label(a)) for a in adapters], eval_adapter)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        for p in pools.values():
+            p.shutdown()
         if started_ray:
             ray.shutdown()
     guard = log.state["stages"]["eval_adapter"]

@@ -68,7 +68,7 @@ def build(command: str, log_state: dict[str, Any], gen_out: str, arms: dict[str,
         "stages": {k: v.get("seconds") for k, v in log_state.get("stages", {}).items()},
         "pool": {**{k: gen.get("summary", {}).get(k) for k in (
             "rows", "pass_rate", "outcomes", "infra_errors", "problems", "problems_pass_and_fail", "usable_problems",
-            "usable_pairs", "tokens", "tokens_per_usable_pair", "policy")}, "digest": pool_digest(gen_out)},
+            "usable_pairs", "tokens", "tokens_per_usable_pair", "policy", "engine_dtype")}, "digest": pool_digest(gen_out)},
         "arms": {},
         "report_digest": report_digest(report),
     }
@@ -103,6 +103,8 @@ def render(s: dict[str, Any]) -> str:
     rate = f"{p['pass_rate']:.3f}" if p.get("pass_rate") is not None else "n/a"
     lines += [f"{p['rows']} samples over {p['problems']} problems, pass rate {rate}; problems with >= 1 pass and "
               f">= 1 fail: {p['problems_pass_and_fail']}; INFRA_ERROR: {p['infra_errors']}."]
+    dt = p.get("engine_dtype") or {}
+    lines.append(f"- engine dtype: {dt.get('dtype', 'not recorded')}" + (f" ({dt['why']})" if dt.get("why") else ""))
     for k in ("policy", "usable_problems", "usable_pairs", "tokens", "tokens_per_usable_pair"):
         if p.get(k) is not None:
             lines.append(f"- {k}: {round(p[k], 1) if isinstance(p[k], float) else p[k]}")

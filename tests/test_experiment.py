@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "experiment-cpu.yaml"
 
 # The experiment's own file, shrunk to the tiny model and the 6 toy problems; nothing about its design changes.
-SHRINK = ["engine.dtype=float32", "engine.max_model_len=512", "engine.cpu_kv_cache_gib=0.5",
+SHRINK = ["engine.dtype=float32", "run.gen_dtype=float32", "engine.max_model_len=512", "engine.cpu_kv_cache_gib=0.5",
           "gen.n=8", "gen.first_round=4", "gen.round_size=4", "gen.sampling.max_tokens=64",
           "gen.sampling.temperature=1.0", "gen.sampling.top_p=1.0", "gen.execution.workers=1", "gen.progress=false",
           "pairs.num_pairs=8", "pairs.pass_rate_min=0.0", "pairs.pass_rate_max=1.0", "pairs.length_ratio_min=0.1",

@@ -185,3 +185,41 @@ def test_until_decided_in_the_loop_reruns_only_the_adapter_eval_and_reports_ever
     assert report["status"][0].startswith("until_decided: ")
     md = (out / "report" / "report.md").read_text().splitlines()
     assert next(line for line in md if line.startswith("- ")).startswith("- until_decided: ")
+
+
+def test_gen_dtype_runs_the_pool_on_its_own_engines_and_leaves_the_evaluations_alone(loop_run, capsys):
+    """run.gen_dtype: the pool in another dtype than the evaluations. Gen reruns (its engines' numerics are part of
+    its identity), on engines of that dtype; the base eval is kept and the adapter's eval runs on the eval dtype's
+    engines; the summary says which dtype made the pool."""
+    from pairloop.cli import main
+
+    _, out, cfg = loop_run
+    before = json.loads((out / "loop_state.json").read_text())["stages"]
+    capsys.readouterr()
+    assert main(["run", "--config", str(cfg), "run.gen_dtype=bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    after = json.loads((out / "loop_state.json").read_text())["stages"]
+    assert after["eval_base"] == before["eval_base"]
+    assert after["gen"]["identity"] != before["gen"]["identity"]
+    assert "== 1/5 gen (train split, engines bfloat16)" in printed and "base eval" not in printed
+    # one set of engines per dtype, gen's first, shut down before the evaluations' start
+    assert printed.count("gen engine(s) up") == 1 and printed.count("eval engine(s) up") == 1
+    assert printed.index("gen engine(s) up") < printed.index("eval engine(s) up")
+    gen_manifest = json.loads((out / "gen" / "manifest.json").read_text())
+    assert gen_manifest["identity"]["engine"]["dtype"] == "bfloat16"
+    assert gen_manifest["summary"]["engine_dtype"]["dtype"] == "bfloat16"
+    eval_dtypes = {json.loads(m.read_text())["identity"]["engine"]["dtype"]
+                   for m in (out / "eval").glob("*/seed-*/manifest.json")}
+    assert eval_dtypes == {"float32"}
+    assert "- engine dtype: bfloat16" in (out / "report" / "run.md").read_text()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert not any("bfloat16" in line for line in report["status"])  # every evaluation stayed float32
+
+
+def test_gen_dtype_is_checked(tmp_path, tiny_coder, toy_problems, capsys):
+    from pairloop.cli import main
+
+    cfg = _config(tmp_path, tiny_coder, toy_problems)
+    assert main(["run", "--config", str(cfg), "run.gen_dtype=bf16"]) == 2
+    assert "run.gen_dtype" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
