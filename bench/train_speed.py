@@ -3,6 +3,12 @@
     .venv/bin/python bench/train_speed.py                         # default model, this machine's CPU or GPU
     .venv/bin/python bench/train_speed.py --max-length 256 --batch-size 2 --steps 4 --model default
     .venv/bin/python bench/train_speed.py --precision float32 bf16-autocast --variants defaults   # per precision
+    .venv/bin/python bench/train_speed.py --pairs runs/demo/pairs/pairs.parquet --max-length 768 --shapes 2x2 1x4
+
+--shapes compares micro-batch x gradient-accumulation shapes at the same pairs per optimizer step (the same pairs
+in the same order: TRL's seeded sampler): a micro-batch is padded to its longest sequence, so with real pairs of
+uneven length a smaller one pads less. --pairs takes real pairs (a pairs stage's pairs.parquet, its first rows)
+instead of synthetic ones.
 
 Each variant runs in its own process (so peak RSS is its own), for each --precision (default: what `auto` picks
 here): train/'s defaults (gradient checkpointing on), then gradient checkpointing off, then precomputed reference
@@ -59,11 +65,20 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     load, ident = base_model(args.model)
     tok = AutoTokenizer.from_pretrained(load)
-    n_pairs = args.batch_size * args.steps
-    table = pa.Table.from_pylist(synthetic_pairs(n_pairs, ident["name"], tok, args.max_length))
+    per_step = args.batch_size * args.grad_accum
+    n_pairs = per_step * args.steps
+    if args.pairs:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(args.pairs)
+        if table.num_rows < n_pairs:
+            raise SystemExit(f"--pairs {args.pairs}: {table.num_rows} pairs, {n_pairs} needed for {args.steps} steps")
+        table = table.slice(0, n_pairs)
+    else:
+        table = pa.Table.from_pylist(synthetic_pairs(n_pairs, ident["name"], tok, args.max_length))
     cfg = TrainConfig(
         pairs=("synthetic",), out="unused", model=args.model, max_steps=args.steps, batch_size=args.batch_size,
-        grad_accum=1, max_length=args.max_length, gradient_checkpointing=args.gc,
+        grad_accum=args.grad_accum, max_length=args.max_length, gradient_checkpointing=args.gc,
         precompute_ref_log_probs=args.precompute, learning_rate=5e-6, precision=args.precision,
     )
     stamps: list[float] = []
@@ -80,14 +95,15 @@ def run_variant(args: argparse.Namespace) -> dict:
             len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset
         ]
         trainer.train()
-    steady = (len(stamps) - 1) * args.batch_size / (stamps[-1] - stamps[0])
+    steady = (len(stamps) - 1) * per_step / (stamps[-1] - stamps[0])
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # ru_maxrss is KiB on Linux
     gpu_peak = torch.cuda.max_memory_allocated() / (1 << 30) if torch.cuda.is_available() else None
     return {
         "model": ident["name"], "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "max_length": args.max_length, "mean_seq_tokens": round(sum(lengths) / len(lengths), 1),
-        "batch_size": args.batch_size, "steps": args.steps, "gradient_checkpointing": args.gc,
+        "batch_size": args.batch_size, "grad_accum": args.grad_accum, "pairs": args.pairs or "synthetic",
+        "steps": args.steps, "gradient_checkpointing": args.gc,
         "precompute_ref_log_probs": args.precompute, "precision": training_precision(cfg)[0],
         "setup_s": round(t_setup, 1),
         "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
@@ -104,7 +120,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2, help="pairs per optimizer step when --shapes is not given")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="BxA",
+                   help="micro-batch x gradient accumulation shapes to compare, e.g. 2x2 1x4 (same pairs per step)")
+    p.add_argument("--pairs", default="", help="a pairs.parquet to train on (its first rows) instead of synthetic pairs")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
     p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                    help="train.precision values to compare (each with every variant)")
@@ -112,13 +131,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="", help="write the results here (one variant and precision: that result)")
     p.add_argument("--gc", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--precompute", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     return p
+
+
+def parse_shapes(shapes: list[str] | None, batch_size: int) -> list[tuple[int, int]]:
+    """["2x2", "1x4"] -> [(2, 2), (1, 4)]; every shape must give the same pairs per optimizer step."""
+    if not shapes:
+        return [(batch_size, 1)]
+    out = []
+    for text in shapes:
+        try:
+            b, a = (int(x) for x in text.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {text!r} is not BxA (micro-batch x accumulation), e.g. 2x2") from None
+        if b < 1 or a < 1:
+            raise SystemExit(f"--shapes: {text!r}: both numbers must be >= 1")
+        out.append((b, a))
+    if len({b * a for b, a in out}) != 1:
+        raise SystemExit(f"--shapes {' '.join(shapes)}: every shape must train on the same pairs per optimizer step")
+    return out
 
 
 def main() -> int:
     args = parser().parse_args()
     if args.steps < 2:
         raise SystemExit(f"--steps must be >= 2 (the first step is not timed), got {args.steps}")
+    if args.pairs and not Path(args.pairs).is_file():
+        raise SystemExit(f"--pairs {args.pairs}: no such file")
     if args.gc is not None:  # child: one variant, one JSON line
         args.gc, args.precompute, args.precision = bool(args.gc), bool(args.precompute), args.precision[0]
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
@@ -127,12 +167,14 @@ def main() -> int:
 
     resolve_model(args.model)  # build/fetch once, before the timed children
     results = []
+    shapes = parse_shapes(args.shapes, args.batch_size)
     for precision in args.precision:
-        for variant in args.variants:
+        for variant, (batch, accum) in ((v, s) for v in args.variants for s in shapes):
             gc, pre = VARIANTS[variant]
             cmd = [sys.executable, __file__, "--model", args.model, "--max-length", str(args.max_length),
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--precision", precision,
-                   "--gc", str(gc), "--precompute", str(pre)]
+                   "--batch-size", str(batch), "--grad-accum", str(accum), "--steps", str(args.steps),
+                   "--precision", precision, "--gc", str(gc), "--precompute", str(pre),
+                   *(["--pairs", args.pairs] if args.pairs else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -143,12 +185,13 @@ def main() -> int:
             results.append(r)
             print(json.dumps(r), flush=True)
     base = results[0]["pairs_per_s"]
-    print(f"\n{'precision':<15}{'variant':<44}{'pairs/s':>9}{'s/step':>8}{'vs first':>9}{'peak RSS GiB':>14}")
+    print(f"\n{'precision':<15}{'variant':<52}{'pairs/s':>9}{'s/step':>8}{'vs first':>9}{'peak RSS GiB':>14}")
     for r in results:
         gc, pre = r["gradient_checkpointing"], r["precompute_ref_log_probs"]
-        name = f"grad ckpt {'on ' if gc else 'off'}, precompute ref {'on' if pre else 'off'}"
+        name = (f"grad ckpt {'on ' if gc else 'off'}, precompute ref {'on' if pre else 'off'}, "
+                f"{r['batch_size']}x{r['grad_accum']}")
         ratio = r["pairs_per_s"] / base
-        print(f"{r['precision']:<15}{name:<44}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>8.2f}x"
+        print(f"{r['precision']:<15}{name:<52}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>8.2f}x"
               f"{r['peak_rss_gib']:>14.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))

@@ -31,3 +31,12 @@ def test_train_speed_refuses_an_unknown_precision(capsys):
     with pytest.raises(SystemExit) as e:
         load("train_speed").parser().parse_args(["--precision", "fp8"])
     assert e.value.code == 2 and "fp8" in capsys.readouterr().err
+
+
+def test_train_speed_shapes_compare_the_same_pairs_per_step():
+    parse = load("train_speed").parse_shapes
+    assert parse(["2x2", "1x4", "4X1"], 2) == [(2, 2), (1, 4), (4, 1)]
+    assert parse(None, 3) == [(3, 1)]
+    for bad in (["2x2", "1x3"], ["2by2"], ["0x4"]):
+        with pytest.raises(SystemExit):
+            parse(bad, 2)
