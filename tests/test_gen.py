@@ -432,3 +432,18 @@ def test_engines_run_at_the_drivers_priority_not_rays_worker_niceness(engine_poo
 
     infos = ray.get([a.info.remote() for a in engine_pool.actors])
     assert [i["niceness"] for i in infos] == [os.nice(0)] * len(infos)
+
+
+def test_engine_prefix_caching_setting_reaches_vllm(engine_pool, engine_config, tiny_model):
+    """engine.enable_prefix_caching is vLLM's own setting as the engine resolved it, not just a config field: the
+    session's engine has it on (the default), an engine asked for off has it off."""
+    from dataclasses import replace
+
+    from gen.engine import EnginePool
+
+    assert {i["prefix_caching"] for i in engine_pool.infos} == {True}
+    off = EnginePool(replace(engine_config, enable_prefix_caching=False, enable_lora=False), tiny_model, use_gpu=False)
+    try:
+        assert {i["prefix_caching"] for i in off.infos} == {False}
+    finally:
+        off.shutdown()
