@@ -155,8 +155,9 @@ def test_a_rerun_with_the_same_seeds_reproduces_the_digests(experiment, tmp_path
 
 GPU_CONFIG = ROOT / "configs" / "gpu-experiment.yaml"
 GPU_SCRIPTS = [ROOT / "bench" / "gpu_experiment.sh", ROOT / "bench" / "gpu_stage.sh"]
-# How the GPU run may differ from the CPU one: where it writes, and how much work is in flight (not what is drawn).
-GPU_ONLY = {"loop": {"out"}, "gen": {"out", "inflight_per_engine"}, "eval": {"out", "sequences_per_call"},
+# How the GPU run may differ from the CPU one: where it writes, how much work is in flight, and the numerics its
+# engines run (engine.dtype and run.gen_dtype: bf16 throughout on the GPU), not what is drawn.
+GPU_ONLY = {"loop": {"out", "gen_dtype"}, "gen": {"out", "inflight_per_engine"}, "eval": {"out", "sequences_per_call"},
             "pairs": {"out", "inputs"}, "train": {"out", "pairs"}}
 
 
