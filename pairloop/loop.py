@@ -7,8 +7,8 @@ One config file, one section per stage (`run:`, `engine:`, `gen:`, `pairs:`, `tr
 in what ties the stages together (each stage's input is the previous stage's output folder under `run.out`, the
 problem set and its split, the model), so those fields are not set per stage. The engines start once for the whole
 run and serve base eval, gen and the adapter's eval (hot-loaded), unless `run.gen_dtype` gives gen engines of
-another dtype: then gen runs first on its own engines, and the evaluations' engines start after it. Every stage's output is kept; a rerun skips the
-stages that are complete (gen and eval also resume inside a stage, unit by unit).
+another dtype: then gen runs first on its own engines, and the evaluations' engines start after it. Every stage's
+output is kept; a rerun skips the stages that are complete (gen and eval also resume inside a stage, unit by unit).
 """
 
 from __future__ import annotations
