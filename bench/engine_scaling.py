@@ -54,7 +54,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
-    from gen.engine import EngineConfig, EnginePool
+    from gen.engine import EngineConfig, EnginePool, resolve_dtype
     from gen.model_source import resolve_model
     from gen.config import ExecutionConfig, GenConfig, SamplingConfig
     from gen.run import run_generation
@@ -96,12 +96,10 @@ def main() -> int:
                           use_gpu=False)
         print(f"{name}: {engines} engine(s) on cores {[i['cores'] for i in pool.infos]}, "
               f"up in {time.perf_counter() - t0:.0f} s", flush=True)
-        pools_dtype[:] = [pool.engine_kwargs["dtype"]]
         run(pool, name, problems=1)  # warm-up: first batches compile kernels and fault in weights
         return pool
 
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in CONTENDERS}
-    pools_dtype: list[str] = []
     pools = {} if a.sequential else {k: start(k) for k in CONTENDERS}
     try:
         for r in range(a.rounds):
@@ -123,7 +121,7 @@ def main() -> int:
     med = {k: statistics.median(samples / w for w, _ in v) for k, v in results.items()}
     tok = {k: statistics.median(t / w for w, t in v) for k, v in results.items()}
     print(f"\nmodel {a.model}: {a.problems} HumanEval problems x n={a.n} x {a.max_tokens} tokens (ignore_eos), "
-          f"dtype {pools_dtype[0] if pools_dtype else a.dtype}, units of {a.samples_per_unit} samples, median of {a.rounds} rounds; "
+          f"dtype {resolve_dtype(base, False)[0]}, units of {a.samples_per_unit} samples, median of {a.rounds} rounds; "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'contender':<10}{'samples/s':>12}{'tokens/s':>12}")
     for k in CONTENDERS:

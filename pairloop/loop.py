@@ -336,15 +336,18 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     engine_ident = engine_output_identity(c.engine)
     gen_engine = replace(c.engine, dtype=c.loop.gen_dtype) if c.loop.gen_dtype else c.engine
     gen_ident = engine_output_identity(gen_engine)
-    if gen_ident == engine_ident:  # `auto` resolved to engine.dtype's own: one set of engines serves every stage
-        gen_engine = c.engine
+    # gen's engines differ from the evaluations' (else `auto` resolved to engine.dtype's own and one set of engines
+    # serves every stage): gen runs first, then the eval engines start once and stay up
+    gen_first = gen_ident != engine_ident
+    if not gen_first:
+        gen_engine = c.engine  # gen's own manifest records engine.dtype as set, as without run.gen_dtype
     else:
         print(f"pairloop run: gen engines run {gen_ident['dtype']} (run.gen_dtype={c.loop.gen_dtype}), the "
               f"evaluations' {engine_ident['dtype']} (engine.dtype={c.engine.dtype})")
     pools: dict[str, EnginePool] = {}  # "gen" | "eval" -> its engines; at most one set up at a time
 
     def engines(which: str = "eval") -> EnginePool:
-        key = "gen" if which == "gen" and gen_engine is not c.engine else "eval"
+        key = "gen" if which == "gen" and gen_first else "eval"
         if key not in pools:
             for other in list(pools):  # the other dtype's engines: done with (see the stage order below)
                 pools.pop(other).shutdown()
@@ -399,8 +402,6 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     named = lambda what, arm: f"{what}:{arm}" if arm else what  # noqa: E731
     titled = lambda title, arm: f"{title} [{arm}]" if arm else title  # noqa: E731
     try:
-        # gen's engines differ from the evaluations': gen first, then the eval engines start once and stay up
-        gen_first = gen_engine is not c.engine
         stage_base = lambda i: stage("eval_base", f"{i}/5 base eval (held-out split)", base_eval,  # noqa: E731
                                      {"engine": engine_ident}, [join_uri(c.eval.out, "base")], eval_base)
         stage_gen = lambda i: stage("gen", f"{i}/5 gen (train split, engines {gen_ident['dtype']})",  # noqa: E731
