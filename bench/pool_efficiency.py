@@ -7,8 +7,12 @@
 One process, one EnginePool, two gen runs (gen.run.run_generation) on the same problems (the first --problems of
 HumanEval's train split, as `make demo` uses), with the same budget per problem (gen.n = --budget), seeds and
 sampling: uniform draws the budget for every problem; adaptive spends it in rounds and stops a problem once a
-one-sided binomial test at --confidence puts its pass rate outside the pairs window (gen.policy). Usable problems
-and usable pairs are gen.run.pool_value's (pass rate in the window; pairs = sum of min(passes, fails)).
+one-sided binomial test at --confidence puts its pass rate outside the pairs window (gen.policy); a third run,
+"adaptive+enough", also stops a problem once it holds --enough passes and --enough failures
+(gen.enough_per_side; 0 skips the run). Usable problems and usable pairs are gen.run.pool_value's (pass rate in
+the window; pairs = sum of min(passes, fails, --cap), --cap = pairs.max_pairs_per_problem); "pairs stage" is what
+the pairs stage itself selects from each run (pairs.run, uniform balance, num_pairs unbounded, --cap per problem,
+max_reuse 2, length ratio and dedup as its defaults, leakage-checked against the eval half): the number that counts.
 
 Printed side by side: samples, generated tokens, usable problems and pairs, both per 1,000 tokens, and the
 adaptive/uniform ratios (target >= 1.5x). Then, from the same rows and no engine:
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +50,9 @@ def main() -> int:
     ap.add_argument("--confidence", type=float, default=0.2, help="gen.stop_confidence")
     ap.add_argument("--window", type=float, nargs=2, default=(0.05, 0.95), metavar=("MIN", "MAX"),
                     help="pass-rate window (pairs.pass_rate_min/max)")
+    ap.add_argument("--cap", type=int, default=4, help="pairs.max_pairs_per_problem (configs/experiment-cpu.yaml's)")
+    ap.add_argument("--enough", type=int, default=-1,
+                    help="gen.enough_per_side of the third run (default: --cap; 0: no third run)")
     ap.add_argument("--replay-confidences", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.5, 0.8])
     ap.add_argument("--max-tokens", type=int, default=384, help="as configs/demo.yaml")
     ap.add_argument("--temperature", type=float, default=0.8)
@@ -56,6 +64,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="sandbox workers (0 = all cores)")
     ap.add_argument("--keep", metavar="DIR", help="write the two run folders here and keep them")
     a = ap.parse_args()
+    if a.enough < 0:
+        a.enough = a.cap
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.expanduser("~/.cache/pairloop/vllm"))
@@ -85,13 +95,16 @@ def main() -> int:
     uniform_cfg = GenConfig(out=str(work / "uniform"), **common)
     adaptive_cfg = GenConfig(out=str(work / "adaptive"), policy="adaptive", first_round=a.first_round,
                              round_size=a.round_size, stop_confidence=a.confidence, **common)
+    runs = {"uniform": uniform_cfg, "adaptive": adaptive_cfg}
+    if a.enough:
+        runs["adaptive+enough"] = replace(adaptive_cfg, out=str(work / "adaptive-enough"), enough_per_side=a.enough)
     engine_cfg = EngineConfig(model=model_path, dtype=a.dtype, max_model_len=a.max_model_len,
                               cpu_kv_cache_gib=a.kv_gib, enable_lora=False)
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     pool = EnginePool(engine_cfg, model_path)
     walls = {}
     try:
-        for name, cfg in (("uniform", uniform_cfg), ("adaptive", adaptive_cfg)):
+        for name, cfg in runs.items():
             t0 = time.perf_counter()
             res = run_generation(cfg, engine_cfg, pool=pool)
             walls[name] = time.perf_counter() - t0
@@ -111,67 +124,104 @@ def main() -> int:
             out[r["problem_id"]].append(r)
         return out
 
-    uni, ada = rows(uniform_cfg), rows(adaptive_cfg)
-
-    def value(per_problem: dict[str, int]) -> dict:
-        """pool_value of the first k uniform samples of each problem (k per problem)."""
-        picked = [r for pid, k in per_problem.items() for r in uni[pid][:k]]
-        v = pool_value([r["problem_id"] for r in picked], [r["outcome"] for r in picked],
-                       [r["completion_tokens"] for r in picked], (lo, hi))
-        return {**v, "samples": len(picked)}
+    drawn = {name: rows(cfg) for name, cfg in runs.items()}
+    uni = drawn["uniform"]
 
     def measured(per_problem: dict[str, list[dict]]) -> dict:
         picked = [r for rs in per_problem.values() for r in rs]
         v = pool_value([r["problem_id"] for r in picked], [r["outcome"] for r in picked],
-                       [r["completion_tokens"] for r in picked], (lo, hi))
+                       [r["completion_tokens"] for r in picked], (lo, hi), cap=a.cap)
         return {**v, "samples": len(picked)}
 
-    u, d = measured(uni), measured(ada)
-    mismatched = sum(r["completion"] != uni[pid][r["sample_index"]]["completion"]
-                     for pid, rs in ada.items() for r in rs)
+    def value(per_problem: dict[str, int]) -> dict:
+        """pool_value of the first k uniform samples of each problem (k per problem)."""
+        return measured({pid: uni[pid][:k] for pid, k in per_problem.items()})
+
+    def pairs_stage(name: str, cfg) -> tuple[int, int]:
+        """(pairs, problems) the pairs stage selects from the run (its own rules; --cap per problem)."""
+        from pairs.config import PairsConfig
+        from pairs.run import run as run_pairs
+
+        pc = PairsConfig(inputs=[cfg.out], out=str(work / f"pairs-{name}"), num_pairs=100_000,
+                         max_pairs_per_problem=a.cap, pass_rate_min=lo, pass_rate_max=hi, problems="humaneval",
+                         eval_problems="humaneval", eval_fraction=0.5, split_seed=0, progress=False)
+        try:
+            report = run_pairs(pc)
+        except ValueError as e:  # no pair at all fits
+            print(f"  pairs stage on {name}: {e}", file=sys.stderr)
+            return 0, 0
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(Path(pc.out) / "pairs.parquet", columns=["problem_id"])
+        return t.num_rows, len(set(t.column("problem_id").to_pylist()))
 
     def per_1k(v: dict, key: str) -> float:
         return 1000 * v[key] / v["generated_tokens"] if v["generated_tokens"] else 0.0
 
     def line(label: str, v: dict, wall: float | None = None) -> None:
-        print(f"  {label:<34} {v['samples']:>7} {v['generated_tokens']:>8} {v['usable_problems']:>7} "
+        stage = (f" {v['stage_pairs']:>6} {v['stage_problems']:>5} {1000 * v['stage_pairs'] / v['generated_tokens']:>9.3f}"
+                 if "stage_pairs" in v else f" {'':>6} {'':>5} {'':>9}")
+        print(f"  {label:<40} {v['samples']:>7} {v['generated_tokens']:>8} {v['usable_problems']:>7} "
               f"{v['usable_pairs']:>6} {per_1k(v, 'usable_pairs'):>10.3f} {per_1k(v, 'usable_problems'):>12.3f}"
-              + (f" {wall:>7.0f}" if wall is not None else ""))
+              + stage + (f" {wall:>7.0f}" if wall is not None else ""))
 
     print(f"\nmodel {a.model} (engine.dtype {a.dtype}): {a.problems} HumanEval train problems, budget {a.budget} "
-          f"per problem, T={a.temperature}, max_tokens {a.max_tokens}; window {lo:g}..{hi:g}; adaptive: first "
-          f"round {a.first_round}, rounds of {a.round_size}, confidence {a.confidence:g}")
-    print(f"  {'':<34} {'samples':>7} {'tokens':>8} {'usable':>7} {'pairs':>6} {'pairs/1k':>10} "
-          f"{'problems/1k':>12} {'wall s':>7}")
-    line(f"uniform n={a.budget}", u, walls["uniform"])
-    line("adaptive", d, walls["adaptive"])
-    pr = per_1k(d, "usable_pairs") / per_1k(u, "usable_pairs") if u["usable_pairs"] else float("nan")
-    qr = per_1k(d, "usable_problems") / per_1k(u, "usable_problems") if u["usable_problems"] else float("nan")
-    print(f"  {'ratio adaptive / uniform':<34} {d['samples'] / u['samples']:>7.2f} "
-          f"{d['generated_tokens'] / u['generated_tokens']:>8.2f} {'':>7} {'':>6} {pr:>9.2f}x {qr:>11.2f}x")
-    stopped = defaultdict(int)
-    policy = AdaptivePolicy.of(adaptive_cfg)
-    for pid in ada:
-        stopped[len(ada[pid])] += 1
-    print(f"  adaptive samples per problem: {dict(sorted(stopped.items()))} (count -> problems); "
-          f"{mismatched} of {d['samples']} samples differ from uniform's of the same index")
+          f"per problem, T={a.temperature}, max_tokens {a.max_tokens}; window {lo:g}..{hi:g}, cap {a.cap} pairs "
+          f"per problem; adaptive: first round {a.first_round}, rounds of {a.round_size}, confidence {a.confidence:g}"
+          + (f"; +enough: {a.enough} per side" if a.enough else ""))
+    print(f"  {'':<40} {'samples':>7} {'tokens':>8} {'usable':>7} {'pairs':>6} {'pairs/1k':>10} "
+          f"{'problems/1k':>12} {'stage:pairs':>6} {'probs':>5} {'pairs/1k':>9} {'wall s':>7}")
+    v = {}
+    for name, cfg in runs.items():
+        v[name] = measured(drawn[name])
+        v[name]["stage_pairs"], v[name]["stage_problems"] = pairs_stage(name, cfg)
+        label = f"uniform n={a.budget}" if name == "uniform" else name
+        line(label, v[name], walls[name])
+    u = v["uniform"]
+    for name in runs:
+        if name == "uniform":
+            continue
+        d = v[name]
 
-    print("\n  from uniform's rows, no engine:")
+        def ratio(x: float, y: float) -> str:
+            return f"{x / y:.2f}x" if y else "n/a"
+
+        print(f"  ratio {name} / uniform: samples {d['samples'] / u['samples']:.2f}, tokens "
+              f"{d['generated_tokens'] / u['generated_tokens']:.2f}; pairs/1k {ratio(per_1k(d, 'usable_pairs'), per_1k(u, 'usable_pairs'))}"
+              f", problems/1k {ratio(per_1k(d, 'usable_problems'), per_1k(u, 'usable_problems'))}, pairs stage's pairs/1k "
+              f"{ratio(d['stage_pairs'] / d['generated_tokens'], u['stage_pairs'] / u['generated_tokens'])}")
+    ok = True
+    for name in runs:
+        if name == "uniform":
+            continue
+        ada = drawn[name]
+        per = defaultdict(int)
+        for pid in ada:
+            per[len(ada[pid])] += 1
+        mismatched = sum(r["completion"] != uni[pid][r["sample_index"]]["completion"]
+                         for pid, rs in ada.items() for r in rs)
+        policy = AdaptivePolicy.of(runs[name])
+        replayed = {p: replay(policy, [r["outcome"] for r in uni[p]]) for p in uni}
+        same = replayed == {p: len(rs) for p, rs in ada.items()}
+        ok = ok and same and not mismatched
+        print(f"  {name} samples per problem: {dict(sorted(per.items()))} (count -> problems); {mismatched} of "
+              f"{v[name]['samples']} samples differ from uniform's of the same index; a replay of its settings on "
+              f"uniform's outcomes {'matches' if same else 'DIFFERS FROM'} what it drew")
+
+    print("\n  from uniform's rows, no engine (pool_value only):")
+    d = v["adaptive"]
     cut = max((k for k in range(1, a.budget + 1)
                if value({p: k for p in uni})["generated_tokens"] <= d["generated_tokens"]), default=1)
     line(f"uniform n={cut} (tokens <= adaptive's)", value({p: cut for p in uni}))
-    replayed = {p: replay(policy, [r["outcome"] for r in uni[p]]) for p in uni}
-    line(f"replay c={a.confidence:g} (the run above)", value(replayed))
-    same = replayed == {p: len(rs) for p, rs in ada.items()}
     for fr, rs in dict.fromkeys([(a.first_round, a.round_size), (max(1, a.first_round // 2), a.round_size)]):
         for c in a.replay_confidences:
-            pol = AdaptivePolicy(a.budget, fr, rs, lo, hi, c)
-            line(f"replay first {fr}, rounds {rs}, c={c:g}", value({p: replay(pol, [r["outcome"] for r in uni[p]])
-                                                                    for p in uni}))
-    print(f"  replay of the run's own settings {'matches' if same else 'DIFFERS FROM'} what the adaptive run drew")
+            for k in dict.fromkeys([0, a.enough]):
+                pol = AdaptivePolicy(a.budget, fr, rs, lo, hi, c, k)
+                line(f"replay first {fr}, rounds {rs}, c={c:g}" + (f", enough {k}" if k else ""),
+                     value({p: replay(pol, [r["outcome"] for r in uni[p]]) for p in uni}))
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if same and not mismatched else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -123,6 +123,9 @@ class GenConfig:
     pass_rate_min: float = 0.05
     pass_rate_max: float = 0.95
     stop_confidence: float = 0.5  # adaptive: c of the stopping test; lower stops unanimous problems sooner
+    # adaptive: k > 0 also stops a problem once it holds k passes and k failures a pair may reject (not NO_CODE):
+    # enough for pairs.max_pairs_per_problem = k distinct pairs, so more samples would only add choice. 0 = off
+    enough_per_side: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     seed: int = 0  # run seed; every sample's seed derives from (seed, problem, sample index)
@@ -150,6 +153,11 @@ class GenConfig:
         if not 0.0 <= self.pass_rate_min <= self.pass_rate_max <= 1.0:
             raise ValueError("gen.pass_rate_min/pass_rate_max must satisfy 0 <= min <= max <= 1, got "
                              f"{self.pass_rate_min}, {self.pass_rate_max}")
+        if self.enough_per_side < 0:
+            raise ValueError(f"gen.enough_per_side must be >= 0 (0 = off), got {self.enough_per_side}")
+        if self.enough_per_side and self.policy != "adaptive":
+            raise ValueError(f"gen.enough_per_side={self.enough_per_side} needs gen.policy=adaptive (uniform draws "
+                             "every problem's whole budget)")
         if self.policy == "adaptive":
             if self.first_round > self.n:
                 raise ValueError(f"gen.first_round={self.first_round} is above the budget gen.n={self.n}")

@@ -18,7 +18,11 @@ samples (rounded up to a round boundary); with the window 0.05..0.95:
     c = 0.2: 5   c = 0.5: 14   c = 0.8: 32   c = 0.9: 45   (all-fail: the same, by symmetry)
 
 A problem that has both passes and fails keeps sampling to its budget unless the test puts it outside the window
-(e.g. 1 fail in 60). Small first rounds pay off only with a low c: a test on 4-8 samples cannot be sure of
+(e.g. 1 fail in 60), or, with `gen.enough_per_side` = k > 0, until it holds k passes and k rejectable failures
+(any non-PASS scored outcome but NO_CODE, which pairs excludes by default): "enough". k distinct completions on
+each side are what `pairs.max_pairs_per_problem` = k distinct pairs need at any `pairs.max_reuse`, so the pairs
+stage could not take more pairs from that problem anyway: its further samples would only add choice among rows
+(e.g. a rarer failure category for a balanced selection), which is what stopping gives up. Small first rounds pay off only with a low c: a test on 4-8 samples cannot be sure of
 anything, and what makes stopping early cheap in practice is that models' pass rates cluster at 0 and 1 (most
 unanimous first rounds are truly unanimous problems). bench/pool_efficiency.py measures the trade on a real model
 and replays other confidences on the same samples.
@@ -34,6 +38,7 @@ function of its own outcomes in sample-index order (`replay`). Pure functions an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -43,6 +48,7 @@ from gen.plan import Unit, block_unit, problem_blocks, seed_bases
 POLICIES = ("uniform", "adaptive")
 INFRA_ERROR = "INFRA_ERROR"  # sandbox.Outcome.INFRA_ERROR.value: our fault, no evidence about the problem
 PASS = "PASS"
+NO_CODE = "NO_CODE"  # no program to run: pairs.exclude_outcomes leaves it out of rejected rows by default
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,21 @@ class AdaptivePolicy:
     pass_rate_min: float
     pass_rate_max: float
     confidence: float
+    enough_per_side: int = 0  # > 0: a problem with this many passes and this many rejectable failures stops
 
     @classmethod
     def of(cls, cfg) -> "AdaptivePolicy":
         """From a gen.config.GenConfig with policy=adaptive."""
         return cls(cfg.n, cfg.first_round, cfg.round_size, cfg.pass_rate_min, cfg.pass_rate_max,
-                   cfg.stop_confidence)
+                   cfg.stop_confidence, cfg.enough_per_side)
+
+    def identity(self) -> dict:
+        """The settings that decide what is drawn (a run's identity); enough_per_side only when on, so runs made
+        before it existed keep their identity."""
+        d = dataclasses.asdict(self)
+        if not self.enough_per_side:
+            del d["enough_per_side"]
+        return d
 
     def round_size_after(self, drawn: int) -> int:
         """Size of the round that follows `drawn` samples (0: the budget is spent)."""
@@ -80,10 +95,14 @@ def binomial_tail(m: int, p: float, lo: int, hi: int) -> float:
                         for k in range(lo, hi + 1)))
 
 
-def stop_reason(policy: AdaptivePolicy, drawn: int, passes: int, scored: int) -> str | None:
-    """Why a problem gets no more samples ("budget", "too_easy", "too_hard"), or None: it gets another round."""
+def stop_reason(policy: AdaptivePolicy, drawn: int, passes: int, scored: int, rejectable: int = 0) -> str | None:
+    """Why a problem gets no more samples ("budget", "enough", "too_easy", "too_hard"), or None: another round.
+    `rejectable` counts its failures a pair may reject (scored, not PASS, not NO_CODE)."""
     if drawn >= policy.budget:
         return "budget"
+    k = policy.enough_per_side
+    if k and passes >= k and rejectable >= k:
+        return "enough"
     alpha = 1.0 - policy.confidence
     if scored and binomial_tail(scored, policy.pass_rate_max, passes, scored) < alpha:
         return "too_easy"
@@ -102,14 +121,13 @@ def earliest_stop(policy: AdaptivePolicy) -> int | None:
 def replay(policy: AdaptivePolicy, outcomes: Sequence[str]) -> int:
     """How many samples adaptive draws for a problem whose samples, in index order, have these outcomes (a uniform
     run's rows of it: a sample is the same completion whichever policy asked for it). At most len(outcomes)."""
-    drawn = passes = scored = 0
-    while drawn < len(outcomes) and (drawn == 0 or stop_reason(policy, drawn, passes, scored) is None):
-        size = min(policy.round_size_after(drawn), len(outcomes) - drawn)
-        for o in outcomes[drawn: drawn + size]:
-            scored += o != INFRA_ERROR
-            passes += o == PASS
-        drawn += size
-    return drawn
+    t = Tally()
+    while t.drawn < len(outcomes) and (t.drawn == 0 or t.stop_reason(policy) is None):
+        size = min(policy.round_size_after(t.drawn), len(outcomes) - t.drawn)
+        for o in outcomes[t.drawn: t.drawn + size]:
+            t.count(o)
+        t.drawn += size
+    return t.drawn
 
 
 @dataclass
@@ -117,6 +135,15 @@ class Tally:
     drawn: int = 0  # samples recorded: indices 0..drawn-1
     passes: int = 0
     scored: int = 0  # non-INFRA_ERROR
+    rejectable: int = 0  # scored failures a pair may reject (not NO_CODE)
+
+    def count(self, outcome: str) -> None:
+        self.scored += outcome != INFRA_ERROR
+        self.passes += outcome == PASS
+        self.rejectable += outcome not in (PASS, INFRA_ERROR, NO_CODE)
+
+    def stop_reason(self, policy: AdaptivePolicy) -> str | None:
+        return stop_reason(policy, self.drawn, self.passes, self.scored, self.rejectable)
 
 
 class AdaptivePlan:
@@ -139,12 +166,11 @@ class AdaptivePlan:
         for pid, i, o in zip(problem_ids, sample_indices, outcomes, strict=True):
             t = self.tally[pid]
             t.drawn = max(t.drawn, i + 1)
-            t.scored += o != INFRA_ERROR
-            t.passes += o == PASS
+            t.count(o)
 
     def stop_reason(self, pid: str) -> str | None:
         t = self.tally[pid]
-        return None if t.drawn == 0 else stop_reason(self.policy, t.drawn, t.passes, t.scored)
+        return None if t.drawn == 0 else t.stop_reason(self.policy)
 
     def next_unit(self, block: int) -> Unit | None:
         """The block's next round, or None: every problem of it has stopped."""

@@ -166,12 +166,13 @@ def execute_unit_task(problems, style, unit: Unit, outputs: list[list[dict]], ct
 
 
 def pool_value(problem_ids: Sequence[str], outcomes: Sequence[str], tokens: Sequence[int],
-               window: tuple[float, float] = (0.05, 0.95)) -> dict[str, Any]:
+               window: tuple[float, float] = (0.05, 0.95), cap: int = 0) -> dict[str, Any]:
     """What a pool of samples (one row per entry) is worth for pairs:
 
     usable problems: >=1 pass, >=1 fail, pass rate (PASS / non-INFRA rows) in `window` (pairs' window);
     usable pairs: the sum over usable problems of min(passes, fails), the pairs that use no completion twice (an
-      upper bound on what pairs.max_reuse=1 selects, before pairs' exclusions, length bounds, dedup and caps);
+      upper bound on what pairs.max_reuse=1 selects, before pairs' exclusions, length bounds and dedup), and at
+      most `cap` per problem when cap > 0 (pairs.max_pairs_per_problem);
     tokens per usable pair: every generated token (usable problems' or not) over usable pairs."""
     per = collections.defaultdict(lambda: [0, 0])
     for pid, o in zip(problem_ids, outcomes, strict=True):
@@ -179,7 +180,7 @@ def pool_value(problem_ids: Sequence[str], outcomes: Sequence[str], tokens: Sequ
             per[pid][0 if o == "PASS" else 1] += 1
     lo, hi = window
     usable = [(p, f) for p, f in per.values() if p and f and lo <= p / (p + f) <= hi]
-    pairs = sum(min(p, f) for p, f in usable)
+    pairs = sum(min(p, f, cap) if cap > 0 else min(p, f) for p, f in usable)
     total = int(sum(tokens))
     return {
         "problems_pass_and_fail": sum(1 for p, f in per.values() if p and f),
@@ -286,7 +287,7 @@ def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any]
         "prompt_style": style, "response_prefix": response_prefix,  # as resolved; pairs reads these two
         "seed": cfg.seed, "problems_per_unit": cfg.problems_per_unit, "samples_per_unit": samples_per_unit,
         # adaptive: which samples exist depends on these (uniform: absent, so its identity is as it always was)
-        **({"policy": {"name": cfg.policy, **dataclasses.asdict(AdaptivePolicy.of(cfg))}}
+        **({"policy": {"name": cfg.policy, **AdaptivePolicy.of(cfg).identity()}}
            if cfg.policy != "uniform" else {}),
         "execute": cfg.execution.execute,
         "sandbox_limits": asdict(cfg.execution.limits()) if cfg.execution.execute else None,

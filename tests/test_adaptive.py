@@ -16,8 +16,8 @@ from gen.policy import AdaptivePlan, AdaptivePolicy, binomial_tail, earliest_sto
 from gen.shards import ShardStore
 
 
-def _policy(budget=64, first_round=1, round_size=1, lo=0.05, hi=0.95, c=0.5) -> AdaptivePolicy:
-    return AdaptivePolicy(budget, first_round, round_size, lo, hi, c)
+def _policy(budget=64, first_round=1, round_size=1, lo=0.05, hi=0.95, c=0.5, enough=0) -> AdaptivePolicy:
+    return AdaptivePolicy(budget, first_round, round_size, lo, hi, c, enough)
 
 
 # ---- the stopping rule ---------------------------------------------------------------------------------------
@@ -76,6 +76,38 @@ def test_infra_errors_are_no_evidence():
 def test_a_window_of_everything_never_stops_early():
     assert replay(_policy(budget=50, lo=0.0, hi=1.0, c=0.99), ["PASS"] * 50) == 50
     assert replay(_policy(budget=50, lo=0.0, hi=1.0, c=0.99), ["NO_CODE"] * 50) == 50
+
+
+def test_a_problem_with_enough_of_each_side_stops_and_no_code_is_not_a_side():
+    """gen.enough_per_side=k: k passes and k rejectable failures stop a problem at the end of that round (its
+    pairs quota can be filled from distinct rows); a NO_CODE (pairs never rejects it) or INFRA_ERROR row is no
+    failure for it; k=0 never stops a problem this way."""
+    mixed = ["PASS", "ASSERTION_FAIL"] * 8
+    assert replay(_policy(budget=16, first_round=4, round_size=4, c=0.2, enough=2), mixed) == 4
+    assert stop_reason(_policy(budget=16, enough=2), 4, 2, 4, 2) == "enough"
+    assert replay(_policy(budget=16, first_round=4, round_size=4, c=0.2, enough=3), mixed) == 8  # 2+2 after 4
+    assert replay(_policy(budget=16, first_round=4, round_size=4, c=0.2), mixed) == 16  # off: the window only
+    for filler in ("NO_CODE", "INFRA_ERROR"):
+        wide = _policy(budget=16, first_round=4, round_size=4, lo=0.0, hi=1.0, c=0.2, enough=2)  # no window stop
+        assert replay(wide, ["PASS", filler] * 8) == 16
+    lopsided = ["PASS"] * 3 + ["TYPE_ERROR"] + ["PASS"] * 12  # 1 failure: never enough of that side at k=2
+    assert replay(_policy(budget=16, first_round=4, round_size=4, lo=0.0, hi=1.0, c=0.2, enough=2), lopsided) == 16
+    plan = AdaptivePlan(_policy(budget=16, first_round=4, round_size=4, c=0.2, enough=2), ["a", "b"], 2, 0)
+    plan.observe(["a"] * 4 + ["b"] * 4, [0, 1, 2, 3] * 2, ["PASS", "NAME_ERROR"] * 2 + ["PASS", "NO_CODE"] * 2)
+    assert plan.stopped() == {"a": "enough"}
+    assert [r.problem_id for r in plan.next_unit(0).requests] == ["b"]
+
+
+def test_pool_value_counts_at_most_cap_pairs_per_problem():
+    """pairs.max_pairs_per_problem bounds what a problem gives: with cap 2, a 5-pass/5-fail problem is worth 2."""
+    from gen.run import pool_value
+
+    pids = ["a"] * 10 + ["b"] * 3 + ["c"] * 4
+    outs = ["PASS", "VALUE_ERROR"] * 5 + ["PASS", "PASS", "NAME_ERROR"] + ["PASS"] * 4  # c: all pass, unusable
+    assert pool_value(pids, outs, [1] * 17)["usable_pairs"] == 5 + 1
+    capped = pool_value(pids, outs, [1] * 17, cap=2)
+    assert capped["usable_pairs"] == 2 + 1 and capped["usable_problems"] == 2
+    assert capped["tokens_per_usable_pair"] == 17 / 3
 
 
 def test_a_setting_where_no_problem_can_stop_early_is_flagged():
@@ -172,6 +204,8 @@ def test_a_plan_rebuilt_from_recorded_rows_makes_the_same_decisions():
     ({"policy": "adaptive", "pass_rate_min": 0.9, "pass_rate_max": 0.1}, r"gen.pass_rate_min/pass_rate_max"),
     ({"policy": "adaptive", "samples_per_unit": 4}, r"gen.samples_per_unit=4 is for policy=uniform"),
     ({"policy": "adaptive", "execution": {"execute": False}}, r"needs gen.execution.execute=true"),
+    ({"policy": "adaptive", "enough_per_side": -1}, r"gen.enough_per_side must be >= 0 \(0 = off\), got -1"),
+    ({"enough_per_side": 4}, r"gen.enough_per_side=4 needs gen.policy=adaptive"),
 ])
 def test_config_rejects_bad_adaptive_values(values, msg):
     from pairloop.config import build_config
@@ -196,11 +230,13 @@ def test_adaptive_settings_are_in_the_run_identity_and_uniforms_identity_is_unch
     assert "policy" not in uniform.identity  # so a uniform run resumes into folders written before policies
     ids = {uniform.run_id}
     for change in [{}, {"first_round": 4}, {"round_size": 4}, {"pass_rate_min": 0.1}, {"pass_rate_max": 0.9},
-                   {"stop_confidence": 0.8}]:
+                   {"stop_confidence": 0.8}, {"enough_per_side": 4}]:
         spec = prepare_run(GenConfig(**base, policy="adaptive", **change), engine, tiny_model)
         assert spec.identity["policy"]["name"] == "adaptive"
+        # off, it is not in the identity: adaptive runs made before the setting existed resume
+        assert ("enough_per_side" in spec.identity["policy"]) == bool(change.get("enough_per_side"))
         ids.add(spec.run_id)
-    assert len(ids) == 7
+    assert len(ids) == 8
 
 
 # ---- real engines: the tiny coder ----------------------------------------------------------------------------
