@@ -9,7 +9,7 @@ HumanEval's train split, as `make demo` uses), with the same budget per problem 
 sampling: uniform draws the budget for every problem; adaptive spends it in rounds and stops a problem once a
 one-sided binomial test at --confidence puts its pass rate outside the pairs window (gen.policy); a third run,
 "adaptive+enough", also stops a problem once it holds --enough passes and --enough failures
-(gen.enough_per_side; 0 skips the run). Usable problems and usable pairs are gen.run.pool_value's (pass rate in
+(gen.enough_per_side; 0 skips the run; --runs picks which runs are made). Usable problems and usable pairs are gen.run.pool_value's (pass rate in
 the window; pairs = sum of min(passes, fails, --cap), --cap = pairs.max_pairs_per_problem); "pairs stage" is what
 the pairs stage itself selects from each run (pairs.run, uniform balance, num_pairs unbounded, --cap per problem,
 max_reuse 2, length ratio and dedup as its defaults, leakage-checked against the eval half): the number that counts.
@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--cap", type=int, default=4, help="pairs.max_pairs_per_problem (configs/experiment-cpu.yaml's)")
     ap.add_argument("--enough", type=int, default=-1,
                     help="gen.enough_per_side of the third run (default: --cap; 0: no third run)")
+    ap.add_argument("--runs", nargs="+", default=["uniform", "adaptive", "adaptive+enough"],
+                    choices=["uniform", "adaptive", "adaptive+enough"],
+                    help="gen runs to make (uniform always runs: the others are compared with it and replayed on it)")
     ap.add_argument("--replay-confidences", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.5, 0.8])
     ap.add_argument("--max-tokens", type=int, default=384, help="as configs/demo.yaml")
     ap.add_argument("--temperature", type=float, default=0.8)
@@ -95,8 +98,10 @@ def main() -> int:
     uniform_cfg = GenConfig(out=str(work / "uniform"), **common)
     adaptive_cfg = GenConfig(out=str(work / "adaptive"), policy="adaptive", first_round=a.first_round,
                              round_size=a.round_size, stop_confidence=a.confidence, **common)
-    runs = {"uniform": uniform_cfg, "adaptive": adaptive_cfg}
-    if a.enough:
+    runs = {"uniform": uniform_cfg}
+    if "adaptive" in a.runs:
+        runs["adaptive"] = adaptive_cfg
+    if a.enough and "adaptive+enough" in a.runs:
         runs["adaptive+enough"] = replace(adaptive_cfg, out=str(work / "adaptive-enough"), enough_per_side=a.enough)
     engine_cfg = EngineConfig(model=model_path, dtype=a.dtype, max_model_len=a.max_model_len,
                               cpu_kv_cache_gib=a.kv_gib, enable_lora=False)
@@ -209,10 +214,12 @@ def main() -> int:
               f"uniform's outcomes {'matches' if same else 'DIFFERS FROM'} what it drew")
 
     print("\n  from uniform's rows, no engine (pool_value only):")
-    d = v["adaptive"]
-    cut = max((k for k in range(1, a.budget + 1)
-               if value({p: k for p in uni})["generated_tokens"] <= d["generated_tokens"]), default=1)
-    line(f"uniform n={cut} (tokens <= adaptive's)", value({p: cut for p in uni}))
+    for name in runs:
+        if name != "uniform":
+            d = v[name]
+            cut = max((k for k in range(1, a.budget + 1)
+                       if value({p: k for p in uni})["generated_tokens"] <= d["generated_tokens"]), default=1)
+            line(f"uniform n={cut} (tokens <= {name}'s)", value({p: cut for p in uni}))
     for fr, rs in dict.fromkeys([(a.first_round, a.round_size), (max(1, a.first_round // 2), a.round_size)]):
         for c in a.replay_confidences:
             for k in dict.fromkeys([0, a.enough]):

@@ -18,6 +18,7 @@ import json
 import os
 import time
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -171,6 +172,12 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         # the pool serves every arm: sample for the widest window any arm selects from
         gen = replace(gen, pass_rate_min=min(p.pass_rate_min for p, _ in arms.values()),
                       pass_rate_max=max(p.pass_rate_max for p, _ in arms.values()))
+        short = sorted({p.max_pairs_per_problem for p, _ in arms.values()
+                        if gen.enough_per_side and p.max_pairs_per_problem > gen.enough_per_side})
+        if short:
+            warnings.warn(f"gen.enough_per_side={gen.enough_per_side} stops a problem with fewer rows per side than "
+                          f"pairs.max_pairs_per_problem={short[-1]} distinct pairs need: set it to {short[-1]} to "
+                          "fill the cap from distinct rows", RuntimeWarning, stacklevel=2)
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **eval_set, "split": eval_split,
                                     "limit": loop.eval_limit, "out": join_uri(out, "eval")}, "eval")
     first_pairs, first_train = next(iter(arms.values()))

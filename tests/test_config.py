@@ -142,6 +142,22 @@ def test_loop_wires_the_pairs_window_into_adaptive_gen():
         loop_configs(["--config", DEMO, "gen.pass_rate_min=0.2"])
 
 
+def test_loop_warns_when_enough_per_side_is_below_the_pairs_cap():
+    """gen.enough_per_side below pairs.max_pairs_per_problem stops problems before they hold the rows the cap
+    could take (distinct on each side): said at parse time; at the cap, nothing is said."""
+    import warnings
+
+    from pairloop.loop import loop_configs
+
+    ada = ["--config", DEMO, "gen.policy=adaptive", "gen.first_round=4", "gen.round_size=4", "gen.stop_confidence=0.2", "gen.n=16",
+           "pairs.max_pairs_per_problem=3"]
+    with pytest.warns(RuntimeWarning, match=r"gen.enough_per_side=2 .*pairs.max_pairs_per_problem=3"):
+        loop_configs([*ada, "gen.enough_per_side=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loop_configs([*ada, "gen.enough_per_side=3"]).gen.enough_per_side == 3
+
+
 def test_demo_config_wires_the_loop():
     from tasks.problems import select_problems
 
