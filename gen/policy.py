@@ -112,9 +112,13 @@ def stop_reason(policy: AdaptivePolicy, drawn: int, passes: int, scored: int, re
 
 
 def earliest_stop(policy: AdaptivePolicy) -> int | None:
-    """Samples after which a unanimous problem (every sample PASS, or every one failing) stops, the sooner of the
-    two; None when neither stops before the budget: then no problem can, and adaptive spends what uniform would."""
-    stops = [m for m in (replay(policy, [o] * policy.budget) for o in ("PASS", "ASSERTION_FAIL")) if m < policy.budget]
+    """Samples after which a unanimous problem (every sample PASS, or every one failing) or, with enough_per_side,
+    an evenly mixed one stops, the soonest; None when none stops before the budget: then no problem can (a
+    lopsided one stops no sooner than these), and adaptive spends what uniform would."""
+    patterns = [["PASS"] * policy.budget, ["ASSERTION_FAIL"] * policy.budget]
+    if policy.enough_per_side:
+        patterns.append(["PASS", "ASSERTION_FAIL"] * policy.budget)
+    stops = [m for m in (replay(policy, o) for o in patterns) if m < policy.budget]
     return min(stops) if stops else None
 
 

@@ -126,6 +126,13 @@ def test_a_setting_where_no_problem_can_stop_early_is_flagged():
         GenConfig(**fixed)
         GenConfig(n=16, first_round=8, round_size=8, stop_confidence=0.5)  # uniform: nothing to stop
     assert earliest_stop(_policy(budget=16, first_round=4, round_size=4, c=0.2)) == 8
+    # enough_per_side stops mixed problems after round 1 even where the window stops nothing: no warning then
+    assert earliest_stop(_policy(budget=16, first_round=8, round_size=8, c=0.5, enough=4)) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GenConfig(**trap, enough_per_side=4)
+    with pytest.warns(RuntimeWarning, match=r"stop no problem before its budget"):
+        GenConfig(**trap, enough_per_side=5)  # 8 samples cannot hold 5 of each side
 
 
 # ---- the plan of rounds --------------------------------------------------------------------------------------
