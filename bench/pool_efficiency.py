@@ -78,7 +78,7 @@ def main() -> int:
     from gen.config import ExecutionConfig, GenConfig, SamplingConfig
     from gen.engine import EngineConfig, EnginePool
     from gen.model_source import resolve_model
-    from gen.policy import AdaptivePolicy, replay
+    from gen.policy import AdaptivePolicy, replay, text_key
     from gen.run import pool_value, run_generation
     from gen.shards import ShardStore
 
@@ -131,6 +131,7 @@ def main() -> int:
 
     drawn = {name: rows(cfg) for name, cfg in runs.items()}
     uni = drawn["uniform"]
+    keys = {p: [text_key(r["completion"]) for r in rs] for p, rs in uni.items()}  # what enough_per_side tells apart
 
     def measured(per_problem: dict[str, list[dict]]) -> dict:
         picked = [r for rs in per_problem.values() for r in rs]
@@ -142,8 +143,9 @@ def main() -> int:
         """pool_value of the first k uniform samples of each problem (k per problem)."""
         return measured({pid: uni[pid][:k] for pid, k in per_problem.items()})
 
-    def pairs_stage(name: str, cfg) -> tuple[int, int]:
-        """(pairs, problems) the pairs stage selects from the run (its own rules; --cap per problem)."""
+    def pairs_stage(name: str, cfg) -> dict:
+        """What the pairs stage itself selects from the run (its own rules; --cap per problem; num_pairs unbounded so
+        every quota is short and each category gives all it can): pairs, problems, rejected outcomes."""
         from pairs.config import PairsConfig
         from pairs.run import run as run_pairs
 
@@ -152,19 +154,19 @@ def main() -> int:
                          eval_problems="humaneval", eval_fraction=0.5, split_seed=0, progress=False)
         try:
             report = run_pairs(pc)
-        except ValueError as e:  # no pair at all fits
-            print(f"  pairs stage on {name}: {e}", file=sys.stderr)
-            return 0, 0
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(Path(pc.out) / "pairs.parquet", columns=["problem_id"])
-        return t.num_rows, len(set(t.column("problem_id").to_pylist()))
+        except ValueError as e:
+            if str(e).startswith(("no pair fits", "no problem has both")):  # nothing to pair: 0 is the answer
+                print(f"  pairs stage on {name}: {e}", file=sys.stderr)
+                return {"pairs": 0, "problems_covered": 0, "rejected_outcomes": {}}
+            raise
+        return report
 
     def per_1k(v: dict, key: str) -> float:
         return 1000 * v[key] / v["generated_tokens"] if v["generated_tokens"] else 0.0
 
     def line(label: str, v: dict, wall: float | None = None) -> None:
-        stage = (f" {v['stage_pairs']:>6} {v['stage_problems']:>5} {1000 * v['stage_pairs'] / v['generated_tokens']:>9.3f}"
+        stage = (f" {v['stage_pairs']:>6} {v['stage_problems']:>5} "
+                 f"{1000 * v['stage_pairs'] / max(v['generated_tokens'], 1):>9.3f}"
                  if "stage_pairs" in v else f" {'':>6} {'':>5} {'':>9}")
         print(f"  {label:<40} {v['samples']:>7} {v['generated_tokens']:>8} {v['usable_problems']:>7} "
               f"{v['usable_pairs']:>6} {per_1k(v, 'usable_pairs'):>10.3f} {per_1k(v, 'usable_problems'):>12.3f}"
@@ -173,15 +175,21 @@ def main() -> int:
     print(f"\nmodel {a.model} (engine.dtype {a.dtype}): {a.problems} HumanEval train problems, budget {a.budget} "
           f"per problem, T={a.temperature}, max_tokens {a.max_tokens}; window {lo:g}..{hi:g}, cap {a.cap} pairs "
           f"per problem; adaptive: first round {a.first_round}, rounds of {a.round_size}, confidence {a.confidence:g}"
-          + (f"; +enough: {a.enough} per side" if a.enough else ""))
+          + (f"; adaptive+enough: {a.enough} distinct texts per side" if "adaptive+enough" in runs else ""))
+    print("  pairs = sum over usable problems of min(passes, fails, cap) (gen.run.pool_value; no dedup or length "
+          "bounds); stage = what the pairs stage selects (dedup, length ratio, max_reuse 2)")
     print(f"  {'':<40} {'samples':>7} {'tokens':>8} {'usable':>7} {'pairs':>6} {'pairs/1k':>10} "
           f"{'problems/1k':>12} {'stage:pairs':>6} {'probs':>5} {'pairs/1k':>9} {'wall s':>7}")
     v = {}
     for name, cfg in runs.items():
         v[name] = measured(drawn[name])
-        v[name]["stage_pairs"], v[name]["stage_problems"] = pairs_stage(name, cfg)
+        rep = pairs_stage(name, cfg)
+        v[name]["stage_pairs"], v[name]["stage_problems"] = rep["pairs"], rep["problems_covered"]
+        v[name]["stage_rejected"] = rep["rejected_outcomes"]
         label = f"uniform n={a.budget}" if name == "uniform" else name
         line(label, v[name], walls[name])
+    for name in runs:
+        print(f"  {name}: the pairs stage's rejected side by outcome: {v[name]['stage_rejected']}")
     u = v["uniform"]
     for name in runs:
         if name == "uniform":
@@ -191,10 +199,11 @@ def main() -> int:
         def ratio(x: float, y: float) -> str:
             return f"{x / y:.2f}x" if y else "n/a"
 
-        print(f"  ratio {name} / uniform: samples {d['samples'] / u['samples']:.2f}, tokens "
-              f"{d['generated_tokens'] / u['generated_tokens']:.2f}; pairs/1k {ratio(per_1k(d, 'usable_pairs'), per_1k(u, 'usable_pairs'))}"
-              f", problems/1k {ratio(per_1k(d, 'usable_problems'), per_1k(u, 'usable_problems'))}, pairs stage's pairs/1k "
-              f"{ratio(d['stage_pairs'] / d['generated_tokens'], u['stage_pairs'] / u['generated_tokens'])}")
+        print(f"  ratio {name} / uniform: samples {ratio(d['samples'], u['samples'])}, tokens "
+              f"{ratio(d['generated_tokens'], u['generated_tokens'])}; pairs/1k "
+              f"{ratio(per_1k(d, 'usable_pairs'), per_1k(u, 'usable_pairs'))}, problems/1k "
+              f"{ratio(per_1k(d, 'usable_problems'), per_1k(u, 'usable_problems'))}; **the pairs stage's pairs/1k "
+              f"{ratio(d['stage_pairs'] / max(d['generated_tokens'], 1), u['stage_pairs'] / max(u['generated_tokens'], 1))}**")
     ok = True
     for name in runs:
         if name == "uniform":
@@ -206,7 +215,7 @@ def main() -> int:
         mismatched = sum(r["completion"] != uni[pid][r["sample_index"]]["completion"]
                          for pid, rs in ada.items() for r in rs)
         policy = AdaptivePolicy.of(runs[name])
-        replayed = {p: replay(policy, [r["outcome"] for r in uni[p]]) for p in uni}
+        replayed = {p: replay(policy, [r["outcome"] for r in uni[p]], keys[p]) for p in uni}
         same = replayed == {p: len(rs) for p, rs in ada.items()}
         ok = ok and same and not mismatched
         print(f"  {name} samples per problem: {dict(sorted(per.items()))} (count -> problems); {mismatched} of "
@@ -225,7 +234,7 @@ def main() -> int:
             for k in dict.fromkeys([0, a.enough]):
                 pol = AdaptivePolicy(a.budget, fr, rs, lo, hi, c, k)
                 line(f"replay first {fr}, rounds {rs}, c={c:g}" + (f", enough {k}" if k else ""),
-                     value({p: replay(pol, [r["outcome"] for r in uni[p]]) for p in uni}))
+                     value({p: replay(pol, [r["outcome"] for r in uni[p]], keys[p]) for p in uni}))
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from gen.policy import POLICIES, AdaptivePolicy, earliest_stop
-from sandbox import Limits
+from sandbox import Limits, Outcome
 from tasks.problems import SPLITS
 
 EXECUTORS = ("local", "ray")
@@ -123,9 +123,10 @@ class GenConfig:
     pass_rate_min: float = 0.05
     pass_rate_max: float = 0.95
     stop_confidence: float = 0.5  # adaptive: c of the stopping test; lower stops unanimous problems sooner
-    # adaptive: k > 0 also stops a problem once it holds k passes and k failures a pair may reject (not NO_CODE):
-    # enough for pairs.max_pairs_per_problem = k distinct pairs, so more samples would only add choice. 0 = off
+    # adaptive: k > 0 also stops a problem in the window once it holds k distinct passing and k distinct failing
+    # texts a pair may reject: pairs.max_pairs_per_problem = k pairs with no text used twice (gen.policy). 0 = off
     enough_per_side: int = 0
+    enough_exclude: list[str] = field(default_factory=lambda: ["NO_CODE"])  # pairs.exclude_outcomes (the loop's)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     seed: int = 0  # run seed; every sample's seed derives from (seed, problem, sample index)
@@ -155,6 +156,9 @@ class GenConfig:
                              f"{self.pass_rate_min}, {self.pass_rate_max}")
         if self.enough_per_side < 0:
             raise ValueError(f"gen.enough_per_side must be >= 0 (0 = off), got {self.enough_per_side}")
+        unknown = sorted(set(self.enough_exclude) - {o.name for o in Outcome})
+        if unknown:
+            raise ValueError(f"gen.enough_exclude: unknown outcome(s) {unknown}; known: {[o.name for o in Outcome]}")
         if self.enough_per_side and self.policy != "adaptive":
             raise ValueError(f"gen.enough_per_side={self.enough_per_side} needs gen.policy=adaptive (uniform draws "
                              "every problem's whole budget)")

@@ -18,11 +18,17 @@ samples (rounded up to a round boundary); with the window 0.05..0.95:
     c = 0.2: 5   c = 0.5: 14   c = 0.8: 32   c = 0.9: 45   (all-fail: the same, by symmetry)
 
 A problem that has both passes and fails keeps sampling to its budget unless the test puts it outside the window
-(e.g. 1 fail in 60), or, with `gen.enough_per_side` = k > 0, until it holds k passes and k rejectable failures
-(any non-PASS scored outcome but NO_CODE, which pairs excludes by default): "enough". k distinct completions on
-each side are what `pairs.max_pairs_per_problem` = k distinct pairs need at any `pairs.max_reuse`, so the pairs
-stage could not take more pairs from that problem anyway: its further samples would only add choice among rows
-(e.g. a rarer failure category for a balanced selection), which is what stopping gives up. Small first rounds pay off only with a low c: a test on 4-8 samples cannot be sure of
+(e.g. 1 fail in 60), or, with `gen.enough_per_side` = k > 0, until its pass rate is inside the window and it holds
+k distinct passing texts and k distinct failing ones a pair may reject ("enough"; failures whose outcome is in
+`gen.enough_exclude`, which `pairloop run` sets from `pairs.exclude_outcomes`, do not count; texts are told apart
+by tasks.text.coarse_key, which never counts more texts than pairs' dedup keeps, and a text seen with two
+verdicts counts on neither side, as pairs drops it). k = `pairs.max_pairs_per_problem` distinct texts per side
+let the pairs stage fill that problem's cap with no text used twice, unless its length-ratio bounds rule
+partners out (this does not model them); beyond that, more samples only add choice among rows (e.g. a rarer
+failure category for a balanced selection), which is what stopping gives up. bench/pool_efficiency.py measures
+what the pairs stage itself selects from each policy's pool.
+
+Small first rounds pay off only with a low c: a test on 4-8 samples cannot be sure of
 anything, and what makes stopping early cheap in practice is that models' pass rates cluster at 0 and 1 (most
 unanimous first rounds are truly unanimous problems). bench/pool_efficiency.py measures the trade on a real model
 and replays other confidences on the same samples.
@@ -39,11 +45,13 @@ function of its own outcomes in sample-index order (`replay`). Pure functions an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from gen.plan import Unit, block_unit, problem_blocks, seed_bases
+from tasks.text import coarse_key
 
 POLICIES = ("uniform", "adaptive")
 INFRA_ERROR = "INFRA_ERROR"  # sandbox.Outcome.INFRA_ERROR.value: our fault, no evidence about the problem
@@ -61,20 +69,23 @@ class AdaptivePolicy:
     pass_rate_min: float
     pass_rate_max: float
     confidence: float
-    enough_per_side: int = 0  # > 0: a problem with this many passes and this many rejectable failures stops
+    enough_per_side: int = 0  # > 0: a problem in the window with this many distinct passes and failures stops
+    exclude: tuple[str, ...] = (NO_CODE,)  # failure outcomes that are no side for enough_per_side
 
     @classmethod
     def of(cls, cfg) -> "AdaptivePolicy":
         """From a gen.config.GenConfig with policy=adaptive."""
         return cls(cfg.n, cfg.first_round, cfg.round_size, cfg.pass_rate_min, cfg.pass_rate_max,
-                   cfg.stop_confidence, cfg.enough_per_side)
+                   cfg.stop_confidence, cfg.enough_per_side, tuple(sorted(cfg.enough_exclude)))
 
     def identity(self) -> dict:
-        """The settings that decide what is drawn (a run's identity); enough_per_side only when on, so runs made
-        before it existed keep their identity."""
+        """The settings that decide what is drawn (a run's identity); enough_per_side and exclude only when it is
+        on, so runs made before it existed keep their identity."""
         d = dataclasses.asdict(self)
         if not self.enough_per_side:
-            del d["enough_per_side"]
+            del d["enough_per_side"], d["exclude"]
+        else:
+            d["exclude"] = list(self.exclude)
         return d
 
     def round_size_after(self, drawn: int) -> int:
@@ -95,43 +106,48 @@ def binomial_tail(m: int, p: float, lo: int, hi: int) -> float:
                         for k in range(lo, hi + 1)))
 
 
-def stop_reason(policy: AdaptivePolicy, drawn: int, passes: int, scored: int, rejectable: int = 0) -> str | None:
-    """Why a problem gets no more samples ("budget", "enough", "too_easy", "too_hard"), or None: another round.
-    `rejectable` counts its failures a pair may reject (scored, not PASS, not NO_CODE)."""
+def stop_reason(policy: AdaptivePolicy, drawn: int, passes: int, scored: int, distinct_passes: int = 0,
+                distinct_fails: int = 0) -> str | None:
+    """Why a problem gets no more samples ("budget", "too_easy", "too_hard", "enough"), or None: another round.
+    distinct_*: its distinct passing texts and distinct failing texts a pair may reject (enough_per_side only)."""
     if drawn >= policy.budget:
         return "budget"
-    k = policy.enough_per_side
-    if k and passes >= k and rejectable >= k:
-        return "enough"
     alpha = 1.0 - policy.confidence
     if scored and binomial_tail(scored, policy.pass_rate_max, passes, scored) < alpha:
         return "too_easy"
     if scored and binomial_tail(scored, policy.pass_rate_min, 0, passes) < alpha:
         return "too_hard"
+    k = policy.enough_per_side
+    if k and distinct_passes >= k and distinct_fails >= k \
+            and policy.pass_rate_min <= passes / scored <= policy.pass_rate_max:  # pairs' window: its rate
+        return "enough"
     return None
 
 
 def earliest_stop(policy: AdaptivePolicy) -> int | None:
-    """Samples after which a unanimous problem (every sample PASS, or every one failing) or, with enough_per_side,
-    an evenly mixed one stops, the soonest; None when none stops before the budget: then no problem can (a
-    lopsided one stops no sooner than these), and adaptive spends what uniform would."""
-    patterns = [["PASS"] * policy.budget, ["ASSERTION_FAIL"] * policy.budget]
-    if policy.enough_per_side:
-        patterns.append(["PASS", "ASSERTION_FAIL"] * policy.budget)
-    stops = [m for m in (replay(policy, o) for o in patterns) if m < policy.budget]
+    """Samples after which a unanimous problem (every sample PASS, or every one failing) stops, the sooner of the
+    two; None when neither stops before the budget: then adaptive spends on them what uniform would (the problems
+    it exists to stop: enough_per_side stops only mixed ones)."""
+    stops = [m for m in (replay(policy, [o] * policy.budget) for o in ("PASS", "ASSERTION_FAIL")) if m < policy.budget]
     return min(stops) if stops else None
 
 
-def replay(policy: AdaptivePolicy, outcomes: Sequence[str]) -> int:
+def replay(policy: AdaptivePolicy, outcomes: Sequence[str], keys: Sequence[bytes] | None = None) -> int:
     """How many samples adaptive draws for a problem whose samples, in index order, have these outcomes (a uniform
-    run's rows of it: a sample is the same completion whichever policy asked for it). At most len(outcomes)."""
+    run's rows of it: a sample is the same completion whichever policy asked for it) and text keys (text_key;
+    default: every text distinct). At most len(outcomes)."""
     t = Tally()
     while t.drawn < len(outcomes) and (t.drawn == 0 or t.stop_reason(policy) is None):
         size = min(policy.round_size_after(t.drawn), len(outcomes) - t.drawn)
-        for o in outcomes[t.drawn: t.drawn + size]:
-            t.count(o)
+        for i in range(t.drawn, t.drawn + size):
+            t.count(outcomes[i], keys[i] if keys is not None else i.to_bytes(8, "big"), policy)
         t.drawn += size
     return t.drawn
+
+
+def text_key(completion: str) -> bytes:
+    """What tells two completions apart for enough_per_side: a hash of tasks.text.coarse_key (8 bytes a row)."""
+    return hashlib.blake2b(coarse_key(completion), digest_size=8).digest()
 
 
 @dataclass
@@ -139,15 +155,23 @@ class Tally:
     drawn: int = 0  # samples recorded: indices 0..drawn-1
     passes: int = 0
     scored: int = 0  # non-INFRA_ERROR
-    rejectable: int = 0  # scored failures a pair may reject (not NO_CODE)
+    verdicts: dict[bytes, set[str]] = field(default_factory=dict)  # enough_per_side: text key -> outcomes seen
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, key: bytes, policy: AdaptivePolicy) -> None:
         self.scored += outcome != INFRA_ERROR
         self.passes += outcome == PASS
-        self.rejectable += outcome not in (PASS, INFRA_ERROR, NO_CODE)
+        if policy.enough_per_side and outcome != INFRA_ERROR:
+            self.verdicts.setdefault(key, set()).add(outcome)
 
     def stop_reason(self, policy: AdaptivePolicy) -> str | None:
-        return stop_reason(policy, self.drawn, self.passes, self.scored, self.rejectable)
+        dp = df = 0
+        if policy.enough_per_side:
+            for seen in self.verdicts.values():
+                if len(seen) == 1:  # a text seen with two verdicts is dropped by pairs' dedup: no side
+                    (o,) = seen
+                    dp += o == PASS
+                    df += o != PASS and o not in policy.exclude
+        return stop_reason(policy, self.drawn, self.passes, self.scored, dp, df)
 
 
 class AdaptivePlan:
@@ -165,12 +189,18 @@ class AdaptivePlan:
         self.block_of = {pid: b for b, (_, block) in enumerate(self.blocks) for pid in block}
         self.tally = {pid: Tally() for pid in problem_ids}
 
-    def observe(self, problem_ids: Iterable[str], sample_indices: Iterable[int], outcomes: Iterable[str]) -> None:
-        """Count recorded rows (a unit's, or every shard of a resumed run)."""
-        for pid, i, o in zip(problem_ids, sample_indices, outcomes, strict=True):
+    def observe(self, problem_ids: Iterable[str], sample_indices: Iterable[int], outcomes: Iterable[str],
+                completions: Iterable[str] | None = None) -> None:
+        """Count recorded rows (a unit's, or every shard of a resumed run); completions are needed (and read) only
+        with enough_per_side."""
+        on = bool(self.policy.enough_per_side)
+        if on and completions is None:
+            raise ValueError("gen.enough_per_side needs each row's completion to tell texts apart")
+        texts = completions if on else iter(lambda: "", None)
+        for pid, i, o, text in zip(problem_ids, sample_indices, outcomes, texts, strict=on):
             t = self.tally[pid]
             t.drawn = max(t.drawn, i + 1)
-            t.count(o)
+            t.count(o, text_key(text) if on else b"", self.policy)
 
     def stop_reason(self, pid: str) -> str | None:
         t = self.tally[pid]

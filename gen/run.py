@@ -192,13 +192,17 @@ def pool_value(problem_ids: Sequence[str], outcomes: Sequence[str], tokens: Sequ
     }
 
 
-def summarize(store: ShardStore, window: tuple[float, float] = (0.05, 0.95)) -> dict[str, Any]:
-    """Rows, pass rate, outcome counts, samples per problem, and what the pool is worth for pairs (pool_value)."""
+def summarize(store: ShardStore, window: tuple[float, float] = (0.05, 0.95), cap: int = 0) -> dict[str, Any]:
+    """Rows, pass rate, outcome counts, samples per problem, and what the pool is worth for pairs (pool_value;
+    with cap > 0, gen.enough_per_side's, also its usable pairs at most cap per problem: what such a pool is for)."""
     t = store.read_table(columns=["problem_id", "outcome", "completion_tokens"])
     outcomes = t.column("outcome").to_pylist()
     pids = t.column("problem_id").to_pylist()
     counts = collections.Counter(outcomes)
     scored = sum(v for k, v in counts.items() if k != "INFRA_ERROR")
+    tokens = t.column("completion_tokens").to_pylist()
+    capped = ({"pairs_cap": cap, "usable_pairs_at_cap": pool_value(pids, outcomes, tokens, window, cap)["usable_pairs"]}
+              if cap > 0 else {})
     return {
         "rows": len(outcomes),
         "pass_rate": counts.get("PASS", 0) / scored if scored else None,
@@ -206,7 +210,7 @@ def summarize(store: ShardStore, window: tuple[float, float] = (0.05, 0.95)) -> 
         "infra_errors": counts.get("INFRA_ERROR", 0),
         "problems": len(set(pids)),
         "samples_per_problem": dict(sorted(collections.Counter(pids).items())),
-        **pool_value(pids, outcomes, t.column("completion_tokens").to_pylist(), window),
+        **pool_value(pids, outcomes, tokens, window), **capped,
     }
 
 
@@ -382,9 +386,10 @@ class _Run:
 def open_adaptive(run: _Run) -> None:
     """Rebuild an adaptive run's plan from the shards its manifest lists (resume) and set its open rounds."""
     run.plan = AdaptivePlan(run.spec.adaptive, list(run.spec.prompts), run.cfg.problems_per_unit, run.cfg.seed)
-    t = run.store.read_table(columns=["problem_id", "sample_index", "outcome"])
+    texts = bool(run.spec.adaptive.enough_per_side)  # enough_per_side tells texts apart: read them too
+    t = run.store.read_table(columns=["problem_id", "sample_index", "outcome", *(["completion"] if texts else [])])
     run.plan.observe(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist(),
-                     t.column("outcome").to_pylist())
+                     t.column("outcome").to_pylist(), t.column("completion").to_pylist() if texts else None)
     run.todo = run.plan.open_units()
     done = [u.unit_id for u in run.todo if u.unit_id in run.manifest.units]
     if done:  # the shards and the manifest disagree: refuse to resume over them
@@ -590,7 +595,7 @@ class _Driver:
         run.store.write_unit(run.manifest, u.unit_id, rows_to_table(rows))
         if run.plan is not None:  # decide this block's next round now: no barrier across blocks
             run.plan.observe([r["problem_id"] for r in rows], [r["sample_index"] for r in rows],
-                             [r["outcome"] for r in rows])
+                             [r["outcome"] for r in rows], [r["completion"] for r in rows])
             nxt = run.plan.next_unit(run.plan.block_of_unit(u))
             if nxt is not None:
                 self.todo.append(((next(i for i, r in enumerate(self.runs) if r is run), nxt),))
@@ -800,7 +805,7 @@ def run_generations(cfgs: Sequence[GenConfig], engine_cfg: EngineConfig, pool: E
         if driver is not None:
             isolation += [r for r in executor.isolation if r not in isolation]
         window = (run.cfg.pass_rate_min, run.cfg.pass_rate_max)
-        m.summary = {**m.summary, **summarize(run.store, window), "failed_units": run.failed, "isolation": isolation,
+        m.summary = {**m.summary, **summarize(run.store, window, run.cfg.enough_per_side), "failed_units": run.failed, "isolation": isolation,
                      "policy": run.cfg.policy, "time_limits": run.spec.time_limits}
         if run.plan is not None:
             m.summary["stopped"] = dict(sorted(collections.Counter(run.plan.stopped().values()).items()))
@@ -829,7 +834,9 @@ def print_summary(res: GenResult) -> None:
     per_pair = s["tokens_per_usable_pair"]
     print(f"  usable for pairs (pass rate in {lo:g}..{hi:g}): {s['usable_problems']} problems, "
           f"{s['usable_pairs']} pairs (sum of min(passes, fails)); {s['generated_tokens']} tokens generated, "
-          + (f"{per_pair:.0f} per usable pair" if per_pair else "no usable pair"))
+          + (f"{per_pair:.0f} per usable pair" if per_pair else "no usable pair")
+          + (f"; {s['usable_pairs_at_cap']} pairs at most {s['pairs_cap']} per problem (gen.enough_per_side)"
+             if "pairs_cap" in s else ""))
     width = max((len(k) for k in s["outcomes"]), default=0)
     for k, v in sorted(s["outcomes"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:<{width}}  {v:>8}  {v / max(s['rows'], 1):6.1%}")

@@ -110,7 +110,9 @@ def check_arms(raw: Any) -> dict[str, dict[str, dict[str, Any]]]:
 WIRED = {
     # gen.pass_rate_min/max: policy=adaptive spends its budget on the problems that can land in the pairs window,
     # so it is the pairs section's window (under policy=uniform they only size gen's summary, left at defaults)
-    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "pass_rate_min", "pass_rate_max"),
+    # gen.enough_exclude: the failures no arm's pairs may reject do not count toward gen.enough_per_side
+    "gen": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "pass_rate_min", "pass_rate_max",
+            "enough_exclude"),
     "pairs": ("inputs", "out", "problems", "eval_problems", "eval_fraction", "split_seed", "eval_ids"),
     "train": ("pairs", "out", "model", "max_lora_rank"),
     "eval": ("out", "problems", "split", "eval_fraction", "split_seed", "limit", "adapters", "include_base"),
@@ -170,14 +172,17 @@ def loop_configs(argv: list[str]) -> StageConfigs:
     arms = {name: arm(name, over) for name, over in arms_raw.items()} or {"": arm("", {})}
     if gen.policy == "adaptive":  # uniform: left alone, so a new pairs window does not make gen's samples stale
         # the pool serves every arm: sample for the widest window any arm selects from
+        # an outcome counts as a failing side only if every arm may reject it
+        excluded = sorted(set().union(*(set(p.exclude_outcomes) for p, _ in arms.values())))
         gen = replace(gen, pass_rate_min=min(p.pass_rate_min for p, _ in arms.values()),
-                      pass_rate_max=max(p.pass_rate_max for p, _ in arms.values()))
+                      pass_rate_max=max(p.pass_rate_max for p, _ in arms.values()), enough_exclude=excluded)
         short = sorted({p.max_pairs_per_problem for p, _ in arms.values()
                         if gen.enough_per_side and p.max_pairs_per_problem > gen.enough_per_side})
         if short:
-            warnings.warn(f"gen.enough_per_side={gen.enough_per_side} stops a problem with fewer rows per side than "
-                          f"pairs.max_pairs_per_problem={short[-1]} distinct pairs need: set it to {short[-1]} to "
-                          "fill the cap from distinct rows", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"gen.enough_per_side={gen.enough_per_side} stops a problem with fewer distinct texts per "
+                          f"side than pairs.max_pairs_per_problem={short[-1]}: its pairs would reuse texts or fall "
+                          f"short of the cap; {short[-1]} fills the cap with no text used twice",
+                          RuntimeWarning, stacklevel=2)
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **eval_set, "split": eval_split,
                                     "limit": loop.eval_limit, "out": join_uri(out, "eval")}, "eval")
     first_pairs, first_train = next(iter(arms.values()))

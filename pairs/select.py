@@ -32,6 +32,7 @@ import numpy as np
 
 from pairs.config import PairsConfig, category_of
 from pairs.pool import INFRA_ERROR, OUTCOMES, PASS, PHASE_NAMES, Pool, hash64, mix64
+from tasks.text import coarse_key
 
 
 def apportion(total: int, weights: dict[str, float], seed: int = 0) -> dict[str, int]:
@@ -55,13 +56,12 @@ def apportion(total: int, weights: dict[str, float], seed: int = 0) -> dict[str,
 
 
 _WS_RUN = re.compile(r"[ \t\r\x0b\x0c]+")
-_WS_BYTES = b" \t\n\r\x0b\x0c"
 
 
 def normalize_whitespace(text: str) -> str:
     """Whitespace-insensitive form for dedup, keeping what Python gives meaning to (line breaks and leading
     indentation): trailing whitespace and blank lines dropped, CRLF -> LF, runs of spaces/tabs inside a line -> one
-    space. Only ASCII whitespace counts (the same set `_coarse_key` drops)."""
+    space. Only ASCII whitespace counts (the set tasks.text.coarse_key drops)."""
     out = []
     for line in text.split("\n"):
         line = line.rstrip(" \t\r\x0b\x0c")
@@ -69,12 +69,6 @@ def normalize_whitespace(text: str) -> str:
             body = line.lstrip(" \t")
             out.append(line[: len(line) - len(body)] + _WS_RUN.sub(" ", body))
     return "\n".join(out)
-
-
-def _coarse_key(text: str) -> bytes:
-    """The text with every whitespace byte removed: equal normalised texts always have equal coarse keys, and
-    computing it is ~30x cheaper than normalising, so only texts that share one get normalised."""
-    return text.encode("utf-8", "surrogatepass").translate(None, _WS_BYTES)
 
 
 @dataclass
@@ -329,7 +323,7 @@ def find_duplicates(
     The kept copy is the one with the smallest identity hash (independent of layout and seed)."""
     coarse: dict[tuple[int, bytes], list[int]] = {}
     for i, (g, t) in enumerate(zip(group.tolist(), texts)):
-        coarse.setdefault((g, _coarse_key(t)), []).append(i)
+        coarse.setdefault((g, coarse_key(t)), []).append(i)
     drop = np.zeros(len(texts), dtype=bool)
     counts = {"exact_duplicates": 0, "whitespace_duplicates": 0, "inconsistent_verdicts": 0}
     for candidates in coarse.values():

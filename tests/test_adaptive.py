@@ -12,12 +12,13 @@ import pytest
 
 from gen.config import ExecutionConfig, GenConfig, SamplingConfig
 from gen.plan import make_plan, sample_seed
+import gen.policy as gen_policy
 from gen.policy import AdaptivePlan, AdaptivePolicy, binomial_tail, earliest_stop, replay, stop_reason
 from gen.shards import ShardStore
 
 
-def _policy(budget=64, first_round=1, round_size=1, lo=0.05, hi=0.95, c=0.5, enough=0) -> AdaptivePolicy:
-    return AdaptivePolicy(budget, first_round, round_size, lo, hi, c, enough)
+def _policy(budget=64, first_round=1, round_size=1, lo=0.05, hi=0.95, c=0.5) -> AdaptivePolicy:
+    return AdaptivePolicy(budget, first_round, round_size, lo, hi, c)
 
 
 # ---- the stopping rule ---------------------------------------------------------------------------------------
@@ -78,22 +79,49 @@ def test_a_window_of_everything_never_stops_early():
     assert replay(_policy(budget=50, lo=0.0, hi=1.0, c=0.99), ["NO_CODE"] * 50) == 50
 
 
-def test_a_problem_with_enough_of_each_side_stops_and_no_code_is_not_a_side():
-    """gen.enough_per_side=k: k passes and k rejectable failures stop a problem at the end of that round (its
-    pairs quota can be filled from distinct rows); a NO_CODE (pairs never rejects it) or INFRA_ERROR row is no
-    failure for it; k=0 never stops a problem this way."""
+def test_a_problem_with_enough_distinct_texts_per_side_stops_inside_the_window():
+    """gen.enough_per_side=k: a problem whose pass rate is in the window and that holds k distinct passing and k
+    distinct rejectable failing texts stops at the end of that round ("enough"). No side: NO_CODE (or whatever
+    enough_exclude names), INFRA_ERROR, a repeated text, a text seen with two verdicts. Outside the window it does
+    not stop for enough (pairs would drop the problem); k=0 never stops this way."""
+    def pol(k=2, lo=0.05, hi=0.95, exclude=("NO_CODE",), c=0.2, first=4):
+        return AdaptivePolicy(16, first, 4, lo, hi, c, k, exclude)
+
     mixed = ["PASS", "ASSERTION_FAIL"] * 8
-    assert replay(_policy(budget=16, first_round=4, round_size=4, c=0.2, enough=2), mixed) == 4
-    assert stop_reason(_policy(budget=16, enough=2), 4, 2, 4, 2) == "enough"
-    assert replay(_policy(budget=16, first_round=4, round_size=4, c=0.2, enough=3), mixed) == 8  # 2+2 after 4
-    assert replay(_policy(budget=16, first_round=4, round_size=4, c=0.2), mixed) == 16  # off: the window only
+    assert replay(pol(), mixed) == 4
+    assert replay(pol(k=3), mixed) == 8  # 2 + 2 after round 1
+    assert replay(pol(k=0), mixed) == 16  # off: the window only
+    wide = dict(lo=0.0, hi=1.0)  # no window stop, to see the sides alone
     for filler in ("NO_CODE", "INFRA_ERROR"):
-        wide = _policy(budget=16, first_round=4, round_size=4, lo=0.0, hi=1.0, c=0.2, enough=2)  # no window stop
-        assert replay(wide, ["PASS", filler] * 8) == 16
-    lopsided = ["PASS"] * 3 + ["TYPE_ERROR"] + ["PASS"] * 12  # 1 failure: never enough of that side at k=2
-    assert replay(_policy(budget=16, first_round=4, round_size=4, lo=0.0, hi=1.0, c=0.2, enough=2), lopsided) == 16
-    plan = AdaptivePlan(_policy(budget=16, first_round=4, round_size=4, c=0.2, enough=2), ["a", "b"], 2, 0)
-    plan.observe(["a"] * 4 + ["b"] * 4, [0, 1, 2, 3] * 2, ["PASS", "NAME_ERROR"] * 2 + ["PASS", "NO_CODE"] * 2)
+        assert replay(pol(**wide), ["PASS", filler] * 8) == 16
+    assert replay(pol(**wide, exclude=("NO_CODE", "TIMEOUT")), ["PASS", "TIMEOUT"] * 8) == 16
+    assert replay(pol(**wide, exclude=()), ["PASS", "NO_CODE"] * 8) == 4
+    # distinct texts: the same passing text 8 times is one pass for pairs' dedup (whitespace does not count)
+    same = [b"a"] * 16
+    keys = [gen_policy.text_key("return  x\n" if i % 4 == 0 else "return x") if i % 2 == 0 else bytes([i])
+            for i in range(16)]
+    assert replay(pol(**wide), mixed, keys) == 16  # one distinct passing text (all "return x" up to whitespace)
+    assert replay(pol(**wide, k=1), mixed, keys) == 4
+    two_verdicts = [b"t", b"t", b"u", b"v"] * 4  # "t" both PASS and failing: no side; u passes, v fails
+    assert replay(pol(**wide, k=1), mixed, two_verdicts) == 4  # u, v
+    assert replay(pol(**wide, k=2), mixed, two_verdicts) == 16
+    assert replay(pol(**wide, k=1), ["PASS", "VALUE_ERROR"] * 8, same) == 16
+    # the window: 3 of 4 pass with k=1 is enough only if 0.75 is inside it
+    lop = ["PASS", "PASS", "PASS", "TYPE_ERROR"] * 4
+    assert replay(pol(k=1, lo=0.3, hi=0.8, c=0.5), lop) == 4
+    assert replay(pol(k=1, lo=0.3, hi=0.7, c=0.5), lop) == 12  # not enough at 4; at 12 the window test stops it
+    # NO_CODE counts in the pass rate (as in pairs) though not as a side: 2 of 8 passing is outside 0.3..0.7
+    nc = ["PASS", "ASSERTION_FAIL", "PASS", "ASSERTION_FAIL"] + ["NO_CODE"] * 4
+    assert replay(pol(k=2, lo=0.3, hi=0.7, c=0.5, first=8), nc * 2) == 12  # not at 8; at 12: 4 of 12 pass
+    # a problem the window test stops is labelled by it, not "enough"
+    assert stop_reason(AdaptivePolicy(64, 4, 4, 0.05, 0.95, 0.5, 1), 60, 59, 60, 59, 1) == "too_easy"
+    assert stop_reason(pol(k=2), 4, 2, 4, 2, 2) == "enough" and stop_reason(pol(k=2), 4, 2, 4, 2, 1) is None
+
+    plan = AdaptivePlan(pol(), ["a", "b"], 2, 0)
+    with pytest.raises(ValueError, match="needs each row's completion"):
+        plan.observe(["a"], [0], ["PASS"])
+    texts = [f"t{i}" for i in range(8)]
+    plan.observe(["a"] * 4 + ["b"] * 4, [0, 1, 2, 3] * 2, ["PASS", "NAME_ERROR"] * 2 + ["PASS", "NO_CODE"] * 2, texts)
     assert plan.stopped() == {"a": "enough"}
     assert [r.problem_id for r in plan.next_unit(0).requests] == ["b"]
 
@@ -126,13 +154,9 @@ def test_a_setting_where_no_problem_can_stop_early_is_flagged():
         GenConfig(**fixed)
         GenConfig(n=16, first_round=8, round_size=8, stop_confidence=0.5)  # uniform: nothing to stop
     assert earliest_stop(_policy(budget=16, first_round=4, round_size=4, c=0.2)) == 8
-    # enough_per_side stops mixed problems after round 1 even where the window stops nothing: no warning then
-    assert earliest_stop(_policy(budget=16, first_round=8, round_size=8, c=0.5, enough=4)) == 8
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        GenConfig(**trap, enough_per_side=4)
+    # enough_per_side stops only mixed problems: the unanimous ones, which the warning is about, still get all 16
     with pytest.warns(RuntimeWarning, match=r"stop no problem before its budget"):
-        GenConfig(**trap, enough_per_side=5)  # 8 samples cannot hold 5 of each side
+        GenConfig(**trap, enough_per_side=4)
 
 
 # ---- the plan of rounds --------------------------------------------------------------------------------------
@@ -213,6 +237,7 @@ def test_a_plan_rebuilt_from_recorded_rows_makes_the_same_decisions():
     ({"policy": "adaptive", "execution": {"execute": False}}, r"needs gen.execution.execute=true"),
     ({"policy": "adaptive", "enough_per_side": -1}, r"gen.enough_per_side must be >= 0 \(0 = off\), got -1"),
     ({"enough_per_side": 4}, r"gen.enough_per_side=4 needs gen.policy=adaptive"),
+    ({"policy": "adaptive", "enough_exclude": ["NOCODE"]}, r"gen.enough_exclude: unknown outcome\(s\) \['NOCODE'\]"),
 ])
 def test_config_rejects_bad_adaptive_values(values, msg):
     from pairloop.config import build_config
