@@ -126,6 +126,26 @@ def test_a_problem_with_enough_distinct_texts_per_side_stops_inside_the_window()
     assert [r.problem_id for r in plan.next_unit(0).requests] == ["b"]
 
 
+def test_a_plan_with_enough_per_side_rebuilt_from_rows_decides_the_same():
+    """Resume under enough_per_side: tallies rebuilt from the shards' rows (texts included, any order) stop the
+    same problems for the same reasons as the live plan."""
+    policy = AdaptivePolicy(12, 4, 4, 0.05, 0.95, 0.2, 2)
+    ids = [f"p{i}" for i in range(4)]
+    live = AdaptivePlan(policy, ids, 2, 0)
+    rows = []
+    for u in live.open_units():
+        for r in u.requests:
+            for i in r.sample_indices():
+                o = "PASS" if i % 2 else "ASSERTION_FAIL"
+                text = "same" if r.problem_id == "p1" and o == "PASS" else f"{r.problem_id}-{i}"  # p1: 1 distinct
+                rows.append((r.problem_id, i, o, text))
+    live.observe(*zip(*rows))
+    rebuilt = AdaptivePlan(policy, ids, 2, 0)
+    rebuilt.observe(*zip(*reversed(rows)))
+    assert rebuilt.stopped() == live.stopped() == {"p0": "enough", "p2": "enough", "p3": "enough"}
+    assert rebuilt.open_units() == live.open_units()
+
+
 def test_pool_value_counts_at_most_cap_pairs_per_problem():
     """pairs.max_pairs_per_problem bounds what a problem gives: with cap 2, a 5-pass/5-fail problem is worth 2."""
     from gen.run import pool_value
