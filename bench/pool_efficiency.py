@@ -21,6 +21,11 @@ adaptive/uniform ratios (target >= 1.5x). Then, from the same rows and no engine
   - replays of the stopping rule (gen.policy.replay) on uniform's outcomes at other confidences and first rounds:
     how the trade moves, without another run;
   - whether each sample adaptive drew is uniform's sample of that index (it must be: seeds are per sample index).
+
+    python bench/pool_efficiency.py --from-pool runs/experiment-cpu/gen --cap 4 --enough-values 2 3 4
+
+replays gen.enough_per_side on a pool already drawn (e.g. the experiment's) and runs the pairs stage on each
+truncation: pairs per 1,000 tokens with and without it, no engine.
 """
 
 from __future__ import annotations
@@ -40,6 +45,82 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def select_pairs(run_dir: str, out: str, cap: int, lo: float, hi: float) -> dict:
+    """What the pairs stage itself selects from a gen run (its own rules; `cap` per problem; num_pairs unbounded so
+    every quota is short and each category gives all it can): its report (pairs, problems_covered, ...)."""
+    from pairs.config import PairsConfig
+    from pairs.run import run as run_pairs
+
+    pc = PairsConfig(inputs=[run_dir], out=out, num_pairs=100_000, max_pairs_per_problem=cap, pass_rate_min=lo,
+                     pass_rate_max=hi, problems="humaneval", eval_problems="humaneval", eval_fraction=0.5,
+                     split_seed=0, progress=False)
+    try:
+        return run_pairs(pc)
+    except ValueError as e:
+        if str(e).startswith(("no pair fits", "no problem has both")):  # nothing to pair: 0 is the answer
+            print(f"  pairs stage on {run_dir}: {e}", file=sys.stderr)
+            return {"pairs": 0, "problems_covered": 0, "rejected_outcomes": {}}
+        raise
+
+
+def from_pool(a) -> int:
+    """--from-pool DIR: replay gen.enough_per_side on a pool already drawn (no engine) and let the pairs stage select
+    from each truncation. The pool's own policy must be adaptive with the settings given here (or uniform): adding
+    enough only stops problems sooner, so every row a replay keeps exists."""
+    from gen.policy import AdaptivePolicy, replay, text_key
+    from gen.run import pool_value
+    from gen.shards import Manifest, ShardStore
+
+    lo, hi = a.window
+    src = ShardStore(a.from_pool)
+    m = src.read_manifest()
+    if m is None or not m.complete:
+        print(f"pool_efficiency: {a.from_pool} is not a complete gen run", file=sys.stderr)
+        return 2
+    pol = m.identity.get("policy") or {}
+    t = src.read_table()
+    rows = defaultdict(list)
+    for i, (p, k) in enumerate(zip(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist())):
+        rows[p].append((k, i))
+    for p in rows:
+        rows[p].sort()
+    outcomes, texts = t.column("outcome").to_pylist(), t.column("completion").to_pylist()
+    tokens = t.column("completion_tokens").to_pylist()
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="pl-pool-replay-"))
+    print(f"pool {a.from_pool}: {t.num_rows} rows, policy {pol or 'uniform'}; cap {a.cap}, window {lo:g}..{hi:g}")
+    print(f"  {'':<22} {'samples':>7} {'tokens':>8} {'usable':>6} {'proxy pairs':>11} {'stage pairs':>11} "
+          f"{'problems':>8} {'stage pairs/1k':>14}")
+    base = None
+    for k in [0, *a.enough_values]:
+        policy = AdaptivePolicy(m.identity["n"], pol.get("first_round", m.identity["n"]),
+                                pol.get("round_size", m.identity["n"]), lo, hi, pol.get("confidence", 0.5), k)
+        keep = []
+        for p, idx in rows.items():
+            n = replay(policy, [outcomes[i] for _, i in idx], [text_key(texts[i]) for _, i in idx]) if k else len(idx)
+            keep += [i for _, i in idx[:n]]
+        keep.sort()
+        sub = t.take(keep)
+        out = work / f"enough-{k}"
+        shutil.rmtree(out, ignore_errors=True)
+        store = ShardStore(str(out))
+        mm = Manifest(run_id=m.run_id, identity=m.identity, summary=m.summary)
+        store.fs.create_dir(store._p("shards"), recursive=True)
+        store.write_unit(mm, "replay", sub)
+        mm.complete = True
+        store.write_manifest(mm)
+        v = pool_value([t.column("problem_id")[i].as_py() for i in keep], [outcomes[i] for i in keep],
+                       [tokens[i] for i in keep], (lo, hi), a.cap)
+        rep = select_pairs(str(out), str(work / f"pairs-{k}"), a.cap, lo, hi)
+        rate = 1000 * rep["pairs"] / max(v["generated_tokens"], 1)
+        base = rate if base is None else base
+        print(f"  {'as drawn' if not k else f'+ enough {k}':<22} {len(keep):>7} {v['generated_tokens']:>8} "
+              f"{v['usable_problems']:>6} {v['usable_pairs']:>11} {rep['pairs']:>11} {rep['problems_covered']:>8} "
+              f"{rate:>14.3f}  ({rate / base:.2f}x)  rejected: {rep['rejected_outcomes']}")
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="tiny | a built-in name | a model folder")
@@ -56,6 +137,8 @@ def main() -> int:
     ap.add_argument("--runs", nargs="+", default=["uniform", "adaptive", "adaptive+enough"],
                     choices=["uniform", "adaptive", "adaptive+enough"],
                     help="gen runs to make (uniform always runs: the others are compared with it and replayed on it)")
+    ap.add_argument("--from-pool", metavar="DIR", help="no engine: replay enough_per_side on this gen run (below)")
+    ap.add_argument("--enough-values", type=int, nargs="+", default=[2, 3, 4], help="--from-pool: k values")
     ap.add_argument("--replay-confidences", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.5, 0.8])
     ap.add_argument("--max-tokens", type=int, default=384, help="as configs/demo.yaml")
     ap.add_argument("--temperature", type=float, default=0.8)
@@ -69,6 +152,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.enough < 0:
         a.enough = a.cap
+    if a.from_pool:
+        return from_pool(a)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.expanduser("~/.cache/pairloop/vllm"))
@@ -144,22 +229,7 @@ def main() -> int:
         return measured({pid: uni[pid][:k] for pid, k in per_problem.items()})
 
     def pairs_stage(name: str, cfg) -> dict:
-        """What the pairs stage itself selects from the run (its own rules; --cap per problem; num_pairs unbounded so
-        every quota is short and each category gives all it can): pairs, problems, rejected outcomes."""
-        from pairs.config import PairsConfig
-        from pairs.run import run as run_pairs
-
-        pc = PairsConfig(inputs=[cfg.out], out=str(work / f"pairs-{name}"), num_pairs=100_000,
-                         max_pairs_per_problem=a.cap, pass_rate_min=lo, pass_rate_max=hi, problems="humaneval",
-                         eval_problems="humaneval", eval_fraction=0.5, split_seed=0, progress=False)
-        try:
-            report = run_pairs(pc)
-        except ValueError as e:
-            if str(e).startswith(("no pair fits", "no problem has both")):  # nothing to pair: 0 is the answer
-                print(f"  pairs stage on {name}: {e}", file=sys.stderr)
-                return {"pairs": 0, "problems_covered": 0, "rejected_outcomes": {}}
-            raise
-        return report
+        return select_pairs(cfg.out, str(work / f"pairs-{name}"), a.cap, lo, hi)
 
     def per_1k(v: dict, key: str) -> float:
         return 1000 * v[key] / v["generated_tokens"] if v["generated_tokens"] else 0.0

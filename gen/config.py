@@ -124,7 +124,7 @@ class GenConfig:
     pass_rate_max: float = 0.95
     stop_confidence: float = 0.5  # adaptive: c of the stopping test; lower stops unanimous problems sooner
     # adaptive: k > 0 also stops a problem in the window once it holds k distinct passing and k distinct failing
-    # texts a pair may reject: pairs.max_pairs_per_problem = k pairs with no text used twice (gen.policy). 0 = off
+    # texts a pair may reject: up to k x pairs.max_reuse pairs from it (gen.policy). 0 = off
     enough_per_side: int = 0
     enough_exclude: list[str] = field(default_factory=lambda: ["NO_CODE"])  # pairs.exclude_outcomes (the loop's)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -22,11 +22,12 @@ A problem that has both passes and fails keeps sampling to its budget unless the
 k distinct passing texts and k distinct failing ones a pair may reject ("enough"; failures whose outcome is in
 `gen.enough_exclude`, which `pairloop run` sets from `pairs.exclude_outcomes`, do not count; texts are told apart
 by tasks.text.coarse_key, which never counts more texts than pairs' dedup keeps, and a text seen with two
-verdicts counts on neither side, as pairs drops it). k = `pairs.max_pairs_per_problem` distinct texts per side
-let the pairs stage fill that problem's cap with no text used twice, unless its length-ratio bounds rule
-partners out (this does not model them); beyond that, more samples only add choice among rows (e.g. a rarer
-failure category for a balanced selection), which is what stopping gives up. bench/pool_efficiency.py measures
-what the pairs stage itself selects from each policy's pool.
+verdicts counts on neither side, as pairs drops it). k texts a side give the pairs stage up to k x
+`pairs.max_reuse` pairs, so k = ceil(`pairs.max_pairs_per_problem` / max_reuse) can fill the problem's cap (2 for
+the experiment's cap 4 at reuse 2), and k = the cap fills it with no text used twice, unless the length-ratio
+bounds rule partners out (this does not model them). What stopping gives up is choice among rows (e.g. a rarer
+failure category for a balanced selection). bench/pool_efficiency.py measures what the pairs stage itself selects
+from each policy's pool, and replays k on a pool already drawn (--from-pool).
 
 Small first rounds pay off only with a low c: a test on 4-8 samples cannot be sure of
 anything, and what makes stopping early cheap in practice is that models' pass rates cluster at 0 and 1 (most

@@ -176,13 +176,12 @@ def loop_configs(argv: list[str]) -> StageConfigs:
         excluded = sorted(set().union(*(set(p.exclude_outcomes) for p, _ in arms.values())))
         gen = replace(gen, pass_rate_min=min(p.pass_rate_min for p, _ in arms.values()),
                       pass_rate_max=max(p.pass_rate_max for p, _ in arms.values()), enough_exclude=excluded)
-        short = sorted({p.max_pairs_per_problem for p, _ in arms.values()
-                        if gen.enough_per_side and p.max_pairs_per_problem > gen.enough_per_side})
-        if short:
-            warnings.warn(f"gen.enough_per_side={gen.enough_per_side} stops a problem with fewer distinct texts per "
-                          f"side than pairs.max_pairs_per_problem={short[-1]}: its pairs would reuse texts or fall "
-                          f"short of the cap; {short[-1]} fills the cap with no text used twice",
-                          RuntimeWarning, stacklevel=2)
+        # k texts a side give at most k * max_reuse pairs (each text in up to max_reuse of them)
+        need = max((-(-p.max_pairs_per_problem // p.max_reuse) for p, _ in arms.values()), default=0)
+        if gen.enough_per_side and gen.enough_per_side < need:
+            warnings.warn(f"gen.enough_per_side={gen.enough_per_side} stops a problem before it can fill an arm's "
+                          f"pairs.max_pairs_per_problem even with every text reused pairs.max_reuse times: "
+                          f"{need} per side can", RuntimeWarning, stacklevel=2)
     evl = build_config(EvalConfig, {**raw.get("eval", {}), **eval_set, "split": eval_split,
                                     "limit": loop.eval_limit, "out": join_uri(out, "eval")}, "eval")
     first_pairs, first_train = next(iter(arms.values()))

@@ -142,20 +142,23 @@ def test_loop_wires_the_pairs_window_into_adaptive_gen():
         loop_configs(["--config", DEMO, "gen.pass_rate_min=0.2"])
 
 
-def test_loop_warns_when_enough_per_side_is_below_the_pairs_cap():
-    """gen.enough_per_side below pairs.max_pairs_per_problem stops problems before they hold the rows the cap
-    could take (distinct on each side): said at parse time; at the cap, nothing is said."""
+def test_loop_warns_when_enough_per_side_cannot_fill_the_pairs_cap():
+    """k distinct texts a side give at most k x pairs.max_reuse pairs: below ceil(cap / max_reuse) the cap cannot be
+    filled, said at parse time; at it, nothing is said. The pairs' excluded outcomes reach gen."""
     import warnings
 
     from pairloop.loop import loop_configs
 
-    ada = ["--config", DEMO, "gen.policy=adaptive", "gen.first_round=4", "gen.round_size=4", "gen.stop_confidence=0.2", "gen.n=16",
-           "pairs.max_pairs_per_problem=3"]
-    with pytest.warns(RuntimeWarning, match=r"gen.enough_per_side=2 .*pairs.max_pairs_per_problem=3"):
+    ada = ["--config", DEMO, "gen.policy=adaptive", "gen.first_round=4", "gen.round_size=4", "gen.stop_confidence=0.2",
+           "gen.n=16", "pairs.max_pairs_per_problem=5", "pairs.max_reuse=2"]
+    with pytest.warns(RuntimeWarning, match=r"gen.enough_per_side=2 .*max_pairs_per_problem.*3 per side can"):
         loop_configs([*ada, "gen.enough_per_side=2"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert loop_configs([*ada, "gen.enough_per_side=3"]).gen.enough_per_side == 3
+        c = loop_configs([*ada, "gen.enough_per_side=3", "pairs.exclude_outcomes=[NO_CODE,TIMEOUT]"])
+    assert c.gen.enough_per_side == 3 and c.gen.enough_exclude == ["NO_CODE", "TIMEOUT"]
+    with pytest.raises(ValueError, match="gen.enough_exclude is set by the loop"):
+        loop_configs([*ada, "gen.enough_exclude=[TIMEOUT]"])
 
 
 def test_demo_config_wires_the_loop():
