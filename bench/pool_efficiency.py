@@ -63,13 +63,27 @@ def select_pairs(run_dir: str, out: str, cap: int, lo: float, hi: float) -> dict
         raise
 
 
+def write_copy(table, manifest, out: Path) -> str:
+    """A complete gen run folder at `out` holding `table` (a subset of `manifest`'s run's rows), for the pairs stage."""
+    from gen.shards import Manifest, ShardStore
+
+    shutil.rmtree(out, ignore_errors=True)
+    store = ShardStore(str(out))
+    m = Manifest(run_id=manifest.run_id, identity=manifest.identity, summary=manifest.summary)
+    store.fs.create_dir(store._p("shards"), recursive=True)
+    store.write_unit(m, "subset", table)
+    m.complete = True
+    store.write_manifest(m)
+    return str(out)
+
+
 def from_pool(a) -> int:
     """--from-pool DIR: replay gen.enough_per_side on a pool already drawn (no engine) and let the pairs stage select
     from each truncation. The pool's own policy must be adaptive with the settings given here (or uniform): adding
     enough only stops problems sooner, so every row a replay keeps exists."""
     from gen.policy import AdaptivePolicy, replay, text_key
     from gen.run import pool_value
-    from gen.shards import Manifest, ShardStore
+    from gen.shards import ShardStore
 
     lo, hi = a.window
     src = ShardStore(a.from_pool)
@@ -99,15 +113,7 @@ def from_pool(a) -> int:
             n = replay(policy, [outcomes[i] for _, i in idx], [text_key(texts[i]) for _, i in idx]) if k else len(idx)
             keep += [i for _, i in idx[:n]]
         keep.sort()
-        sub = t.take(keep)
-        out = work / f"enough-{k}"
-        shutil.rmtree(out, ignore_errors=True)
-        store = ShardStore(str(out))
-        mm = Manifest(run_id=m.run_id, identity=m.identity, summary=m.summary)
-        store.fs.create_dir(store._p("shards"), recursive=True)
-        store.write_unit(mm, "replay", sub)
-        mm.complete = True
-        store.write_manifest(mm)
+        out = write_copy(t.take(keep), m, work / f"enough-{k}")
         v = pool_value([t.column("problem_id")[i].as_py() for i in keep], [outcomes[i] for i in keep],
                        [tokens[i] for i in keep], (lo, hi), a.cap)
         rep = select_pairs(str(out), str(work / f"pairs-{k}"), a.cap, lo, hi)
@@ -298,7 +304,17 @@ def main() -> int:
             d = v[name]
             cut = max((k for k in range(1, a.budget + 1)
                        if value({p: k for p in uni})["generated_tokens"] <= d["generated_tokens"]), default=1)
-            line(f"uniform n={cut} (tokens <= {name}'s)", value({p: cut for p in uni}))
+            cv = value({p: cut for p in uni})
+            import pyarrow.compute as pc
+
+            ut = ShardStore(uniform_cfg.out).read_table()
+            rep = select_pairs(write_copy(ut.filter(pc.less(ut.column("sample_index"), cut)),
+                                          ShardStore(uniform_cfg.out).read_manifest(), work / f"uniform-{cut}"),
+                               str(work / f"pairs-uniform-{cut}"), a.cap, lo, hi)
+            cv["stage_pairs"], cv["stage_problems"] = rep["pairs"], rep["problems_covered"]
+            line(f"uniform n={cut} (tokens <= {name}'s)", cv)
+            print(f"  {name} vs uniform n={cut}, about the same tokens: the pairs stage's pairs/1k "
+                  f"{(d['stage_pairs'] / d['generated_tokens']) / max(cv['stage_pairs'] / cv['generated_tokens'], 1e-9):.2f}x")
     for fr, rs in dict.fromkeys([(a.first_round, a.round_size), (max(1, a.first_round // 2), a.round_size)]):
         for c in a.replay_confidences:
             for k in dict.fromkeys([0, a.enough]):
