@@ -93,13 +93,13 @@ def from_pool(a) -> int:
         return 2
     pol = m.identity.get("policy") or {}
     t = src.read_table()
+    pids, outcomes = t.column("problem_id").to_pylist(), t.column("outcome").to_pylist()
+    texts, tokens = t.column("completion").to_pylist(), t.column("completion_tokens").to_pylist()
     rows = defaultdict(list)
-    for i, (p, k) in enumerate(zip(t.column("problem_id").to_pylist(), t.column("sample_index").to_pylist())):
+    for i, (p, k) in enumerate(zip(pids, t.column("sample_index").to_pylist())):
         rows[p].append((k, i))
     for p in rows:
         rows[p].sort()
-    outcomes, texts = t.column("outcome").to_pylist(), t.column("completion").to_pylist()
-    tokens = t.column("completion_tokens").to_pylist()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="pl-pool-replay-"))
     print(f"pool {a.from_pool}: {t.num_rows} rows, policy {pol or 'uniform'}; cap {a.cap}, window {lo:g}..{hi:g}")
     print(f"  {'':<22} {'samples':>7} {'tokens':>8} {'usable':>6} {'proxy pairs':>11} {'stage pairs':>11} "
@@ -114,7 +114,7 @@ def from_pool(a) -> int:
             keep += [i for _, i in idx[:n]]
         keep.sort()
         out = write_copy(t.take(keep), m, work / f"enough-{k}")
-        v = pool_value([t.column("problem_id")[i].as_py() for i in keep], [outcomes[i] for i in keep],
+        v = pool_value([pids[i] for i in keep], [outcomes[i] for i in keep],
                        [tokens[i] for i in keep], (lo, hi), a.cap)
         rep = select_pairs(str(out), str(work / f"pairs-{k}"), a.cap, lo, hi)
         rate = 1000 * rep["pairs"] / max(v["generated_tokens"], 1)
@@ -164,6 +164,7 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.expanduser("~/.cache/pairloop/vllm"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import pyarrow.compute as pc
     import ray
 
     from gen.config import ExecutionConfig, GenConfig, SamplingConfig
@@ -267,14 +268,14 @@ def main() -> int:
     for name in runs:
         print(f"  {name}: the pairs stage's rejected side by outcome: {v[name]['stage_rejected']}")
     u = v["uniform"]
+
+    def ratio(x: float, y: float) -> str:
+        return f"{x / y:.2f}x" if y else "n/a"
+
     for name in runs:
         if name == "uniform":
             continue
         d = v[name]
-
-        def ratio(x: float, y: float) -> str:
-            return f"{x / y:.2f}x" if y else "n/a"
-
         print(f"  ratio {name} / uniform: samples {ratio(d['samples'], u['samples'])}, tokens "
               f"{ratio(d['generated_tokens'], u['generated_tokens'])}; pairs/1k "
               f"{ratio(per_1k(d, 'usable_pairs'), per_1k(u, 'usable_pairs'))}, problems/1k "
@@ -299,22 +300,20 @@ def main() -> int:
               f"uniform's outcomes {'matches' if same else 'DIFFERS FROM'} what it drew")
 
     print("\n  from uniform's rows, no engine (pool_value only):")
+    ut, um = ShardStore(uniform_cfg.out).read_table(), ShardStore(uniform_cfg.out).read_manifest()
     for name in runs:
         if name != "uniform":
             d = v[name]
             cut = max((k for k in range(1, a.budget + 1)
                        if value({p: k for p in uni})["generated_tokens"] <= d["generated_tokens"]), default=1)
             cv = value({p: cut for p in uni})
-            import pyarrow.compute as pc
-
-            ut = ShardStore(uniform_cfg.out).read_table()
-            rep = select_pairs(write_copy(ut.filter(pc.less(ut.column("sample_index"), cut)),
-                                          ShardStore(uniform_cfg.out).read_manifest(), work / f"uniform-{cut}"),
+            rep = select_pairs(write_copy(ut.filter(pc.less(ut.column("sample_index"), cut)), um,
+                                          work / f"uniform-{cut}"),
                                str(work / f"pairs-uniform-{cut}"), a.cap, lo, hi)
             cv["stage_pairs"], cv["stage_problems"] = rep["pairs"], rep["problems_covered"]
             line(f"uniform n={cut} (tokens <= {name}'s)", cv)
             print(f"  {name} vs uniform n={cut}, about the same tokens: the pairs stage's pairs/1k "
-                  f"{(d['stage_pairs'] / d['generated_tokens']) / max(cv['stage_pairs'] / cv['generated_tokens'], 1e-9):.2f}x")
+                  f"{ratio(d['stage_pairs'] / max(d['generated_tokens'], 1), cv['stage_pairs'] / max(cv['generated_tokens'], 1))}")
     for fr, rs in dict.fromkeys([(a.first_round, a.round_size), (max(1, a.first_round // 2), a.round_size)]):
         for c in a.replay_confidences:
             for k in dict.fromkeys([0, a.enough]):
