@@ -279,7 +279,7 @@ def _power_notes(report: dict[str, Any]) -> list[str]:
         n, pw = c["noise"], c["power"]
         why = [w for w in (pw.get("mde_undefined"), n.get("prediction_undefined"), pw.get("needed_undefined")) if w]
         if why:
-            notes.append(f"- `{c['adapter']}`: " + "; ".join(why))
+            notes.append(f"- `{_versus(report, c)}`: " + "; ".join(why))
     return notes
 
 

@@ -228,6 +228,11 @@ def test_cli_between_compares_two_adapters_with_each_other(runs, tmp_path, capsy
     assert pairs == [("m", "lora-1"), ("m", "lora-2"), ("lora-1", "lora-2")]
     # lora-2 - lora-1 per problem: p0 +1, p1, p2 0, p3..p8 -1, p9 -0.5 (lora-1 passes it in seed 2 only)
     assert saved["comparisons"][2]["delta"] == pytest.approx((1 - 6 - 0.5) / 10)
+    # a comparison's power note names both sides: lora-2 vs base and lora-2 vs lora-1 are two notes, not one twice
+    for c in saved["comparisons"]:
+        c["power"]["needed_undefined"] = f"why {c['base']}"
+    notes = [ln for ln in report.render_markdown(saved).splitlines() if ln.startswith("- `") and ": why " in ln]
+    assert notes == ["- `lora-1`: why m", "- `lora-2`: why m", "- `lora-2 vs lora-1`: why lora-1"]
     capsys.readouterr()
     assert cli(["report", *runs, "--out", str(tmp_path / "bad"), "--between", "lora-1"]) == 2
     assert "REFERENCE:OTHER" in capsys.readouterr().err
