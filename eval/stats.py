@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sandbox import Outcome
+from sandbox import Outcome, label
 from gen.shards import check_schema
 
 OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
@@ -142,6 +142,21 @@ def _some(items: Sequence[Any] | set, limit: int = 5) -> str:
     return f"{items[:limit]}{more}"
 
 
+def relabel(table: pa.Table) -> pa.Table:
+    """The outcome column by (outcome, finish reason) (sandbox.label): rows written before gen labelled TRUNCATED
+    itself say SYNTAX_ERROR for a program the engine cut at its token limit."""
+    pairs = table.select(["outcome", "finish_reason"]).group_by(["outcome", "finish_reason"]).aggregate([])
+    moved = [(o, f) for o, f in zip(pairs["outcome"].to_pylist(), pairs["finish_reason"].to_pylist())
+             if label(o, f) != o]
+    if not moved:
+        return table
+    out = table["outcome"]
+    for o, f in moved:
+        hit = pc.fill_null(pc.and_(pc.equal(table["outcome"], o), pc.equal(table["finish_reason"], f)), False)
+        out = pc.if_else(hit, label(o, f), out)
+    return table.set_column(table.schema.get_field_index("outcome"), table.schema.field("outcome"), out)
+
+
 def count_outcomes(table: pa.Table) -> list[VariantCounts]:
     """Validate a results table and count its samples per variant, seed, problem, outcome and phase.
 
@@ -157,6 +172,7 @@ def count_outcomes(table: pa.Table) -> list[VariantCounts]:
     bad = set(pc.unique(table["phase"]).to_pylist()) - set(PHASES)
     if bad:
         raise ValueError(f"results: unknown phase values {_some(bad)}; known: {list(PHASES)}")
+    table = relabel(table)
     key = ["model", "adapter", "run_seed", "problem_id", "sample_index"]
     dup = table.group_by(key).aggregate([("run_id", "count")]).filter(pc.field("run_id_count") > 1)
     if dup.num_rows:

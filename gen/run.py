@@ -91,7 +91,7 @@ class _Renderer:
 def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]], ctx: dict) -> list[dict]:
     """Label every completion of a unit; returns shard rows. Runs on the executor thread."""
     from tasks.prompts import extract_program
-    from sandbox import Job, Outcome
+    from sandbox import Job, Outcome, label
 
     rows, jobs, job_rows = [], [], []
     for req, comps in zip(unit.requests, outputs, strict=True):
@@ -121,7 +121,7 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
     if jobs:
         for row, res in zip(job_rows, sandbox.run(jobs), strict=True):
             row.update(
-                outcome=res.outcome.value,
+                outcome=label(res.outcome.value, row["finish_reason"]),
                 phase=res.phase.value if res.phase is not None else None,
                 error_type=res.error_type,
                 error_message=res.error_message,

@@ -224,8 +224,12 @@ def build_report(
     leakage: dict[str, Any],
     warnings: list[str],
     elapsed_s: float,
+    finish: dict[int, str | None] | None = None,
 ) -> dict[str, Any]:
+    """`finish`: pool row -> the engine's finish reason, for every chosen and rejected row (None: not known)."""
     n = table.num_rows
+    cut = None if finish is None else {  # completions the engine cut at its token limit
+        side: sum(1 for p in sel.pairs if finish.get(p[i]) == "length") for i, side in ((0, "chosen"), (1, "rejected"))}
     suspicious = suspicious_chosen(table)
     outcome_counts = np.bincount(pool.outcome, minlength=len(OUTCOMES))
     categories = {}
@@ -294,6 +298,7 @@ def build_report(
             "rejected": _stats(rt),
             "chosen_over_rejected": _stats(ratio),
             "chosen_shorter_fraction": round(float(np.mean(ct < rt)), 4) if n else None,
+            "cut_at_token_limit": cut,
         },
         "reuse": {
             "distinct_chosen": len(chosen_uses),
@@ -348,7 +353,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
         s = ln[k]
         if s:
             lines.append(f"| {k} | {s['min']:g} | {s['median']:g} | {s['mean']:g} | {s['max']:g} |")
-    lines += ["", f"Chosen shorter than rejected in {ln['chosen_shorter_fraction']} of pairs.", ""]
+    lines += ["", f"Chosen shorter than rejected in {ln['chosen_shorter_fraction']} of pairs."]
+    if ln.get("cut_at_token_limit"):
+        c = ln["cut_at_token_limit"]
+        lines += [f"Cut at the token limit (finish reason `length`): {c['chosen']} chosen (passing: the cut fell after "
+                  f"the program, so the text trains on trailing output up to the limit), {c['rejected']} rejected."]
+    lines += [""]
     ru = rep["reuse"]
     lines += [f"Reuse: {ru['distinct_chosen']} distinct chosen (max {ru['max_chosen_uses']} uses), "
               f"{ru['distinct_rejected']} distinct rejected (max {ru['max_rejected_uses']} uses).", ""]

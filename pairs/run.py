@@ -230,7 +230,7 @@ def run(cfg: PairsConfig, messages_for: Callable[[str], list[dict[str, str]]] | 
                "allow_leakage": cfg.allow_leakage, "allow_no_eval_set": cfg.allow_no_eval_set,
                "problem_sets": problem_sets}
     report = build_report(config_to_dict(cfg), pool, plan, sel, table, fmt, dedup_stats, leakage, warnings,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, finish={row: f for row, (_, f) in cache.items()})
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     paths = write_outputs(cfg.out, table, report, report_markdown(report))
     report["written"] = paths

@@ -7,6 +7,6 @@
 See sandbox/executor.py and docs/sandbox.md for what it isolates and what it does not.
 """
 
-from sandbox.executor import ExecResult, Isolation, Job, Limits, Outcome, Phase, Sandbox
+from sandbox.executor import ExecResult, Isolation, Job, Limits, Outcome, Phase, Sandbox, label
 
-__all__ = ["ExecResult", "Isolation", "Job", "Limits", "Outcome", "Phase", "Sandbox"]
+__all__ = ["ExecResult", "Isolation", "Job", "Limits", "Outcome", "Phase", "Sandbox", "label"]

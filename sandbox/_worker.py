@@ -39,12 +39,12 @@ import types
 # --- constants shared with sandbox/executor.py (kept in sync by tests/test_sandbox.py) -------------------------------
 
 OUTCOMES = (
-    "PASS", "SYNTAX_ERROR", "NAME_ERROR", "IMPORT_ERROR", "TYPE_ERROR", "ASSERTION_FAIL", "INDEX_ERROR",
+    "PASS", "SYNTAX_ERROR", "TRUNCATED", "NAME_ERROR", "IMPORT_ERROR", "TYPE_ERROR", "ASSERTION_FAIL", "INDEX_ERROR",
     "KEY_ERROR", "VALUE_ERROR", "ATTRIBUTE_ERROR", "ZERO_DIVISION", "RECURSION", "OTHER_EXCEPTION", "TIMEOUT",
     "MEMORY", "CRASHED", "NO_CODE", "INFRA_ERROR",
 )
-# What a job process may claim for itself (never PASS, never one of ours).
-_JOB_OUTCOMES = frozenset(OUTCOMES) - {"PASS", "NO_CODE", "INFRA_ERROR"}
+# What a job process may claim for itself (never PASS, never one of ours, never TRUNCATED: the engine's to say).
+_JOB_OUTCOMES = frozenset(OUTCOMES) - {"PASS", "NO_CODE", "INFRA_ERROR", "TRUNCATED"}
 
 # Exception class -> outcome, first isinstance match wins (subclasses before their bases).
 EXCEPTION_OUTCOMES = (

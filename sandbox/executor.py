@@ -40,10 +40,15 @@ from typing import Callable, Sequence
 
 
 class Outcome(str, enum.Enum):
-    """The closed set of verdicts. INFRA_ERROR is a fault of the harness, never the model's failure."""
+    """The closed set of verdicts. INFRA_ERROR is a fault of the harness, never the model's failure.
+
+    TRUNCATED is never returned by the executor: it is the label of a completion the engine cut at its token limit
+    (finish reason "length") whose program does not parse. The executor says SYNTAX_ERROR for it, but the model
+    wrote no syntax error; it did not finish within the budget (`label`)."""
 
     PASS = "PASS"
     SYNTAX_ERROR = "SYNTAX_ERROR"
+    TRUNCATED = "TRUNCATED"
     NAME_ERROR = "NAME_ERROR"
     IMPORT_ERROR = "IMPORT_ERROR"
     TYPE_ERROR = "TYPE_ERROR"
@@ -64,6 +69,15 @@ class Outcome(str, enum.Enum):
     @property
     def is_model_failure(self) -> bool:
         return self not in (Outcome.PASS, Outcome.INFRA_ERROR)
+
+
+def label(outcome: str, finish_reason: str | None) -> str:
+    """A sample's outcome name given the executor's verdict and why the generation stopped: a program that does not
+    parse because the engine cut it at the token limit is TRUNCATED, not the model's SYNTAX_ERROR. Applied where
+    rows are written (gen) and where they are read (pairs' pool, eval's counts: rows written before it existed)."""
+    if outcome == Outcome.SYNTAX_ERROR.value and finish_reason == "length":
+        return Outcome.TRUNCATED.value
+    return outcome
 
 
 class Phase(str, enum.Enum):

@@ -593,7 +593,8 @@ def test_a_pool_without_pass_and_fail_in_one_problem_is_refused(tmp_path):
 
 
 def test_weights_naming_an_unknown_category_list_the_valid_ones(tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'NAME_"):
+    with pytest.raises(ValueError,
+                       match=r"weights: unknown category \['NAME_EROR'\].*valid: \['SYNTAX_ERROR', 'TRUNCATED', 'NAME_"):
         PairsConfig(allow_no_eval_set=True, inputs=["x"], balance="weights", weights={"NAME_EROR": 2.0})
     with pytest.raises(ValueError, match=r"unknown category \['NAME_ERROR/runtime'\].*'NAME_ERROR/definition'"):
         PairsConfig(inputs=["x"], balance="weights", category_key="outcome+phase", weights={"NAME_ERROR/runtime": 1.0},
