@@ -31,8 +31,9 @@ Definitions (the report prints these numbers):
   problem needed at this problem count: N' with z^2 (data + prediction_per_sample / N') / P <= delta^2, where
   prediction_per_sample = mean over problems of s^2_base + s^2_adapter (None when data noise alone is too large).
 - Primary test: paired sign-flip permutation test of |sum d| over the m problems with d != 0 (it uses how much
-  each problem moved): exact when m <= exact_max (2^m sign vectors), else Monte-Carlo with a seeded generator,
-  p = (1 + hits) / (1 + draws), reported with its MC standard error. Secondary: exact two-sided sign test over
+  each problem moved): exact when m <= exact_max (2^m sign vectors); exact for any m when the d lie on a grid 1/L
+  (the usual case: scores are c/n), from the distribution of the integer sum built by convolution; else
+  Monte-Carlo with a seeded generator, p = (1 + hits) / (1 + draws), reported with its MC standard error. Secondary: exact two-sided sign test over
   problems whose scores differ; with binary scores (k=1, one seed) this is exactly McNemar's exact test.
 """
 
@@ -308,13 +309,43 @@ def clustered_summary(vc: VariantCounts, level: float = 0.95) -> dict[str, Any]:
     }
 
 
+def _lattice(d: np.ndarray, max_denominator: int = 1000) -> tuple[int, np.ndarray] | None:
+    """(L, |d| * L as integers) for the smallest L <= max_denominator that puts every |d| on the grid 1/L, or None.
+    Per-problem scores are ratios c/n of small integers, so their differences usually lie on such a grid."""
+    a = np.abs(d)
+    for L in range(1, max_denominator + 1):
+        u = a * L
+        r = np.rint(u)
+        if np.all(np.abs(u - r) <= 1e-7):
+            return L, r.astype(np.int64)
+    return None
+
+
+def _lattice_p(units: np.ndarray, observed_units: int) -> float:
+    """P(|sum of +-units| >= observed) under fair independent signs: the exact distribution of the sum, built one
+    difference at a time over the integer sums (a convolution with two point masses)."""
+    total = int(units.sum())
+    prob = np.zeros(2 * total + 1)
+    prob[total] = 1.0  # index = sum + total
+    for u in units.tolist():
+        nxt = np.zeros_like(prob)
+        nxt[u:] += 0.5 * prob[: prob.size - u]
+        nxt[: prob.size - u] += 0.5 * prob[u:]
+        prob = nxt
+    sums = np.arange(-total, total + 1)
+    return float(min(1.0, prob[np.abs(sums) >= observed_units].sum()))
+
+
 def sign_flip_test(
-    diffs: Sequence[float] | np.ndarray, exact_max: int = 20, draws: int = 100_000, seed: int = 0
+    diffs: Sequence[float] | np.ndarray, exact_max: int = 20, draws: int = 100_000, seed: int = 0,
+    lattice_max: int = 50_000_000,
 ) -> dict[str, Any]:
     """Two-sided paired sign-flip permutation test of |sum d| (H0: each problem's difference is as likely + as -).
 
-    Exact over all 2^m sign vectors of the m nonzero differences when m <= exact_max; otherwise Monte-Carlo with
-    `draws` seeded sign vectors, p = (1 + hits) / (1 + draws), with its MC standard error.
+    Exact over all 2^m sign vectors of the m nonzero differences when m <= exact_max. Above that, exact too when
+    the differences lie on a grid 1/L (ratios of small integers: k samples x seeds per problem) and the sum's
+    distribution costs at most `lattice_max` cell updates (m x (2 x sum of |d| x L + 1); 0: never); otherwise
+    Monte-Carlo with `draws` seeded sign vectors, p = (1 + hits) / (1 + draws), with its MC standard error.
     """
     d = np.asarray(diffs, dtype=float)
     d = d[np.abs(d) > _TIE_TOL]
@@ -329,6 +360,12 @@ def sign_flip_test(
             sums = np.concatenate([sums + x, sums - x])
         hits = int((np.abs(sums) >= observed - tol).sum())
         return {"p_value": hits / 2**m, "method": "exact", "nonzero": m, "draws": None, "mc_error": None}
+    grid = _lattice(d) if lattice_max > 0 else None
+    if grid is not None and m * (2 * int(grid[1].sum()) + 1) <= lattice_max:
+        L, units = grid
+        observed_units = int(round(observed * L))
+        return {"p_value": _lattice_p(units, observed_units), "method": "exact", "grid": f"1/{L}", "nonzero": m,
+                "draws": None, "mc_error": None}
     if draws < 1:
         raise ValueError(f"sign_flip_test: draws must be >= 1, got {draws}")
     rng = np.random.default_rng(seed)

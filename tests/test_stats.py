@@ -457,14 +457,31 @@ def test_permutation_p_exact_small_case_by_hand():
 
 def test_permutation_monte_carlo_is_seeded_and_close_to_exact():
     d = np.array([1.0] * 7 + [-1.0] * 4 + [0.5] * 5 + [-0.5] * 6)  # m = 22 > exact_max; sum 2.5, exact p = 0.594
-    mc = stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=1)
-    assert mc["method"] == "monte-carlo" and mc == stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=1)
+    mc = stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=1, lattice_max=0)
+    assert mc["method"] == "monte-carlo" and mc == stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=1,
+                                                                           lattice_max=0)
     exact = stats.sign_flip_test(d, exact_max=22)
-    assert exact["method"] == "exact"
+    assert exact["method"] == "exact" and stats.sign_flip_test(d)["p_value"] == pytest.approx(exact["p_value"])
     assert 0.1 < exact["p_value"] < 0.9  # a p in the middle, where the draws matter
     assert abs(mc["p_value"] - exact["p_value"]) < 5 * mc["mc_error"] + 1 / 20_001
-    assert mc["p_value"] != stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=2)["p_value"]
+    assert mc["p_value"] != stats.sign_flip_test(d, exact_max=20, draws=20_000, seed=2, lattice_max=0)["p_value"]
     assert mc["mc_error"] == pytest.approx(math.sqrt(mc["p_value"] * (1 - mc["p_value"]) / 20_000))
+
+
+def test_permutation_p_on_a_grid_is_exact_for_many_problems():
+    # 60 problems whose scores moved by +-1/3 (3 seeds, k=1): 40 up, 20 down, sum 20/3. Under H0 the number of
+    # + signs B is Binomial(60, 1/2) and |sum| = |2B - 60| / 3, so p = P(|2B - 60| >= 20), by hand.
+    d = np.array([1 / 3] * 40 + [-1 / 3] * 20 + [0.0] * 18)
+    want = sum(math.comb(60, b) for b in range(61) if abs(2 * b - 60) >= 20) / 2**60
+    got = stats.sign_flip_test(d)
+    assert got["method"] == "exact" and got["grid"] == "1/3" and got["nonzero"] == 60
+    assert got["p_value"] == pytest.approx(want, rel=1e-9)
+    # mixed magnitudes on the grid 1/6: the convolution agrees with enumerating all 2^m sign vectors
+    mixed = np.array([1, -2, 3, 5, -1, 2, 6, -3, 1, 4, -5, 2, 1, 3]) / 6
+    assert stats.sign_flip_test(mixed, exact_max=0)["p_value"] == pytest.approx(float(_brute_force_p(mixed)),
+                                                                                 abs=1e-12)
+    # off any grid up to 1/1000: Monte-Carlo
+    assert stats.sign_flip_test(np.array([0.5, 1 / 1009] * 15), draws=1000)["method"] == "monte-carlo"
 
 
 def test_permutation_test_uses_magnitudes_where_the_sign_test_cannot():
