@@ -31,10 +31,12 @@ Definitions (the report prints these numbers):
   problem needed at this problem count: N' with z^2 (data + prediction_per_sample / N') / P <= delta^2, where
   prediction_per_sample = mean over problems of s^2_base + s^2_adapter (None when data noise alone is too large).
 - Primary test: paired sign-flip permutation test of |sum d| over the m problems with d != 0 (it uses how much
-  each problem moved): exact when m <= exact_max (2^m sign vectors); exact for any m when the d lie on a grid 1/L
-  (the usual case: scores are c/n), from the distribution of the integer sum built by convolution; else
-  Monte-Carlo with a seeded generator, p = (1 + hits) / (1 + draws), reported with its MC standard error. Secondary: exact two-sided sign test over
-  problems whose scores differ; with binary scores (k=1, one seed) this is exactly McNemar's exact test.
+  each problem moved): exact when m <= exact_max (2^m sign vectors); exact for larger m too when the d lie on a grid
+  1/L (the usual case: scores are c/n) and the convolution that builds the distribution of the integer sum fits
+  lattice_max cell updates (~1,000 problems at k x seeds = 25); else
+  Monte-Carlo with a seeded generator, p = (1 + hits) / (1 + draws), reported with its MC standard error.
+  Secondary: exact two-sided sign test over problems whose scores differ; with binary scores (k=1, one seed) this
+  is exactly McNemar's exact test.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sandbox import Outcome, label
+from sandbox import Outcome
 from gen.shards import check_schema
 
 OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
@@ -143,21 +145,6 @@ def _some(items: Sequence[Any] | set, limit: int = 5) -> str:
     return f"{items[:limit]}{more}"
 
 
-def relabel(table: pa.Table) -> pa.Table:
-    """The outcome column by (outcome, finish reason) (sandbox.label): rows written before gen labelled TRUNCATED
-    itself say SYNTAX_ERROR for a program the engine cut at its token limit."""
-    pairs = table.select(["outcome", "finish_reason"]).group_by(["outcome", "finish_reason"]).aggregate([])
-    moved = [(o, f) for o, f in zip(pairs["outcome"].to_pylist(), pairs["finish_reason"].to_pylist())
-             if label(o, f) != o]
-    if not moved:
-        return table
-    out = table["outcome"]
-    for o, f in moved:
-        hit = pc.fill_null(pc.and_(pc.equal(table["outcome"], o), pc.equal(table["finish_reason"], f)), False)
-        out = pc.if_else(hit, label(o, f), out)
-    return table.set_column(table.schema.get_field_index("outcome"), table.schema.field("outcome"), out)
-
-
 def count_outcomes(table: pa.Table) -> list[VariantCounts]:
     """Validate a results table and count its samples per variant, seed, problem, outcome and phase.
 
@@ -173,7 +160,6 @@ def count_outcomes(table: pa.Table) -> list[VariantCounts]:
     bad = set(pc.unique(table["phase"]).to_pylist()) - set(PHASES)
     if bad:
         raise ValueError(f"results: unknown phase values {_some(bad)}; known: {list(PHASES)}")
-    table = relabel(table)
     key = ["model", "adapter", "run_seed", "problem_id", "sample_index"]
     dup = table.group_by(key).aggregate([("run_id", "count")]).filter(pc.field("run_id_count") > 1)
     if dup.num_rows:
@@ -316,7 +302,8 @@ def _lattice(d: np.ndarray, max_denominator: int = 1000) -> tuple[int, np.ndarra
     for L in range(1, max_denominator + 1):
         u = a * L
         r = np.rint(u)
-        if np.all(np.abs(u - r) <= 1e-7):
+        # on the grid to float precision, and no nonzero difference rounded away to 0 units
+        if np.all(np.abs(u - r) <= 1e-9 * np.maximum(1.0, u)) and np.all(r >= 1):
             return L, r.astype(np.int64)
     return None
 
@@ -333,7 +320,8 @@ def _lattice_p(units: np.ndarray, observed_units: int) -> float:
         nxt[: prob.size - u] += 0.5 * prob[u:]
         prob = nxt
     sums = np.arange(-total, total + 1)
-    return float(min(1.0, prob[np.abs(sums) >= observed_units].sum()))
+    # never 0: the observed sign vector itself has probability 2^-m (which underflows past m ~ 1074)
+    return float(min(1.0, max(prob[np.abs(sums) >= observed_units].sum(), np.finfo(float).tiny)))
 
 
 def sign_flip_test(
@@ -363,7 +351,7 @@ def sign_flip_test(
     grid = _lattice(d) if lattice_max > 0 else None
     if grid is not None and m * (2 * int(grid[1].sum()) + 1) <= lattice_max:
         L, units = grid
-        observed_units = int(round(observed * L))
+        observed_units = abs(int((np.sign(d).astype(np.int64) * units).sum()))
         return {"p_value": _lattice_p(units, observed_units), "method": "exact", "grid": f"1/{L}", "nonzero": m,
                 "draws": None, "mc_error": None}
     if draws < 1:

@@ -93,7 +93,7 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
     from tasks.prompts import extract_program
     from sandbox import Job, Outcome, label
 
-    rows, jobs, job_rows = [], [], []
+    rows, jobs, job_rows, programs = [], [], [], []
     for req, comps in zip(unit.requests, outputs, strict=True):
         if len(comps) != req.size:
             raise RuntimeError(f"unit {unit.unit_id}: {req.problem_id} got {len(comps)} completions of {req.size}")
@@ -115,14 +115,16 @@ def _execute_unit(sandbox, problems, style, unit: Unit, outputs: list[list[dict]
             if program is None:
                 row.update(outcome=Outcome.NO_CODE.value)
                 continue
+            programs.append(program)
             jobs.append(Job(program=program, test=problem.test, entry_point=problem.entry_point, prompt=problem.prompt,
                             cpu_s=ctx["cpu_limits"].get(req.problem_id)))
             job_rows.append(row)
     if jobs:
-        for row, res in zip(job_rows, sandbox.run(jobs), strict=True):
+        for row, program, res in zip(job_rows, programs, sandbox.run(jobs), strict=True):
+            phase = res.phase.value if res.phase is not None else None
             row.update(
-                outcome=label(res.outcome.value, row["finish_reason"]),
-                phase=res.phase.value if res.phase is not None else None,
+                outcome=label(res.outcome.value, row["finish_reason"], phase, program),
+                phase=phase,
                 error_type=res.error_type,
                 error_message=res.error_message,
                 exec_time_s=float(res.exec_time_s),

@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sandbox import Outcome, label
+from sandbox import Outcome
 from gen.shards import ROW_SCHEMA, Manifest, ShardStore, check_schema
 from pairs.config import PHASES
 
@@ -30,7 +30,7 @@ PASS = OUTCOMES.index("PASS")
 INFRA_ERROR = OUTCOMES.index("INFRA_ERROR")
 PHASE_NAMES: list[str | None] = [None, *PHASES]  # pool.phase codes index this list
 
-_DICT_COLUMNS = ["run_id", "problem_id", "model", "adapter", "prompt", "outcome", "phase", "finish_reason"]
+_DICT_COLUMNS = ["run_id", "problem_id", "model", "adapter", "prompt", "outcome", "phase"]
 _NUM_COLUMNS = ["sample_index", "seed", "completion_tokens"]
 _SCAN_SCHEMA = pa.schema(
     [f.with_type(pa.dictionary(pa.int32(), f.type)) if f.name in _DICT_COLUMNS else f for f in ROW_SCHEMA]
@@ -223,10 +223,10 @@ def scan_pool(uris: Sequence[str], progress: bool = True, allow_incomplete: bool
     files: list[tuple[pafs.FileSystem, str]] = []
     file_input: list[int] = []
     run_codes, problem_codes, model_codes, adapter_codes, prompt_codes = (_Codes() for _ in range(5))
-    outcome_codes, phase_codes, finish_codes = _Codes(), _Codes(), _Codes()
+    outcome_codes, phase_codes = _Codes(), _Codes()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                          ("file", "row", "run", "problem", "model", "adapter", "prompt", "outcome",
-                                          "phase", "finish", "sample_index", "seed", "tokens")}
+                                          "phase", "sample_index", "seed", "tokens")}
     checked_outcomes = checked_phases = 0
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=_DICT_COLUMNS))
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc="pairs: scan pool", disable=not progress)
@@ -261,7 +261,6 @@ def scan_pool(uris: Sequence[str], progress: bool = True, allow_incomplete: bool
             cols["run"].append(run_c)
             cols["outcome"].append(outc)
             cols["phase"].append(ph)
-            cols["finish"].append(_dict_codes(c["finish_reason"], finish_codes, where, "finish_reason", True))
             cols["sample_index"].append(_num(c["sample_index"], where, "sample_index", np.int32))
             cols["seed"].append(_num(c["seed"], where, "seed", np.int64))
             cols["tokens"].append(_num(c["completion_tokens"], where, "completion_tokens", np.int32))
@@ -280,10 +279,8 @@ def scan_pool(uris: Sequence[str], progress: bool = True, allow_incomplete: bool
     bar.close()
 
     arr = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int32) for k, v in cols.items()}
-    # local codes -> the fixed OUTCOMES / PHASE_NAMES numbering; the outcome by (outcome, finish reason): rows
-    # written before gen labelled TRUNCATED itself say SYNTAX_ERROR for a program cut at the token limit
-    outcome_map = np.array([[OUTCOMES.index(label(o, f)) for f in finish_codes.values or [None]]
-                            for o in outcome_codes.values], dtype=np.int8).reshape(len(outcome_codes.values), -1)
+    # local codes -> the fixed OUTCOMES / PHASE_NAMES numbering
+    outcome_map = np.array([OUTCOMES.index(v) for v in outcome_codes.values], dtype=np.int8)
     phase_map = np.array([PHASE_NAMES.index(v) for v in phase_codes.values] or [0], dtype=np.int8)
     combos, group = _groups(arr["problem"], arr["model"], arr["adapter"], arr["prompt"],
                             [len(c.values) for c in (problem_codes, model_codes, adapter_codes, prompt_codes)])
@@ -311,7 +308,7 @@ def scan_pool(uris: Sequence[str], progress: bool = True, allow_incomplete: bool
         row=arr["row"].astype(np.int32),
         run=run_idx,
         group=group,
-        outcome=outcome_map[arr["outcome"], arr["finish"]] if len(outcome_map) else arr["outcome"].astype(np.int8),
+        outcome=outcome_map[arr["outcome"]] if len(outcome_map) else arr["outcome"].astype(np.int8),
         phase=phase_map[arr["phase"]],
         sample_index=sample_index,
         seed=arr["seed"].astype(np.int64),

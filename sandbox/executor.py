@@ -44,7 +44,7 @@ class Outcome(str, enum.Enum):
 
     TRUNCATED is never returned by the executor: it is the label of a completion the engine cut at its token limit
     (finish reason "length") whose program does not parse. The executor says SYNTAX_ERROR for it, but the model
-    wrote no syntax error; it did not finish within the budget (`label`)."""
+    wrote no syntax error; it did not finish within the budget (`label`, applied by gen where rows are written)."""
 
     PASS = "PASS"
     SYNTAX_ERROR = "SYNTAX_ERROR"
@@ -71,12 +71,21 @@ class Outcome(str, enum.Enum):
         return self not in (Outcome.PASS, Outcome.INFRA_ERROR)
 
 
-def label(outcome: str, finish_reason: str | None) -> str:
-    """A sample's outcome name given the executor's verdict and why the generation stopped: a program that does not
-    parse because the engine cut it at the token limit is TRUNCATED, not the model's SYNTAX_ERROR. Applied where
-    rows are written (gen) and where they are read (pairs' pool, eval's counts: rows written before it existed)."""
-    if outcome == Outcome.SYNTAX_ERROR.value and finish_reason == "length":
+def label(outcome: str, finish_reason: str | None, phase: str | None, program: str | None) -> str:
+    """A sample's outcome name from the executor's verdict and why the generation stopped: TRUNCATED when the engine
+    cut the completion at its token limit, the executor said SYNTAX_ERROR while defining the program, and the
+    program itself does not compile (checked here: compiling runs none of it). A program that compiles and then
+    raises SyntaxError on its own (`eval("(")`, `raise SyntaxError`) stays the model's SYNTAX_ERROR, cut or not.
+    Rows are labelled once, by gen as it writes them; rows written before TRUNCATED existed keep SYNTAX_ERROR."""
+    if (outcome != Outcome.SYNTAX_ERROR.value or finish_reason != "length" or phase != Phase.DEFINITION.value
+            or program is None or "\0" in program):  # a null byte is the model's own syntax error
+        return outcome
+    try:
+        compile(program, "<program>", "exec", dont_inherit=True)
+    except SyntaxError:
         return Outcome.TRUNCATED.value
+    except Exception:  # noqa: BLE001 (a null byte, a parser limit: the executor's verdict stands)
+        return outcome
     return outcome
 
 
