@@ -482,6 +482,9 @@ def test_permutation_p_on_a_grid_is_exact_for_many_problems():
                                                                                  abs=1e-12)
     # off any grid up to 1/1000: Monte-Carlo
     assert stats.sign_flip_test(np.array([0.5, 1 / 1009] * 15), draws=1000)["method"] == "monte-carlo"
+    # differences too small for any grid up to 1/1000 are not rounded away to 0 (which would read p = 1)
+    tiny = stats.sign_flip_test(np.full(30, 5e-8), draws=10_000)
+    assert tiny["method"] == "monte-carlo" and tiny["p_value"] < 0.01
 
 
 def test_permutation_test_uses_magnitudes_where_the_sign_test_cannot():
