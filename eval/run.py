@@ -161,13 +161,37 @@ def resolve_adapter_mode(cfg: EvalConfig, mixes_lora_batches: bool, problems: in
                     "hot-loading beats starting an engine on merged weights")
 
 
+# adapter_config.json fields PEFT reads as sets and writes in set order (it varies with Python's hash seed)
+_SET_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
+
+
+def _canonical_config(data: bytes) -> bytes:
+    """adapter_config.json as keys sorted and set-valued lists sorted, so one adapter hashes the same however PEFT
+    ordered them; bytes that are not a JSON object hash as they are."""
+    try:
+        cfg = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(cfg, dict):
+        return data
+    for k in _SET_FIELDS:
+        if isinstance(cfg.get(k), list) and all(isinstance(v, str) for v in cfg[k]):
+            cfg[k] = sorted(cfg[k])
+    return json.dumps(cfg, sort_keys=True).encode()
+
+
 def adapter_label(path: str) -> str:
-    """A label unique to the adapter's weights: folder name + short hash of its files."""
+    """A label unique to the adapter's weights and config: folder name + short hash of its adapter_* files (the
+    config in canonical form: the same training run gives the same label on a rerun)."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         if name.startswith("adapter_"):
+            h.update(name.encode())
+            if name == "adapter_config.json":
+                with open(os.path.join(path, name), "rb") as f:
+                    h.update(_canonical_config(f.read()))
+                continue
             with open(os.path.join(path, name), "rb") as f:
-                h.update(name.encode())
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return f"{Path(path).resolve().name}-{h.hexdigest()[:8]}"

@@ -133,6 +133,28 @@ def test_labels_follow_the_weights(adapters, tmp_path):
     assert adapter_label(str(adapters["v1"])) != adapter_label(str(adapters["v2"]))
 
 
+def test_labels_ignore_the_order_peft_writes_its_module_sets_in(adapters, tmp_path):
+    """PEFT writes target_modules in set order (it varies with the hash seed): a rerun that trained the same weights
+    must get the same label, or its eval folders and report digest differ from the first run's."""
+    import json
+    import shutil
+
+    def copy_with(name, **change):
+        shutil.copytree(adapters["v1"], tmp_path / name)
+        path = tmp_path / name / "adapter_config.json"
+        cfg = json.loads(path.read_text())
+        cfg.update(change)
+        path.write_text(json.dumps(cfg, indent=3))
+        return adapter_label(str(tmp_path / name))
+
+    want = adapter_label(str(adapters["v1"]))
+    modules = json.loads((adapters["v1"] / "adapter_config.json").read_text())["target_modules"]
+    assert isinstance(modules, list) and len(modules) > 1
+    assert copy_with("reordered", target_modules=modules[::-1]).split("-")[-1] == want.split("-")[-1]
+    assert copy_with("fewer", target_modules=sorted(modules)[1:]).split("-")[-1] != want.split("-")[-1]
+    assert copy_with("rank", r=999).split("-")[-1] != want.split("-")[-1]
+
+
 def _eval_cfg(out, problems, **kw) -> EvalConfig:
     from gen.config import ExecutionConfig, SamplingConfig
 
