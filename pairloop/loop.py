@@ -441,8 +441,15 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
             ray.shutdown()
     guard = log.state["stages"]["eval_adapter"]
     seeds = guard.get("seeds") or adapter_eval.seeds  # until_decided may have added seeds
-    dirs = [d for ds in result_dirs(replace(until_decided_off(adapter_eval), seeds=seeds)).values() for d in ds]
-    labels = [adapter_label(t.out) for _, t in arms.values()]
+    # the adapters' result folders as the stage wrote them: a run evaluated by an older pairloop keeps the labels of
+    # its time (adapter_label's hash has changed once), and its report is rebuilt from what is there
+    written = guard.get("outputs") or []
+    if len(written) != len(adapters):
+        raise RuntimeError(f"loop state: eval_adapter recorded {len(written)} result folder(s) for {len(adapters)} "
+                           f"adapter(s): {written}; delete {c.loop.out}/loop_state.json's eval_adapter entry to rerun it")
+    labels = [u.rstrip("/").rsplit("/", 1)[-1] for u in written]
+    base_dirs = result_dirs(replace(until_decided_off(adapter_eval), adapters=[], seeds=seeds))["base"]
+    dirs = [*base_dirs, *(join_uri(adapter_eval.out, lab, f"seed-{s}") for lab in labels for s in seeds)]
     between = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]  # arm vs arm, beside each vs base
     report = build_report(dirs, warnings=guard.get("warnings", []), leakage=guard.get("leakage", []),
                           between=between)

@@ -130,6 +130,33 @@ def test_rerun_skips_completed_stages(loop_run, capsys):
     assert json.loads((out / "loop_state.json").read_text()) == state_before
 
 
+def test_a_run_evaluated_under_older_adapter_labels_rebuilds_its_report_from_the_folders_it_wrote(loop_run, capsys):
+    """adapter_label's hash changed once (the config is hashed in canonical form): resuming a finished run made
+    before must read the adapter's results where its eval wrote them, not look for today's label and fail."""
+    from pairloop.cli import main
+
+    _, out, cfg = loop_run
+    state_path = out / "loop_state.json"
+    state = json.loads(state_path.read_text())
+    (written,) = state["stages"]["eval_adapter"]["outputs"]
+    now = Path(written)
+    old = now.with_name("adapter-0ld1abe1")
+    now.rename(old)
+    saved = state_path.read_text()
+    state["stages"]["eval_adapter"]["outputs"] = [str(old)]
+    state_path.write_text(json.dumps(state))
+    try:
+        assert main(["run", "--config", str(cfg)]) == 0
+        assert "== " not in capsys.readouterr().out  # nothing reran
+        report = json.loads((out / "report" / "report.json").read_text())
+        # read from the renamed folder (the variant's label is the one its results carry)
+        assert now.name in {v["label"] for v in report["variants"]} and not now.exists()
+    finally:
+        old.rename(now)
+        state_path.write_text(saved)
+    assert main(["run", "--config", str(cfg)]) == 0
+
+
 def test_unsectioned_override_is_refused(tmp_path, tiny_coder, toy_problems):
     from pairloop.cli import main
 
