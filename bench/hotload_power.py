@@ -92,7 +92,7 @@ def long_probe(a, model_path: str) -> dict:
         for side in ("chosen", "rejected"):
             if len(seqs) < a.sequences:
                 ids = tok.apply_chat_template(list(r["prompt"]) + list(r[side]), tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in some transformers versions
                 seqs.append(list(ids)[: a.max_seq_tokens])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), a.adapter)
     model.eval()

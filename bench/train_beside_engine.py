@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/train_beside_engine.py --pairs runs/experiment-cpu/pairs-balanced --steps 5
 
-Each mode runs in its own process on the same pairs, seed and settings (configs/experiment-cpu.yaml's DPO: batch 2 x
-grad-accum 2, max 512 tokens, LoRA r=16): `fresh` trains alone; `beside` first starts Ray and one float32 engine
-pool as the loop does (weights and KV cache resident, no requests), then trains. Prints each mode's train_runtime
+Each mode runs in its own process on the same pairs, with the `train:` and `engine:` settings of --config as
+`pairloop run` reads them (default configs/experiment-cpu.yaml; its first arm's), for --steps optimizer steps:
+`fresh` trains alone; `beside` first starts Ray and the config's eval engines as the loop does (weights and KV
+cache resident, no requests), then trains. Prints each mode's train_runtime
 (TRL's, first step included) and the ratio.
 """
 
@@ -23,20 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def child(mode: str, pairs: str, steps: int, out: str, result: str) -> None:
-    from train.dpo import TrainConfig, train
+def child(mode: str, config: str, pairs: str, steps: int, out: str, result: str) -> None:
+    from dataclasses import replace
 
+    from pairloop.loop import loop_configs
+    from train.dpo import train
+
+    c = loop_configs(["--config", config])
     pool = None
     if mode == "beside":
-        from gen.engine import EngineConfig, EnginePool, ensure_ray
+        from gen.engine import EnginePool, ensure_ray
         from gen.model_source import resolve_model
 
         ensure_ray()
-        pool = EnginePool(EngineConfig(model="default", dtype="float32", engines=1, max_model_len=1536,
-                                       cpu_kv_cache_gib=2.0, max_lora_rank=16, max_loras=4), resolve_model("default"))
-    cfg = TrainConfig(model="default", pairs=[pairs], out=out, seed=0, max_steps=steps, batch_size=2, grad_accum=2,
-                      learning_rate=1e-4, beta=0.1, lora_r=16, lora_alpha=32, max_length=512, max_lora_rank=16,
-                      warmup_ratio=0.1, lr_scheduler="cosine")
+        pool = EnginePool(c.engine, resolve_model(c.engine.model))
+    cfg = replace(c.train, pairs=[pairs], out=out, max_steps=steps)
     train(cfg)
     man = json.loads((Path(out) / "train_manifest.json").read_text())
     Path(result).write_text(json.dumps({"train_runtime": man["metrics"]["train_runtime"]}))
@@ -48,14 +50,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", required=True, help="a pairs stage's output folder")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--config", default=str(ROOT / "configs" / "experiment-cpu.yaml"))
     p.add_argument("--child", nargs=2, metavar=("MODE", "RESULT"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.steps < 1:
         p.error(f"--steps={a.steps}: must be >= 1")
     if a.child:
-        child(a.child[0], a.pairs, a.steps, a.out, a.child[1])
+        child(a.child[0], a.config, a.pairs, a.steps, a.out, a.child[1])
         return 0
+    if not Path(a.config).is_file():
+        p.error(f"--config={a.config!r}: no such file")
     if not (Path(a.pairs) / "pairs.parquet").is_file():
         p.error(f"--pairs={a.pairs!r}: no pairs.parquet there")
     got = {}
@@ -63,8 +68,8 @@ def main() -> int:
         for mode in ("fresh", "beside"):
             res = os.path.join(tmp, f"{mode}.json")
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--pairs", a.pairs, "--steps", str(a.steps), "--child", mode, res,
-                            "--out", os.path.join(tmp, mode)], check=True)
+            subprocess.run([sys.executable, __file__, "--pairs", a.pairs, "--steps", str(a.steps), "--config", a.config,
+                            "--child", mode, res, "--out", os.path.join(tmp, mode)], check=True)
             got[mode] = json.loads(Path(res).read_text())["train_runtime"]
             print(f"{mode}: train_runtime {got[mode]:.1f} s for {a.steps} steps (process {time.perf_counter() - t0:.0f} s)")
     print(f"beside / fresh: {got['beside'] / got['fresh']:.2f}x")
