@@ -445,7 +445,7 @@ def run_loop(c: StageConfigs) -> dict[str, Any]:
     # its time (adapter_label's hash has changed once), and its report is rebuilt from what is there
     written = guard.get("outputs") or []
     if len(written) != len(adapters):
-        raise RuntimeError(f"loop state: eval_adapter recorded {len(written)} result folder(s) for {len(adapters)} "
+        raise ValueError(f"loop state: eval_adapter recorded {len(written)} result folder(s) for {len(adapters)} "
                            f"adapter(s): {written}; delete {c.loop.out}/loop_state.json's eval_adapter entry to rerun it")
     labels = [u.rstrip("/").rsplit("/", 1)[-1] for u in written]
     base_dirs = result_dirs(replace(until_decided_off(adapter_eval), adapters=[], seeds=seeds))["base"]

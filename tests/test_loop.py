@@ -151,6 +151,11 @@ def test_a_run_evaluated_under_older_adapter_labels_rebuilds_its_report_from_the
         report = json.loads((out / "report" / "report.json").read_text())
         # read from the renamed folder (the variant's label is the one its results carry)
         assert now.name in {v["label"] for v in report["variants"]} and not now.exists()
+        # a state file whose record lost its folders is refused with a clear error (exit 2), not a traceback
+        state["stages"]["eval_adapter"]["outputs"] = []
+        state_path.write_text(json.dumps(state))
+        assert main(["run", "--config", str(cfg)]) == 2
+        assert "eval_adapter recorded 0 result folder(s) for 1 adapter(s)" in capsys.readouterr().err
     finally:
         old.rename(now)
         state_path.write_text(saved)
