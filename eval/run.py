@@ -251,7 +251,7 @@ def probe_reference(adapter: str, model_path: str) -> dict[str, Any]:
     manifest = os.path.join(adapter, "train_manifest.json")
     if os.path.isfile(manifest):
         probe = json.loads(Path(manifest).read_text()).get("probe")
-        if isinstance(probe, dict) and probe.get("token_ids"):
+        if isinstance(probe, dict) and (probe.get("sequences") or probe.get("token_ids")):
             return probe
     return reference_from_files(model_path, adapter)
 
@@ -287,12 +287,17 @@ def merge_adapter(model_path: str, adapter: str) -> str:
 
 
 def hot_load_line(h: dict[str, Any]) -> str:
+    probe = "probe"
+    if h.get("sequences", 1) > 1:
+        probe = f"probe ({h['sequences']} texts, {h['tokens']} tokens, training texts included)"
     line = (f"hot-load check ({h.get('mode', 'lora')}): adapter {h['adapter']} (sha256 {h['sha256'][:12]}) served as "
-            f"trained on {h['engines']} engine(s): probe log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
+            f"trained on {h['engines']} engine(s): {probe} log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
             f"{h['max_abs_diff']:.2g})")
     if h.get("effect_l2"):  # older records lack these
         line += (f", its effect on the probe matched with a residual of {h['residual_l2'] / h['effect_l2']:.2%} of it "
                  f"(L2 {h['residual_l2']:.2g} of {h['effect_l2']:.2g}; engine noise {h['noise_l2']:.2g})")
+    if "beta" in h:
+        line += f", projected {h['beta']:.3f} x PEFT's effect"
     return line + f", {h['seconds']:.2f} s"
 
 
@@ -434,7 +439,8 @@ def _record_check(hot_load: list, label: str, path: str, mode: str, check: dict[
     hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check})
     print(f"eval: hot-load check of {label} ({mode}): {check['engines']} engine(s) match PEFT within "
           f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}), residual "
-          f"{check['residual_l2'] / check['effect_l2']:.2%} of the adapter's effect, in {check['seconds']:.2f} s")
+          f"{check['residual_l2'] / check['effect_l2']:.2%} of the adapter's effect (projection {check['beta']:.3f}, "
+          f"{check['sequences']} probe texts, {check['tokens']} tokens), in {check['seconds']:.2f} s")
 
 
 def _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, dirs, hot_load) -> None:

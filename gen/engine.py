@@ -274,14 +274,18 @@ class EngineActor:
             raise
 
     def prompt_logprobs(self, token_ids: list[int], lora: dict | None = None) -> list[float]:
-        """log p(token_i | tokens_<i), i >= 1, of a fixed token sequence (the hot-load probe), alone in its batch."""
+        """log p(token_i | tokens_<i), i >= 1, of a fixed token sequence, alone in its batch."""
+        return self.probe_logprobs([token_ids], lora)[0]
+
+    def probe_logprobs(self, sequences: list[list[int]], lora: dict | None = None) -> list[list[float]]:
+        """prompt_logprobs of each sequence (the hot-load probe), the sequences alone in one batch of their own."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        (out,) = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
-                                   lora_request=self._lora(lora), use_tqdm=False)
-        return [float(d[t].logprob) for t, d in zip(token_ids[1:], out.prompt_logprobs[1:])]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                 lora_request=self._lora(lora), use_tqdm=False)
+        return [[float(d[t].logprob) for t, d in zip(s[1:], o.prompt_logprobs[1:])] for s, o in zip(sequences, outs)]
 
     def add_lora(self, lora: dict) -> float:
         t0 = time.perf_counter()
@@ -339,6 +343,10 @@ def ensure_ray(address: str | None = None) -> bool:
     else:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     return True
+
+
+def _flat(per_sequence: list[list[float]]) -> list[float]:
+    return [x for lp in per_sequence for x in lp]
 
 
 class EnginePool:
@@ -454,6 +462,12 @@ class EnginePool:
         self.loras[lid] = lora
         return lora
 
+    def _probe(self, ref: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]]]:
+        from gen.probe import fit, sequences
+
+        ref = fit(ref, self.engine_kwargs["max_model_len"])
+        return ref, sequences(ref)
+
     def verify_adapter(self, lora: dict, ref: dict[str, Any]) -> dict[str, Any]:
         """The hot-load check (gen.probe): every engine's probe log-probs under `lora` match the reference and differ
         from its base's. Raises ValueError naming the engine; returns what it measured (for the report)."""
@@ -461,15 +475,16 @@ class EnginePool:
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
-        ids = ref["token_ids"]
-        with_lora = ray.get([a.prompt_logprobs.remote(ids, lora) for a in self.actors])
-        base = ray.get([a.prompt_logprobs.remote(ids, None) for a in self.actors])
+        ref, seqs = self._probe(ref)
+        with_lora = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, lora) for a in self.actors])]
+        base = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, None) for a in self.actors])]
         for i, (lp, blp) in enumerate(zip(with_lora, base)):
             why = compare(lp, blp, ref, tol)
             if why is not None:
                 raise ValueError(f"hot-load check failed on engine {i} for adapter {lora['path']}: {why}")
         return {**check_margins(with_lora, base, ref), "engines": len(self.actors), "tolerance": tol,
-                "tokens": len(ids) - 1, "seconds": round(time.perf_counter() - t0, 3)}
+                "sequences": len(seqs), "tokens": len(ref["adapter_logprobs"]),
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     def verify_merged(self, ref: dict[str, Any], base: "EnginePool") -> dict[str, Any]:
         """The same check for an engine serving the adapter merged into its weights: its plain log-probs must match
@@ -479,14 +494,16 @@ class EnginePool:
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
-        served = ray.get([a.prompt_logprobs.remote(ref["token_ids"], None) for a in self.actors])
-        base_lp = ray.get(base.actors[0].prompt_logprobs.remote(ref["token_ids"], None))
+        ref, seqs = self._probe(ref)
+        served = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, None) for a in self.actors])]
+        base_lp = _flat(ray.get(base.actors[0].probe_logprobs.remote(seqs, None)))
         for i, lp in enumerate(served):
             why = compare(lp, base_lp, ref, tol)
             if why is not None:
                 raise ValueError(f"merged-adapter check failed on engine {i} ({self.model_path}): {why}")
         return {**check_margins(served, [base_lp] * len(served), ref), "engines": len(self.actors),
-                "tolerance": tol, "tokens": len(ref["token_ids"]) - 1, "seconds": round(time.perf_counter() - t0, 3)}
+                "tolerance": tol, "sequences": len(seqs), "tokens": len(ref["adapter_logprobs"]),
+                "seconds": round(time.perf_counter() - t0, 3)}
 
     def unload_adapter(self, lora: dict) -> None:
         ray.get([a.remove_lora.remote(lora["id"]) for a in self.actors])

@@ -435,7 +435,7 @@ def _probe_case(effect: float, noise: float, n: int = 50, seed: int = 0):
     base = [-rng.uniform(0.1, 3.0) for _ in range(n)]
     delta = [rng.gauss(0, effect) for _ in range(n)]
     other = [rng.gauss(0, effect) for _ in range(n)]
-    ref = {"base_logprobs": base, "adapter_logprobs": [b + d for b, d in zip(base, delta)]}
+    ref = {"sequences": [list(range(n + 1))], "base_logprobs": base, "adapter_logprobs": [b + d for b, d in zip(base, delta)]}
     eng_base = [b + rng.gauss(0, noise) for b in base]
     serve = lambda d: [b + x + rng.gauss(0, noise) for b, x in zip(base, d)]  # noqa: E731
     return ref, eng_base, {"right": serve(delta), "noop": serve([0.0] * n), "other": serve(other)}
@@ -463,6 +463,85 @@ def test_hot_load_compare_refuses_an_effect_within_the_engines_noise():
     assert "other base weights" in compare(served["right"], [b + 1.0 for b in ref["base_logprobs"]], ref, 0.25)
 
 
+def test_hot_load_compare_refuses_a_scaled_adapter_the_residual_test_lets_through():
+    """An adapter at 0.65 x its trained step (an earlier checkpoint, a lost lora_alpha scaling), with the engine's
+    noise small: |d_engine - d_PEFT| = 0.35 |d_PEFT| passes the residual test (< 1/2); its projection beta = 0.65 is
+    outside 1 +- BETA_BAND. The adapter as trained, under the same noise, passes."""
+    from gen.probe import BETA_BAND, compare, measure
+
+    ref, eng_base, _ = _probe_case(effect=0.2, noise=0.002)
+    delta = [a - b for a, b in zip(ref["adapter_logprobs"], ref["base_logprobs"])]
+    for scale, passes in ((0.65, False), (1.35, False), (1 - BETA_BAND / 2, True), (1.0, True)):
+        served = [b + scale * d for b, d in zip(eng_base, delta)]
+        m = measure(served, eng_base, ref)
+        assert abs(m["beta"] - scale) < 0.02 and m["residual"] < m["effect"] / 2
+        why = compare(served, eng_base, ref, tol=0.25)
+        assert (why is None) == passes, (scale, why)
+        if not passes:
+            assert "a scaled adapter" in why
+
+
+def test_token_wise_tolerance_applies_to_the_fixed_text_not_to_every_training_text_token():
+    """bf16 over thousands of training-text tokens: the adapter as trained had single tokens 0.78 off PEFT (the
+    tolerance, fitted to the fixed text, is 0.25). One such token in a training text is noise the whole-probe tests
+    weigh; the same difference on the fixed text is refused token-wise, as before."""
+    from gen.probe import compare
+
+    ref, eng_base, served = _probe_case(effect=0.2, noise=0.002, n=400)
+    ref = {**ref, "sequences": [list(range(51)), list(range(351))]}  # a 50-token fixed text, one training text
+    late, early = list(served["right"]), list(served["right"])
+    late[300] += 0.6
+    early[10] += 0.6
+    assert compare(late, eng_base, ref, 0.25) is None
+    assert "serves other weights" in compare(early, eng_base, ref, 0.25)
+
+
+def test_probe_cut_to_an_engines_length_keeps_each_sequences_first_logprobs():
+    """Sequences longer than an engine's max_model_len are cut, and with them exactly their own log-probs (the
+    concatenation must stay aligned: a cut of sequence 1 must not shift sequence 2's values)."""
+    from gen.probe import fit, sequences
+
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    lp = lambda s, k: [float(10 * k + i) for i in range(len(s) - 1)]  # noqa: E731
+    ref = {"sequences": seqs, "adapter_logprobs": [x for k, s in enumerate(seqs) for x in lp(s, k)],
+           "base_logprobs": [-x for k, s in enumerate(seqs) for x in lp(s, k)]}
+    cut = fit(ref, max_len=4)  # 3 prompt tokens + the one generated
+    assert sequences(cut) == [[1, 2, 3], [6, 7, 8], [9, 10, 11]]
+    assert cut["adapter_logprobs"] == [0.0, 1.0, 10.0, 11.0, 20.0, 21.0]
+    assert cut["base_logprobs"] == [-x for x in cut["adapter_logprobs"]]
+    assert fit(ref, max_len=100)["adapter_logprobs"] == ref["adapter_logprobs"]
+    old = {"token_ids": [1, 2, 3], "adapter_logprobs": [0.5, 0.6], "base_logprobs": [0.1, 0.2]}  # a record before
+    assert sequences(old) == [[1, 2, 3]] and fit(old, 3)["adapter_logprobs"] == [0.5]
+
+
+def test_hot_load_check_scores_the_training_texts_on_every_engine(engine_pool, adapters, tiny_model):
+    """The probe with training texts (prompt + chosen, prompt + rejected of the first pairs, as train/ records it):
+    every sequence is scored by the engine, and the check passes for the adapter as trained and refuses another
+    adapter served under its reference."""
+    from gen.probe import PROBE_PAIRS, reference_from_files
+
+    rows = [{"prompt": [{"role": "user", "content": f"Write {name}."}],
+             "chosen": [{"role": "assistant", "content": f"def {name}(x):\n    return x\n"}],
+             "rejected": [{"role": "assistant", "content": f"def {name}(x):\n    return y\n"}]}
+            for name in [f"f{i}" for i in range(PROBE_PAIRS + 1)]]  # one more than the probe takes
+    ref = reference_from_files(tiny_model, str(adapters["v1"]), rows)
+    assert ref["pair_texts"] == 2 * PROBE_PAIRS == len(ref["sequences"]) - 1
+    lora = engine_pool.load_adapter(str(adapters["v1"]))
+    try:
+        check = engine_pool.verify_adapter(lora, ref)
+    finally:
+        engine_pool.unload_adapter(lora)
+    assert check["sequences"] == 1 + 2 * PROBE_PAIRS
+    assert check["tokens"] == sum(len(s) - 1 for s in ref["sequences"]) == len(ref["adapter_logprobs"])
+    assert abs(check["beta"] - 1) < 1e-3
+    other = engine_pool.load_adapter(str(adapters["v2"]))
+    try:
+        with pytest.raises(ValueError, match="serves other weights"):
+            engine_pool.verify_adapter(other, ref)
+    finally:
+        engine_pool.unload_adapter(other)
+
+
 def test_hot_load_check_passes_for_the_adapter_as_trained_and_measures_its_margin(engine_pool, adapters,
                                                                                   tiny_model):
     from gen.probe import reference_from_files
@@ -474,7 +553,7 @@ def test_hot_load_check_passes_for_the_adapter_as_trained_and_measures_its_margi
     finally:
         engine_pool.unload_adapter(lora)
     assert check["engines"] == len(engine_pool) and check["max_abs_diff"] <= check["tolerance"]
-    assert check["tokens"] == len(ref["token_ids"]) - 1 > 10
+    assert check["tokens"] == len(ref["sequences"][0]) - 1 > 10 and check["sequences"] == 1
     # the margins the report prints: the effect reproduced to within half of it, clear of 4x the engine's noise
     assert 0 <= check["residual_l2"] < check["effect_l2"] / 2 and 4 * check["noise_l2"] < check["effect_l2"]
 

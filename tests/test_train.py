@@ -279,6 +279,28 @@ def test_output_folder_has_adapter_and_manifest_with_provenance(tiny, pairs_path
     assert m["adapter_sha256"] == file_sha256(adapter / "adapter_model.safetensors")
 
 
+def test_the_probe_reference_holds_the_first_training_pairs_texts(tiny, adapter):
+    """The hot-load check's reference (train_manifest "probe"): the fixed text, then prompt + chosen and prompt +
+    rejected of the first PROBE_PAIRS training pairs, with the trained weights' own log-probs on each (what a bf16
+    engine can resolve an adapter on: it moves its training texts most)."""
+    from transformers import AutoTokenizer
+
+    from gen.probe import PROBE_PAIRS, PROBE_TEXT, reference_from_files
+
+    probe = json.loads((adapter / "train_manifest.json").read_text())["probe"]
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    texts = [tok.decode(s) for s in probe["sequences"]]
+    assert texts[0] == PROBE_TEXT and probe["pair_texts"] == 2 * PROBE_PAIRS == len(texts) - 1
+    want = [(r["prompt"][0]["content"], side[0]["content"]) for r in learnable_pairs(PROBE_PAIRS, "")
+            for side in (r["chosen"], r["rejected"])]
+    for text, (prompt, completion) in zip(texts[1:], want):
+        assert prompt in text and completion.strip() in text, text
+    now = reference_from_files(str(tiny), str(adapter), learnable_pairs(PROBE_PAIRS, ""))
+    assert now["sequences"] == probe["sequences"]
+    assert max(abs(a - b) for a, b in zip(now["adapter_logprobs"], probe["adapter_logprobs"])) < 1e-4
+    assert len(probe["adapter_logprobs"]) == sum(len(x) - 1 for x in probe["sequences"])
+
+
 def test_metrics_jsonl_has_a_row_per_step_and_a_plot(adapter):
     rows = [json.loads(x) for x in (adapter / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

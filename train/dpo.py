@@ -553,12 +553,14 @@ def train(cfg: TrainConfig) -> Path:
         if not main_process:
             return out
         trainer.model.save_pretrained(tmp)
-        from gen.probe import reference
+        from gen.probe import PROBE_PAIRS, reference
 
         # the hot-load check's reference: PEFT's probe log-probs of these very weights (eval compares the engines')
         # without accelerate's autocast wrapper: the probe is these weights' own log-probs, not bf16 matmuls'
+        # on the fixed probe text and on the texts of the first training pairs (what the adapter moves most)
         probe = reference(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False),
-                          trainer.processing_class)
+                          trainer.processing_class,
+                          table.slice(0, PROBE_PAIRS).select(["prompt", "chosen", "rejected"]).to_pylist())
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template; the manifest says what this is
         plot_metrics(metrics, tmp / PLOT_NAME)
