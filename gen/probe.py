@@ -53,6 +53,10 @@ def sequences(ref: dict[str, Any]) -> list[list[int]]:
 def fit(ref: dict[str, Any], max_len: int) -> dict[str, Any]:
     """The reference cut so that every sequence fits an engine of `max_len` tokens (one more is generated)."""
     seqs, adapter, base = sequences(ref), ref["adapter_logprobs"], ref["base_logprobs"]
+    want = sum(len(s) - 1 for s in seqs)
+    if len(adapter) != want or len(base) != want:
+        raise ValueError(f"hot-load reference is malformed: its {len(seqs)} probe sequence(s) have {want} scored "
+                         f"tokens, its log-probs {len(adapter)} (adapter) and {len(base)} (base)")
     out_seqs, out_a, out_b, at = [], [], [], 0
     for s in seqs:
         keep = min(len(s), max_len - 1)

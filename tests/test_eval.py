@@ -460,6 +460,8 @@ def test_hot_load_compare_refuses_an_effect_within_the_engines_noise():
 
     ref, eng_base, served = _probe_case(effect=0.01, noise=0.02)
     assert "indistinguishable from the base" in compare(served["right"], eng_base, ref, 0.25)
+    assert "fixed probe only" in compare(served["right"], eng_base, ref, 0.25)  # says why (no training texts)
+    assert "fixed probe only" not in compare(served["right"], eng_base, {**ref, "pair_texts": 8}, 0.25)
     assert "other base weights" in compare(served["right"], [b + 1.0 for b in ref["base_logprobs"]], ref, 0.25)
 
 
@@ -512,6 +514,8 @@ def test_probe_cut_to_an_engines_length_keeps_each_sequences_first_logprobs():
     assert fit(ref, max_len=100)["adapter_logprobs"] == ref["adapter_logprobs"]
     old = {"token_ids": [1, 2, 3], "adapter_logprobs": [0.5, 0.6], "base_logprobs": [0.1, 0.2]}  # a record before
     assert sequences(old) == [[1, 2, 3]] and fit(old, 3)["adapter_logprobs"] == [0.5]
+    with pytest.raises(ValueError, match="malformed: its 3 probe sequence.* 9 scored tokens, its log-probs 8"):
+        fit({**ref, "adapter_logprobs": ref["adapter_logprobs"][:-1]}, 100)  # misaligned: refused, not sliced
 
 
 def test_hot_load_check_scores_the_training_texts_on_every_engine(engine_pool, adapters, tiny_model):
