@@ -243,17 +243,35 @@ def adapter_sha256(path: str) -> str:
     return file_sha256(os.path.join(path, "adapter_model.safetensors"))
 
 
-def probe_reference(adapter: str, model_path: str) -> dict[str, Any]:
-    """The hot-load check's reference: PEFT's probe log-probs recorded by train/ when the adapter was saved (so a
-    file changed since is caught), else computed now by PEFT from the adapter's files (adapters trained elsewhere)."""
-    from gen.probe import reference_from_files
+def recorded_probe(adapter: str) -> dict[str, Any] | None:
+    """The probe record train/ wrote into the adapter's train_manifest.json, validated; None when there is none (no
+    manifest, or one from before train/ recorded probes). A record that is there but unreadable is refused
+    (ValueError naming the file and field), never silently replaced by one computed now."""
+    from gen.probe import validate
 
     manifest = os.path.join(adapter, "train_manifest.json")
-    if os.path.isfile(manifest):
-        probe = json.loads(Path(manifest).read_text()).get("probe")
-        if isinstance(probe, dict) and (probe.get("sequences") or probe.get("token_ids")):
-            return probe
-    return reference_from_files(model_path, adapter)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        record = json.loads(Path(manifest).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{manifest}: unreadable ({e}); the hot-load check needs its probe record") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{manifest}: not a JSON object; the hot-load check needs its probe record")
+    return validate(record["probe"], manifest) if "probe" in record else None
+
+
+def probe_reference(adapter: str, model_path: str) -> dict[str, Any]:
+    """The hot-load check's reference: PEFT's probe log-probs recorded by train/ when the adapter was saved (so a
+    file changed since is caught), else computed now by PEFT from the adapter's files (adapters trained elsewhere, or
+    before train/ recorded it); `source` says which."""
+    from gen.probe import reference_from_files
+
+    ref = recorded_probe(adapter)
+    if ref is not None:
+        return {**ref, "source": "recorded by train/ at save time"}
+    return {**reference_from_files(model_path, adapter),
+            "source": "computed now by PEFT from the adapter's files (no record from train/)"}
 
 
 def merge_adapter(model_path: str, adapter: str) -> str:
@@ -298,6 +316,8 @@ def hot_load_line(h: dict[str, Any]) -> str:
                  f"(L2 {h['residual_l2']:.2g} of {h['effect_l2']:.2g}; engine noise {h['noise_l2']:.2g})")
     if "beta" in h:
         line += f", projected {h['beta']:.3f} x PEFT's effect"
+    if h.get("reference"):
+        line += f"; reference {h['reference']}"
     return line + f", {h['seconds']:.2f} s"
 
 
@@ -435,8 +455,10 @@ def _check_complete(label: str, cfg: EvalConfig, results, dirs: dict[str, list[s
         dirs.setdefault(label, []).append(res.out)
 
 
-def _record_check(hot_load: list, label: str, path: str, mode: str, check: dict[str, Any]) -> None:
-    hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check})
+def _record_check(hot_load: list, label: str, path: str, mode: str, check: dict[str, Any],
+                  ref: dict[str, Any]) -> None:
+    hot_load.append({"adapter": path, "sha256": adapter_sha256(path), "mode": mode, **check,
+                     "reference": ref.get("source", "")})
     print(f"eval: hot-load check of {label} ({mode}): {check['engines']} engine(s) match PEFT within "
           f"{check['tolerance']:g} (max |diff| {check['max_abs_diff']:.2g}), residual "
           f"{check['residual_l2'] / check['effect_l2']:.2%} of the adapter's effect (projection {check['beta']:.3f}, "
@@ -451,8 +473,8 @@ def _eval_all_variants_in_one_pass(cfg, engine_cfg, pool, model_path, variants, 
         for label, path in variants:
             if path is not None:
                 loaded[label] = pool.load_adapter(path, name_prefix=label)
-                _record_check(hot_load, label, path, "lora",
-                              pool.verify_adapter(loaded[label], probe_reference(path, model_path)))
+                ref = probe_reference(path, model_path)
+                _record_check(hot_load, label, path, "lora", pool.verify_adapter(loaded[label], ref), ref)
         runs, run_loras, labels = [], [], []
         for label, path in variants:
             seed_runs = _seed_runs(cfg, label, path)
@@ -483,7 +505,7 @@ def _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, 
             else:
                 lora = pool.load_adapter(path, name_prefix=label)
                 check = pool.verify_adapter(lora, ref)
-            _record_check(hot_load, label, path, mode, check)
+            _record_check(hot_load, label, path, mode, check, ref)
         try:
             runs = _seed_runs(cfg, label, path)
             # rows record the base model's identity (a merged engine serves base + this adapter); how the adapter
@@ -514,6 +536,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
     guard_warnings, leakage = check_no_train_overlap(cfg)  # first: a refusal costs no engine work
     for a in cfg.adapters:
         check_adapter_rank(a, engine_cfg.max_lora_rank)
+        recorded_probe(a)  # a malformed hot-load record refuses here, before any engine work
     model_path = pool.model_path if pool is not None else resolve_model(engine_cfg.model)
     variants: list[tuple[str, str | None]] = [("base", None)] if cfg.include_base else []
     for a in cfg.adapters:

@@ -50,6 +50,29 @@ def sequences(ref: dict[str, Any]) -> list[list[int]]:
     return [list(s) for s in seqs] if seqs else [list(ref["token_ids"])]
 
 
+def validate(ref: Any, where: str) -> dict[str, Any]:
+    """`ref` if it is a well-formed probe record, else ValueError naming `where` and the field: a record that cannot
+    be read is refused, never replaced by one computed now (that would vouch for files changed since training)."""
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"{where}: probe record field {field!r} {why}; the hot-load check cannot use it (retrain, "
+                          f"or remove the record to have PEFT recompute it from the adapter's files)")
+
+    if not isinstance(ref, dict):
+        raise bad("probe", f"is a {type(ref).__name__}, not an object")
+    seqs = ref.get("sequences", ref.get("token_ids") and [ref.get("token_ids")])
+    field = "sequences" if "sequences" in ref else "token_ids"
+    if not isinstance(seqs, list) or not seqs or not all(
+            isinstance(s, list) and len(s) >= 2 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                        for t in s) for s in seqs):
+        raise bad(field, "is missing or not a list of token-id lists (each of 2 or more ids)")
+    for key in ("adapter_logprobs", "base_logprobs"):
+        xs = ref.get(key)
+        if not isinstance(xs, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               and math.isfinite(x) and x <= 0 for x in xs):
+            raise bad(key, "is missing or not a list of finite log-probs (<= 0)")
+    return ref
+
+
 def fit(ref: dict[str, Any], max_len: int) -> dict[str, Any]:
     """The reference cut so that every sequence fits an engine of `max_len` tokens (one more is generated)."""
     seqs, adapter, base = sequences(ref), ref["adapter_logprobs"], ref["base_logprobs"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -738,3 +739,58 @@ def test_until_decided_adds_seeds_in_rounds_and_each_look_decides_on_the_seeds_s
         assert t.num_rows == 6 * 2 * 3  # 6 toy problems x k x seeds
     assert {v["label"] for v in res.report["variants"]} == {Path(engine_config.model).name, label}
     assert engine_pool.loras == {}
+
+
+@pytest.mark.parametrize("probe,field", [
+    ("not a record", "'probe'"),
+    ({"sequences": [[1, 2, 3]], "base_logprobs": [-0.1, -0.2]}, "'adapter_logprobs'"),
+    ({"sequences": [[1, 2, 3]], "adapter_logprobs": [-0.1, "x"], "base_logprobs": [-0.1, -0.2]},
+     "'adapter_logprobs'"),
+    ({"sequences": [[1, 2, 3]], "adapter_logprobs": [-0.1, float("nan")], "base_logprobs": [-0.1, -0.2]},
+     "'adapter_logprobs'"),
+    ({"sequences": [[1, 2, 3]], "adapter_logprobs": [-0.1, -0.2], "base_logprobs": None}, "'base_logprobs'"),
+    ({"sequences": [], "adapter_logprobs": [], "base_logprobs": []}, "'sequences'"),
+    ({"sequences": [[1, "2"]], "adapter_logprobs": [-0.1], "base_logprobs": [-0.1]}, "'sequences'"),
+    ({"adapter_logprobs": [-0.1], "base_logprobs": [-0.1]}, "'token_ids'"),
+])
+def test_a_malformed_probe_record_is_refused_naming_the_file_and_field(probe, field, tmp_path):
+    """A record train/ wrote but that cannot be read is refused, never replaced by a reference computed now (which
+    would vouch for adapter files changed since training)."""
+    from eval.run import recorded_probe
+
+    (tmp_path / "train_manifest.json").write_text(json.dumps({"probe": probe}))
+    with pytest.raises(ValueError, match=rf"train_manifest.json: probe record field {field}"):
+        recorded_probe(str(tmp_path))
+
+
+def test_probe_records_that_are_absent_or_well_formed_are_told_apart(tmp_path):
+    from eval.run import recorded_probe
+
+    assert recorded_probe(str(tmp_path)) is None  # no manifest: PEFT recomputes (an adapter trained elsewhere)
+    (tmp_path / "train_manifest.json").write_text(json.dumps({"pairs": []}))
+    assert recorded_probe(str(tmp_path)) is None  # trained before train/ recorded probes
+    good = {"sequences": [[1, 2, 3]], "adapter_logprobs": [-0.1, -0.2], "base_logprobs": [-0.3, 0]}
+    (tmp_path / "train_manifest.json").write_text(json.dumps({"probe": good}))
+    assert recorded_probe(str(tmp_path)) == good
+    (tmp_path / "train_manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="train_manifest.json: unreadable"):
+        recorded_probe(str(tmp_path))
+
+
+def test_eval_with_a_malformed_probe_record_exits_2_before_engine_work(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    adapter = make_adapter_config(tmp_path / "adapter", r=8)
+    (adapter / "train_manifest.json").write_text(json.dumps({"probe": {"sequences": [[1, 2]]}}))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pairloop", "eval", "--config", str(root / "configs" / "demo.yaml"),
+         f"eval.adapters=[{adapter}]", "eval.allow_unknown_provenance=true", "eval.allow_foreign_adapter=true",
+         "engine.model=/nonexistent/model"],
+        cwd=work, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{adapter}/train_manifest.json: probe record field 'adapter_logprobs'" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(work.iterdir()) == []
