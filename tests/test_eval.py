@@ -646,6 +646,12 @@ def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(
              for r in (res, lora)]
     assert ident[0]["serving"] == {"adapter_mode": "merged"} and ident[1]["serving"] == {"adapter_mode": "lora"}
     assert ident[0]["model_fingerprint"] == ident[1]["model_fingerprint"]
+    # a hot-loaded LoRA runs through the CPU engine's LoRA ops (gen/cpu_lora.py), which round their own way: the
+    # identity of a LoRA-served run says which; merged weights and the base need no LoRA ops
+    from gen.cpu_lora import NAME
+
+    assert engine_pool.lora_ops == NAME and all(i["lora_ops"] == NAME for i in engine_pool.infos)
+    assert ident[1]["engine"]["lora_ops"] == NAME and "lora_ops" not in ident[0]["engine"]
 
 
 def test_adapter_mode_auto_picks_by_the_engines_and_the_evals_size(tmp_path):
