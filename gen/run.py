@@ -282,7 +282,8 @@ def problem_time_limits(ex: ExecutionConfig, problems: Sequence[Any]) -> dict[st
 def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any], problem_set: str,
                  style: str, response_prefix: str, samples_per_unit: int, adapter_label: str | None,
                  serving: dict[str, Any] | None = None, dtype: str | None = None,
-                 time_limits: dict[str, Any] | None = None, lora_ops: str | None = None) -> dict[str, Any]:
+                 time_limits: dict[str, Any] | None = None, lora_ops: str | None = None,
+                 top_p: str | None = None) -> dict[str, Any]:
     """Every setting that changes a row: two runs with equal identities are the same run (resume), else not."""
     asdict = dataclasses.asdict
     return {
@@ -302,7 +303,9 @@ def run_identity(cfg: GenConfig, engine_cfg: EngineConfig, model: dict[str, Any]
         "engine": {"max_model_len": engine_cfg.max_model_len, "dtype": dtype or engine_cfg.dtype,
                    "tensor_parallel_size": engine_cfg.tensor_parallel_size,
                    # a LoRA served through other ops than vLLM's own (CPU, gen/cpu_lora.py): other rounding
-                   **({"lora_ops": lora_ops} if lora_ops not in (None, "vllm") else {})},
+                   **({"lora_ops": lora_ops} if lora_ops not in (None, "vllm") else {}),
+                   # top-p applied by gen/cpu_sampler.py (CPU): ties at the nucleus boundary are all kept
+                   **({"top_p": top_p} if top_p not in (None, "vllm") and cfg.sampling.top_p < 1 else {})},
         **({"serving": serving} if serving else {}),  # eval: how the adapter was served (lora | merged)
         # per-problem CPU limits (execution.time_limit=reference): the limits themselves, not the measurement, so a
         # rerun on another machine whose measurement gives the same limits is the same run; fixed: absent
@@ -327,6 +330,7 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
     renderer = _Renderer(model_path, cfg.sampling.prompt_style, engine_cfg.max_model_len,
                          cfg.sampling.response_prefix)
     from gen.cpu_lora import planned as planned_lora_ops
+    from gen.cpu_sampler import planned as planned_top_p
 
     use_gpu = planned_use_gpu(engine_cfg) if use_gpu is None else use_gpu
     dtype, _ = resolve_dtype(engine_cfg, use_gpu)
@@ -334,7 +338,7 @@ def prepare_run(cfg: GenConfig, engine_cfg: EngineConfig, model_path: str, lora:
     served_lora = lora is not None or bool(cfg.adapter)  # a merged adapter is plain weights to the engine
     identity = run_identity(cfg, engine_cfg, model_identity(engine_cfg.model), problem_set_fingerprint(problems_list),
                             renderer.style, renderer.response_prefix, samples_per_unit, adapter_label, serving, dtype,
-                            time_limits, planned_lora_ops(use_gpu) if served_lora else None)
+                            time_limits, planned_lora_ops(use_gpu) if served_lora else None, planned_top_p(use_gpu))
     prompts = {p.id: renderer.prompt(p) for p in problems_list}
     adaptive = AdaptivePolicy.of(cfg) if cfg.policy == "adaptive" else None
     if adaptive is None:

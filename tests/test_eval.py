@@ -652,6 +652,11 @@ def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(
 
     assert engine_pool.lora_ops == NAME and all(i["lora_ops"] == NAME for i in engine_pool.infos)
     assert ident[1]["engine"]["lora_ops"] == NAME and "lora_ops" not in ident[0]["engine"]
+    # and every sampled CPU run applies top-p through gen/cpu_sampler.py (ties at the boundary kept): recorded too
+    from gen import cpu_sampler
+
+    assert engine_pool.top_p == cpu_sampler.NAME and all(i["top_p"] == cpu_sampler.NAME for i in engine_pool.infos)
+    assert ident[0]["engine"]["top_p"] == ident[1]["engine"]["top_p"] == cpu_sampler.NAME
 
 
 def test_adapter_mode_auto_picks_by_the_engines_and_the_evals_size(tmp_path):
