@@ -96,15 +96,40 @@ def check_reference(a, model_path: str) -> dict:
 
 
 def measures(served: list[float], base: list[float], ref: dict, tol: float) -> dict:
-    from gen.probe import compare, measure
+    """Both designs on the same log-probs: the two-call check (gen.probe.compare: the engine's effect over its own
+    base on every token) and the one-call check (gen.probe.compare_direct: the engine's adapter log-probs against
+    PEFT's, its base on the fixed text only)."""
+    from gen.probe import compare, compare_direct, measure, measure_direct
 
-    return {**measure(served, base, ref), "verdict": compare(served, base, ref, tol) or "pass"}
+    direct = measure_direct(served, base, ref)
+    return {**measure(served, base, ref), "verdict": compare(served, base, ref, tol) or "pass",
+            "direct_residual": direct["residual"], "direct_beta": direct["beta"],
+            "direct_verdict": compare_direct(served, base, ref, tol) or "pass"}
 
 
 def both(served: list[list[float]], base: list[list[float]], ref: dict, tol: float) -> dict:
     flat = lambda xs: [x for lp in xs for x in lp]  # noqa: E731
     return {"probe": measures(flat(served), flat(base), ref, tol),
             "fixed": measures(served[0], base[0], fixed_only(ref), tol)}
+
+
+def time_checks(pool, lora, seqs: list[list[int]], repeat: int) -> dict:
+    """Seconds of the engine calls each design makes, interleaved `repeat` times on the same engine: two calls over
+    the whole probe (adapter, base) vs one over the whole probe (adapter) and one over the fixed text (base)."""
+    import ray
+
+    actor = pool.actors[0]
+    two, one = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ray.get(actor.probe_logprobs.remote(seqs, lora))
+        ray.get(actor.probe_logprobs.remote(seqs, None))
+        two.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ray.get(actor.probe_logprobs.remote(seqs, lora))
+        ray.get(actor.probe_logprobs.remote(seqs[:1], None))
+        one.append(time.perf_counter() - t0)
+    return {"two_calls_s": two, "one_call_s": one}
 
 
 def run_dtype(dtype: str, a, model_path: str, ref: dict, tmp: Path) -> dict:
@@ -127,10 +152,11 @@ def run_dtype(dtype: str, a, model_path: str, ref: dict, tmp: Path) -> dict:
         for case in CASES:
             lora = pool.load_adapter(derived_adapter(a.adapter, case, tmp / f"{dtype}-{case}"), name_prefix=case)
             out[case] = both(ray.get(pool.actors[0].probe_logprobs.remote(seqs, lora)), base, ref, tol)
-            if case == "right":  # the check as eval runs it: both calls, every engine
+            if case == "right":  # the check as eval runs it, every engine; then each design's calls, interleaved
                 t1 = time.perf_counter()
                 pool.verify_adapter(lora, ref)
                 out["check_s"] = time.perf_counter() - t1
+                out["timing"] = time_checks(pool, lora, seqs, a.repeat)
             pool.unload_adapter(lora)
         if a.merged:
             merged = merge_adapter(model_path, a.adapter)
@@ -151,6 +177,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--no-merged", dest="merged", action="store_false", help="skip the merged-engine case")
     ap.add_argument("--pairs", default="", help="pairs folder for an adapter whose record lacks training texts")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds of each design's engine calls")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     if a.pairs and not os.path.isfile(os.path.join(a.pairs, "pairs.parquet")):
@@ -174,7 +201,7 @@ def main() -> None:
     print(f"\n{a.adapter}: probe {res['sequences']} texts, {res['tokens']} tokens (fixed text {res['fixed_tokens']}); "
           f"effect = |PEFT adapter - PEFT base|, noise = sqrt2 |engine base - PEFT base|, L2")
     print(f"{'dtype':<9}{'served':<8}{'probe':<7}{'effect':>9}{'noise':>9}{'eff/noise':>10}{'res/eff':>9}{'beta':>8}"
-          f"{'max|d|':>9}  verdict")
+          f"{'max|d|':>9}  two-call verdict | one call: {'res/eff':>7}{'beta':>7}  verdict")
     for dtype in a.dtypes:
         for case in (*CASES, "merged"):
             for probe in ("probe", "fixed"):
@@ -183,9 +210,15 @@ def main() -> None:
                     continue
                 print(f"{dtype:<9}{case:<8}{probe:<7}{m['effect']:>9.3f}{m['noise']:>9.3f}"
                       f"{m['effect'] / max(m['noise'], 1e-30):>10.1f}{m['residual'] / max(m['effect'], 1e-30):>9.3f}"
-                      f"{m['beta']:>8.3f}{m['max_abs_diff']:>9.4f}  {m['verdict'][:100]}")
+                      f"{m['beta']:>8.3f}{m['max_abs_diff']:>9.4f}  {m['verdict'][:60]:<60} | "
+                      f"{m['direct_residual'] / max(m['effect'], 1e-30):>7.3f}{m['direct_beta']:>7.3f}  "
+                      f"{m['direct_verdict'][-60:]}")
+        t = res[dtype]["timing"]
         print(f"{dtype}: the check (verify_adapter, right) took {res[dtype]['check_s']:.2f} s; engine start "
-              f"{res[dtype]['start_s']:.1f} s")
+              f"{res[dtype]['start_s']:.1f} s; engine calls, {a.repeat} interleaved rounds: two-call design "
+              f"{' '.join(f'{x:.2f}' for x in t['two_calls_s'])} s, one-call "
+              f"{' '.join(f'{x:.2f}' for x in t['one_call_s'])} s (median ratio "
+              f"{sorted(t['two_calls_s'])[len(t['two_calls_s']) // 2] / sorted(t['one_call_s'])[len(t['one_call_s']) // 2]:.2f}x)")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

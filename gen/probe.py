@@ -230,3 +230,58 @@ def compare(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: 
         return (f"the engine's adapter effect is {m['beta']:.3g} x PEFT's along it (accepted 1 +- {BETA_BAND:g}; "
                 f"effect L2 {effect:.3g}, noise {noise:.3g}): the engine serves other weights (a scaled adapter)")
     return None
+
+
+# The one-call check: the engine's adapter log-probs must lie within RESIDUAL_MAX x the adapter's effect of PEFT's,
+# over every probe token: |e_adapter - PEFT adapter| < RESIDUAL_MAX |PEFT adapter - PEFT base|. By Cauchy-Schwarz
+# that bounds the projection beta = <e_adapter - PEFT base, d_PEFT> / |d_PEFT|^2 within 1 +- RESIDUAL_MAX, so a
+# no-op (beta 0), a half- or double-scaled adapter and another adapter's weights cannot pass, whatever the noise.
+RESIDUAL_MAX = 0.25
+
+
+def measure_direct(engine_adapter: Sequence[float], engine_base_fixed: Sequence[float],
+                   ref: dict[str, Any]) -> dict[str, float]:
+    """What compare_direct() decides on: the engine's adapter log-probs on every probe token, its base log-probs on
+    the fixed text only (the base-weights test)."""
+    want, want_base = ref["adapter_logprobs"], ref["base_logprobs"]
+    d_ref = [a - b for a, b in zip(want, want_base)]
+    effect2 = sum(x * x for x in d_ref)
+    k = len(sequences(ref)[0]) - 1
+    return {
+        "effect": _l2(d_ref),
+        "engine_effect": _l2([a - b for a, b in zip(engine_adapter, want_base)]),
+        "residual": _l2([a - b for a, b in zip(engine_adapter, want)]),
+        "beta": sum((a - b) * d for a, b, d in zip(engine_adapter, want_base, d_ref)) / max(effect2, 1e-30),
+        "max_abs_diff": max(abs(a - b) for a, b in zip(engine_adapter[:k], want[:k])),
+        "max_abs_diff_base": max(abs(a - b) for a, b in zip(engine_base_fixed[:k], want_base[:k])),
+        "max_effect": max(abs(x) for x in d_ref[:k]),
+    }
+
+
+def compare_direct(engine_adapter: Sequence[float], engine_base_fixed: Sequence[float], ref: dict[str, Any],
+                   tol: float) -> str | None:
+    """None when the engine serves the reference adapter; else why not. One call of the engine under the adapter
+    over the whole probe, and one of its base over the fixed text."""
+    want = ref["adapter_logprobs"]
+    k = len(sequences(ref)[0]) - 1
+    if len(engine_adapter) != len(want) or len(engine_base_fixed) < k:
+        return f"probe length differs: engine {len(engine_adapter)} tokens, reference {len(want)}"
+    m = measure_direct(engine_adapter, engine_base_fixed, ref)
+    effect, residual, beta = m["effect"], m["residual"], m["beta"]
+    if m["max_abs_diff_base"] > tol:
+        return (f"engine base log-probs differ from PEFT's by up to {m['max_abs_diff_base']:.3g} (tolerance {tol:g}): "
+                f"the engine serves other base weights")
+    if effect <= 1e-9:
+        return "the adapter does not move the probe at all (PEFT): there is nothing to tell it from the base by"
+    if m["max_abs_diff"] > tol:
+        return (f"engine log-probs under the adapter differ from PEFT's by up to {m['max_abs_diff']:.3g} (tolerance "
+                f"{tol:g}; the adapter moves them by up to {m['max_effect']:.3g}): the engine serves other weights")
+    if residual >= RESIDUAL_MAX * effect:
+        what = ("a no-op (the base, or an unrelated adapter)" if abs(beta) < RESIDUAL_MAX else
+                "a scaled adapter" if abs(beta - 1) > RESIDUAL_MAX else "other weights")
+        return (f"the engine's log-probs under the adapter are L2 {residual:.3g} from PEFT's, {residual / effect:.2f} "
+                f"of the adapter's effect (L2 {effect:.3g} over {len(want)} tokens; accepted < {RESIDUAL_MAX:g}); "
+                f"its effect is {beta:.3f} x PEFT's along it: the engine serves {what}"
+                + ("" if ref.get("pair_texts") else "; the reference holds the fixed probe only (no training texts), "
+                   "on which a bf16 engine's rounding alone exceeds a lightly trained adapter's effect"))
+    return None
