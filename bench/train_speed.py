@@ -87,6 +87,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         def on_step_end(self, a, state, control, **kw):
             stamps.append(time.perf_counter())
 
+    faults0 = resource.getrusage(resource.RUSAGE_SELF)
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
         trainer = build_trainer(cfg, table, load, Path(work), callbacks=[StepClock()])
@@ -95,6 +96,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset
         ]
         trainer.train()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     steady = (len(stamps) - 1) * per_step / (stamps[-1] - stamps[0])
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # ru_maxrss is KiB on Linux
     gpu_peak = torch.cuda.max_memory_allocated() / (1 << 30) if torch.cuda.is_available() else None
@@ -108,6 +110,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         "setup_s": round(t_setup, 1),
         "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
         "peak_rss_gib": round(peak_rss_gib, 2), "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
+        "minor_faults": usage.ru_minflt - faults0.ru_minflt,  # page faults: freed blocks glibc gave back
+        "system_cpu_share": round((usage.ru_stime - faults0.ru_stime) / max(
+            usage.ru_stime - faults0.ru_stime + usage.ru_utime - faults0.ru_utime, 1e-9), 3),
     }
 
 
@@ -185,14 +190,15 @@ def main() -> int:
             results.append(r)
             print(json.dumps(r), flush=True)
     base = results[0]["pairs_per_s"]
-    print(f"\n{'precision':<15}{'variant':<52}{'pairs/s':>9}{'s/step':>8}{'vs first':>9}{'peak RSS GiB':>14}")
+    print(f"\n{'precision':<15}{'variant':<52}{'pairs/s':>9}{'s/step':>8}{'vs first':>9}{'peak RSS GiB':>14}"
+          f"{'minor faults':>14}{'sys CPU':>9}")
     for r in results:
         gc, pre = r["gradient_checkpointing"], r["precompute_ref_log_probs"]
         name = (f"grad ckpt {'on ' if gc else 'off'}, precompute ref {'on' if pre else 'off'}, "
                 f"{r['batch_size']}x{r['grad_accum']}")
         ratio = r["pairs_per_s"] / base
         print(f"{r['precision']:<15}{name:<52}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>8.2f}x"
-              f"{r['peak_rss_gib']:>14.2f}")
+              f"{r['peak_rss_gib']:>14.2f}{r['minor_faults']:>14,}{r['system_cpu_share']:>9.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0
