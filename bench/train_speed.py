@@ -110,6 +110,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "setup_s": round(t_setup, 1),
         "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
         "peak_rss_gib": round(peak_rss_gib, 2), "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
+        "allocator": "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "glibc",
         "minor_faults": usage.ru_minflt - faults0.ru_minflt,  # page faults: freed blocks glibc gave back
         "system_cpu_share": round((usage.ru_stime - faults0.ru_stime) / max(
             usage.ru_stime - faults0.ru_stime + usage.ru_utime - faults0.ru_utime, 1e-9), 3),
@@ -133,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                    help="train.precision values to compare (each with every variant)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--allocators", nargs="+", default=["glibc"], choices=["glibc", "jemalloc"],
+                   help="malloc for each variant's process: glibc's, or jemalloc (LD_PRELOAD, decay off: freed memory "
+                        "is kept for reuse, not given back to the kernel)")
     p.add_argument("--json", default="", help="write the results here (one variant and precision: that result)")
     p.add_argument("--gc", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--precompute", type=int, default=0, help=argparse.SUPPRESS)
@@ -158,6 +162,19 @@ def parse_shapes(shapes: list[str] | None, batch_size: int) -> list[tuple[int, i
     return out
 
 
+JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def allocator_env(name: str) -> dict[str, str]:
+    if name == "glibc":
+        return {}
+    lib = next((p for p in JEMALLOC if os.path.isfile(p)), None)
+    if lib is None:
+        raise SystemExit(f"--allocators jemalloc: no libjemalloc.so.2 in {JEMALLOC} (Debian: apt install libjemalloc2)")
+    return {"LD_PRELOAD": lib, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+
+
 def main() -> int:
     args = parser().parse_args()
     if args.steps < 2:
@@ -174,13 +191,15 @@ def main() -> int:
     results = []
     shapes = parse_shapes(args.shapes, args.batch_size)
     for precision in args.precision:
-        for variant, (batch, accum) in ((v, s) for v in args.variants for s in shapes):
+        for variant, (batch, accum), alloc in ((v, s, m) for v in args.variants for s in shapes
+                                               for m in args.allocators):
             gc, pre = VARIANTS[variant]
             cmd = [sys.executable, __file__, "--model", args.model, "--max-length", str(args.max_length),
                    "--batch-size", str(batch), "--grad-accum", str(accum), "--steps", str(args.steps),
                    "--precision", precision, "--gc", str(gc), "--precompute", str(pre),
                    *(["--pairs", args.pairs] if args.pairs else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TQDM_DISABLE": "1", **allocator_env(alloc)})
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
@@ -191,14 +210,14 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     base = results[0]["pairs_per_s"]
     print(f"\n{'precision':<15}{'variant':<52}{'pairs/s':>9}{'s/step':>8}{'vs first':>9}{'peak RSS GiB':>14}"
-          f"{'minor faults':>14}{'sys CPU':>9}")
+          f"{'minor faults':>14}{'sys CPU':>9}  allocator")
     for r in results:
         gc, pre = r["gradient_checkpointing"], r["precompute_ref_log_probs"]
         name = (f"grad ckpt {'on ' if gc else 'off'}, precompute ref {'on' if pre else 'off'}, "
                 f"{r['batch_size']}x{r['grad_accum']}")
         ratio = r["pairs_per_s"] / base
         print(f"{r['precision']:<15}{name:<52}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>8.2f}x"
-              f"{r['peak_rss_gib']:>14.2f}{r['minor_faults']:>14,}{r['system_cpu_share']:>9.0%}")
+              f"{r['peak_rss_gib']:>14.2f}{r['minor_faults']:>14,}{r['system_cpu_share']:>9.0%}  {r['allocator']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0
