@@ -185,6 +185,11 @@ def check_margins(served: Sequence[Sequence[float]], base: Sequence[Sequence[flo
             "beta": max((m["beta"] for m in ms), key=lambda b: abs(b - 1))}
 
 
+def _other_base(diff: float, tol: float) -> str:
+    return (f"engine base log-probs differ from PEFT's by up to {diff:.3g} (tolerance {tol:g}): the engine serves other "
+            f"base weights")
+
+
 def compare(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: dict[str, Any],
             tol: float) -> str | None:
     """None when the engine serves the reference adapter; else why not (in words, with the numbers).
@@ -209,8 +214,7 @@ def compare(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: 
     m = measure(engine_adapter, engine_base, ref)
     effect, residual, noise = m["effect"], m["residual"], m["noise"]
     if m["max_abs_diff_base"] > tol:
-        return (f"engine base log-probs differ from PEFT's by up to {m['max_abs_diff_base']:.3g} (tolerance {tol:g}): "
-                f"the engine serves other base weights")
+        return _other_base(m["max_abs_diff_base"], tol)
     if effect <= max(4 * noise, 1e-9):
         return (f"the adapter's effect on the probe (L2 {effect:.3g} over {len(want)} tokens; PEFT) is within 4x this "
                 f"engine's numerical noise ({noise:.3g}): it would be indistinguishable from the base; a float32 "
@@ -269,8 +273,7 @@ def compare_direct(engine_adapter: Sequence[float], engine_base_fixed: Sequence[
     m = measure_direct(engine_adapter, engine_base_fixed, ref)
     effect, residual, beta = m["effect"], m["residual"], m["beta"]
     if m["max_abs_diff_base"] > tol:
-        return (f"engine base log-probs differ from PEFT's by up to {m['max_abs_diff_base']:.3g} (tolerance {tol:g}): "
-                f"the engine serves other base weights")
+        return _other_base(m["max_abs_diff_base"], tol)
     if effect <= 1e-9:
         return "the adapter does not move the probe at all (PEFT): there is nothing to tell it from the base by"
     if m["max_abs_diff"] > tol:

@@ -805,3 +805,22 @@ def test_eval_with_a_malformed_probe_record_exits_2_before_engine_work(tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{adapter}/train_manifest.json: probe record field 'adapter_logprobs'" in proc.stderr
     assert "Traceback" not in proc.stderr and list(work.iterdir()) == []
+
+
+def test_the_one_call_check_passes_the_adapter_as_trained_and_refuses_wrong_weights():
+    """gen.probe.compare_direct (measured beside the two-call check by bench/hotload_power.py): the engine's adapter
+    log-probs within RESIDUAL_MAX of the adapter's effect of PEFT's, its base checked on the fixed text only."""
+    from gen.probe import RESIDUAL_MAX, compare_direct, measure_direct
+
+    ref, eng_base, served = _probe_case(effect=0.05, noise=0.002, n=400)  # per token below the tolerance
+    k = len(ref["sequences"][0]) - 1
+    assert compare_direct(served["right"], eng_base[:k], ref, 0.25) is None
+    assert "a no-op" in compare_direct(served["noop"], eng_base[:k], ref, 0.25)
+    assert "serves" in compare_direct(served["other"], eng_base[:k], ref, 0.25)
+    delta = [a - b for a, b in zip(ref["adapter_logprobs"], ref["base_logprobs"])]
+    for scale, passes in ((0.65, False), (1.35, False), (1 - RESIDUAL_MAX / 2, True)):
+        scaled = [b + scale * d for b, d in zip(eng_base, delta)]
+        assert abs(measure_direct(scaled, eng_base, ref)["beta"] - scale) < 0.05
+        assert (compare_direct(scaled, eng_base[:k], ref, 0.25) is None) == passes, scale
+    assert "other base weights" in compare_direct(served["right"], [b + 1.0 for b in ref["base_logprobs"]], ref,
+                                                  0.25)
