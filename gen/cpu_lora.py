@@ -59,10 +59,16 @@ def planned(use_gpu: bool) -> str:
 
 
 def _wanted() -> bool:
-    value = os.environ.get(ENV, "grouped")
-    if value not in ("grouped", "vllm"):
-        raise ValueError(f"{ENV}={value!r}: expected 'grouped' (gen/cpu_lora.py) or 'vllm'")
-    return value == "grouped"
+    return opted_in(ENV, "grouped", "gen/cpu_lora.py")
+
+
+def opted_in(env: str, ours: str, where: str) -> bool:
+    """Whether environment variable `env` (unset = `ours`) asks for pairloop's ops rather than "vllm"'s; any other
+    value is refused, naming the variable."""
+    value = os.environ.get(env, ours)
+    if value not in (ours, "vllm"):
+        raise ValueError(f"{env}={value!r}: expected {ours!r} ({where}) or 'vllm'")
+    return value == ours
 
 
 def _groups(indices, rows: int):

@@ -23,9 +23,8 @@ run, for the run identity. PAIRLOOP_TOP_P=vllm keeps vLLM's.
 from __future__ import annotations
 
 import inspect
-import os
 
-from gen.cpu_lora import SUPPORTED_VLLM, vllm_version
+from gen.cpu_lora import SUPPORTED_VLLM, opted_in, vllm_version
 
 NAME = "pairloop-topk"
 ENV = "PAIRLOOP_TOP_P"  # "vllm": vLLM's sort-based top-p (for comparison); unset or "topk": this one
@@ -33,10 +32,7 @@ CANDIDATES = 256  # measured: top-p 0.95 nuclei of Qwen2.5-Coder-0.5B on HumanEv
 
 
 def _wanted() -> bool:
-    value = os.environ.get(ENV, "topk")
-    if value not in ("topk", "vllm"):
-        raise ValueError(f"{ENV}={value!r}: expected 'topk' (gen/cpu_sampler.py) or 'vllm'")
-    return value == "topk"
+    return opted_in(ENV, "topk", "gen/cpu_sampler.py")
 
 
 def planned(use_gpu: bool) -> str:

@@ -397,7 +397,8 @@ class EnginePool:
         self.cpu_pg = None if self.use_gpu else self._cpu_placement_group()
         self.actors = [self._start_actor(i) for i in range(cfg.engines)]
         self.infos = ray.get([a.info.remote() for a in self.actors])
-        self.lora_ops = self._check_lora_ops(self.infos)
+        ops = self._check_engine_ops(self.infos)
+        self.lora_ops, self.top_p = ops["lora_ops"], ops["top_p"]
         self.loras: dict[int, dict] = {}
         self._next_lora_id = 1
 
@@ -425,20 +426,20 @@ class EnginePool:
             return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env, cpu)
         return EngineActor.options(**opts).remote(self.model_path, self.engine_kwargs, self.env)
 
-    def _check_lora_ops(self, infos: list[dict[str, Any]]) -> str:
+    def _check_engine_ops(self, infos: list[dict[str, Any]]) -> dict[str, str]:
         """The LoRA ops and top-p every engine runs, which must be the ones run identities were planned with
         (gen.cpu_lora, gen.cpu_sampler): an engine whose vLLM differs from the driver's is refused, not mixed in."""
         from gen import cpu_lora, cpu_sampler
 
-        for key, want in (("lora_ops", cpu_lora.planned(self.use_gpu)), ("top_p", cpu_sampler.planned(self.use_gpu))):
+        planned = {"lora_ops": cpu_lora.planned(self.use_gpu), "top_p": cpu_sampler.planned(self.use_gpu)}
+        for key, want in planned.items():
             got = [info.get(key) for info in infos]
             if any(g != want for g in got):
                 self.shutdown()
                 raise RuntimeError(f"engines run {key} {got}, the driver planned {want!r} (gen/cpu_lora.py, "
                                    "gen/cpu_sampler.py): their vLLM differs from the driver's; install the same "
                                    "version on every node")
-        self.top_p = cpu_sampler.planned(self.use_gpu)
-        return cpu_lora.planned(self.use_gpu)
+        return planned
 
     def _cpu_placement_group(self):
         """One 1-CPU bundle per engine, SPREAD: one engine per node while there are nodes, then they share.
