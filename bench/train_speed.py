@@ -162,17 +162,17 @@ def parse_shapes(shapes: list[str] | None, batch_size: int) -> list[tuple[int, i
     return out
 
 
-JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-            "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
-
-
 def allocator_env(name: str) -> dict[str, str]:
+    """What train.allocator=jemalloc gives its child process (train/allocator.py), or nothing for glibc."""
+    from train import allocator as malloc
+
     if name == "glibc":
         return {}
-    lib = next((p for p in JEMALLOC if os.path.isfile(p)), None)
+    lib = malloc.find_jemalloc()
     if lib is None:
-        raise SystemExit(f"--allocators jemalloc: no libjemalloc.so.2 in {JEMALLOC} (Debian: apt install libjemalloc2)")
-    return {"LD_PRELOAD": lib, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+        raise SystemExit(f"--allocators jemalloc: no libjemalloc.so.2 in {malloc.JEMALLOC_PATHS} "
+                         "(Debian: apt install libjemalloc2)")
+    return {"LD_PRELOAD": lib, "MALLOC_CONF": malloc.MALLOC_CONF}
 
 
 def main() -> int:

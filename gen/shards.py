@@ -120,6 +120,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return clean(cfg)
 
 
+def identity_dict(cfg: Any) -> dict[str, Any]:
+    """config_to_dict without the fields marked `metadata={"identity": False}`: how a run executes, not what it
+    computes (train.allocator), so changing them, or adding one, does not make a finished stage look different."""
+    keep = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("identity", True)}
+    return {k: v for k, v in config_to_dict(cfg).items() if k in keep}
+
+
 def file_sha256(uri: str | os.PathLike) -> str:
     """sha256 of a file's bytes (a local path or a URI), streamed in 1 MiB reads. The one file hash."""
     fs, path = resolve(os.fspath(uri))

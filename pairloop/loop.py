@@ -227,9 +227,9 @@ class StageLog:
 
     @staticmethod
     def identity(cfg: Any, inputs: dict[str, Any]) -> str:
-        from gen.shards import config_to_dict
+        from gen.shards import identity_dict
 
-        return _digest({"config": config_to_dict(cfg), "inputs": inputs})
+        return _digest({"config": identity_dict(cfg), "inputs": inputs})
 
     def done(self, stage: str, ident: str) -> bool:
         s = self.state["stages"].get(stage)

@@ -25,8 +25,9 @@ from train.dpo import (
 STEPS = 6
 # A learning rate far above the default (5e-6) so a few steps move the tiny model measurably. float32 so these
 # tests train the same on every CPU (auto picks bf16 autocast on some: the precision tests below cover it).
+# allocator=system: in this process, where monkeypatch and capsys reach (the jemalloc child has tests of its own).
 FAST = ["learning_rate=2e-3", f"max_steps={STEPS}", "batch_size=4", "grad_accum=1", "warmup_ratio=0",
-        "precision=float32"]
+        "precision=float32", "allocator=system"]
 
 
 def main(argv: list[str]) -> int:
@@ -496,3 +497,123 @@ def test_adapter_loads_in_vllm_changes_outputs_and_leaves_base_alone(engine_pool
         engine_pool.unload_adapter(lora)
     assert tuned != base_before, f"the adapter did not change any output: {tuned}"
     assert base_after == base_before, "base outputs changed after an adapter was loaded"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.allocator: jemalloc in a child process (train/allocator.py)
+
+from train import allocator as malloc  # noqa: E402
+
+JEMALLOC = malloc.find_jemalloc() if not __import__("os").environ.get("PAIRLOOP_JEMALLOC") else None
+needs_jemalloc = pytest.mark.skipif(JEMALLOC is None, reason="libjemalloc.so.2 not installed (apt install libjemalloc2)")
+
+
+@pytest.mark.parametrize("asked, cuda, world, lib, loaded, want", [
+    ("auto", False, 1, "/l/libjemalloc.so.2", None, ("jemalloc", True)),
+    ("auto", False, 1, None, None, ("system", False)),  # not installed: glibc's, and the manifest says why
+    ("auto", True, 1, "/l/libjemalloc.so.2", None, ("system", False)),  # GPU: unmeasured, not taken by auto
+    ("auto", False, 4, "/l/libjemalloc.so.2", None, ("system", False)),  # accelerate launch: no child per rank
+    ("jemalloc", True, 1, "/l/libjemalloc.so.2", None, ("jemalloc", True)),
+    ("system", False, 1, "/l/libjemalloc.so.2", None, ("system", False)),
+    ("auto", False, 4, None, "/l/libjemalloc.so.2", ("jemalloc", False)),  # preloaded already: train here
+    ("system", False, 1, None, "/l/libjemalloc.so.2", ("jemalloc", False)),  # cannot be unloaded: said so
+])
+def test_allocator_plan(asked, cuda, world, lib, loaded, want):
+    p = malloc.plan(asked, cuda, world, lib, loaded)
+    assert (p.name, p.child) == want
+    assert p.why
+    if asked == "system" and loaded:
+        assert "cannot be unloaded" in p.why
+
+
+@pytest.mark.parametrize("world, lib, match", [(1, None, "no libjemalloc.so.2"), (2, "/l/libjemalloc.so.2", "2 processes")])
+def test_allocator_jemalloc_asked_but_unavailable_is_an_error(world, lib, match):
+    with pytest.raises(ValueError, match=f"train.allocator=jemalloc.*{match}"):
+        malloc.plan("jemalloc", False, world, lib, None)
+
+
+def test_loaded_jemalloc_reads_the_mapped_library_not_a_lookalike():
+    maps = ("7f00-7f01 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+            "7f02-7f03 rw-p 00000000 00:00 0 \n"
+            "7f04-7f05 r--p 00000000 08:01 9 /home/u/jemalloc-notes/libfoo.so\n")
+    assert malloc.loaded_jemalloc(maps) is None
+    maps += "7f06-7f07 r-xp 00000000 08:01 77 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    assert malloc.loaded_jemalloc(maps) == "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def test_child_env_preloads_first_and_keeps_a_users_malloc_conf():
+    p = malloc.Plan("jemalloc", True, "/l/libjemalloc.so.2", "why")
+    env = malloc.child_env(p, {"LD_PRELOAD": "/x/libother.so", "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == "/l/libjemalloc.so.2:/x/libother.so"
+    assert env["MALLOC_CONF"] == malloc.MALLOC_CONF and env[malloc.CHILD_ENV] == "why" and env["PATH"] == "/bin"
+    assert malloc.child_env(p, {"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"
+
+
+def test_allocator_is_not_part_of_the_adapters_identity(tiny, pairs_path, adapter, capsys, tmp_path):
+    """The same training under another malloc is the same adapter: reused, not retrained or refused."""
+    from gen.shards import config_to_dict, identity_dict
+
+    a, b = TrainConfig(pairs=("p",), out=str(tmp_path / "x")), TrainConfig(pairs=("p",), out=str(tmp_path / "x"),
+                                                                          allocator="jemalloc")
+    assert config_to_dict(a) != config_to_dict(b) and identity_dict(a) == identity_dict(b)
+    fast = [x for x in FAST if not x.startswith("allocator=")]
+    capsys.readouterr()
+    assert main([f"pairs={pairs_path}", f"out={adapter}", f"model={tiny}", *fast, "allocator=auto"]) == 0
+    assert "already holds this adapter" in capsys.readouterr().out
+
+
+def test_an_in_process_training_records_its_allocator(adapter):
+    rec = json.loads((adapter / "train_manifest.json").read_text())["allocator"]
+    assert rec["name"] == "system" and rec["why"] == "set by train.allocator" and rec["lib"] is None
+
+
+@needs_jemalloc
+def test_jemalloc_child_trains_the_same_adapter_and_records_it(tiny, pairs_path, adapter, tmp_path, capfd):
+    """allocator=jemalloc trains in a child under LD_PRELOAD: the manifest says so and the weights are the very
+    bytes the in-process (glibc) training wrote: torch aligns tensors itself, malloc does not touch the numbers."""
+    out = tmp_path / "adapter"
+    fast = [x for x in FAST if not x.startswith("allocator=")]
+    assert main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *fast, "allocator=jemalloc"]) == 0
+    manifest = json.loads((out / "train_manifest.json").read_text())
+    assert manifest["allocator"]["name"] == "jemalloc"
+    assert manifest["allocator"]["lib"] == JEMALLOC and manifest["allocator"]["malloc_conf"] == malloc.MALLOC_CONF
+    assert "child process" in manifest["allocator"]["why"]
+    assert manifest["adapter_sha256"] == json.loads((adapter / "train_manifest.json").read_text())["adapter_sha256"]
+    assert "train: malloc jemalloc" in capfd.readouterr().out
+
+
+@needs_jemalloc
+def test_bad_input_found_in_the_jemalloc_child_is_exit_2_and_leaves_nothing(tiny, pairs_path, tmp_path, capfd):
+    out = tmp_path / "adapter"
+    fast = [x for x in FAST if not x.startswith("allocator=")]
+    capfd.readouterr()
+    assert main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *fast, "allocator=jemalloc",
+                 "max_length=16"]) == 2
+    err = capfd.readouterr().err
+    assert "max_length=16" in err and "Traceback" not in err, err
+    assert no_leftovers(out)
+
+
+def test_a_preload_that_is_not_jemalloc_fails_closed(tiny, pairs_path, tmp_path, monkeypatch, capfd):
+    """PAIRLOOP_JEMALLOC naming another library: the child finds no jemalloc mapped and refuses to train; no
+    adapter appears (runs without jemalloc installed: libm stands in)."""
+    import ctypes.util
+
+    libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6",
+                             "/lib64/libm.so.6", "/usr/lib/aarch64-linux-gnu/libm.so.6") if Path(p).is_file()), None)
+    if libm is None:
+        pytest.skip(f"no libm.so.6 at the usual paths ({ctypes.util.find_library('m')})")
+    monkeypatch.setenv("PAIRLOOP_JEMALLOC", libm)
+    out = tmp_path / "adapter"
+    fast = [x for x in FAST if not x.startswith("allocator=")]
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        main([f"pairs={pairs_path}", f"out={out}", f"model={tiny}", *fast, "allocator=jemalloc"])
+    assert "no jemalloc is mapped" in capfd.readouterr().err
+    assert no_leftovers(out)
+
+
+def test_a_missing_pairloop_jemalloc_is_exit_2(tiny, pairs_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PAIRLOOP_JEMALLOC", str(tmp_path / "nope.so"))
+    fast = [x for x in FAST if not x.startswith("allocator=")]
+    assert refused(capsys, [f"pairs={pairs_path}", f"out={tmp_path / 'a'}", f"model={tiny}", *fast,
+                            "allocator=jemalloc"], "PAIRLOOP_JEMALLOC=.*nope.so.*no such file")

@@ -31,6 +31,7 @@ Several GPUs: one process per GPU, data parallel (DDP); the effective batch is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,14 +39,15 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gen.shards import check_output_path, config_to_dict, file_sha256
+from gen.shards import check_output_path, config_to_dict, file_sha256, identity_dict
+from train import allocator as malloc
 
 # vLLM accepts only these values for `max_lora_rank` (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -103,6 +105,10 @@ class TrainConfig:
     # auto: bf16 on a bf16 GPU; bf16-autocast on a CPU with AMX-BF16/AVX512_BF16 (2.3x float32's pairs/s there);
     # float32 on other CPUs (bf16 emulated: 2.5x slower). One of PRECISIONS.
     precision: str = "auto"
+    # The training process's malloc (train/allocator.py): auto = jemalloc in a child process on CPU where
+    # libjemalloc.so.2 is installed (1.72x the pairs/s of glibc's on the AMX Xeon), else the process's own.
+    # How training runs, not what it computes: recorded in the manifest, not part of the adapter's identity.
+    allocator: str = field(default="auto", metadata={"identity": False})
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -147,6 +153,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}: must be one of {list(PRECISIONS)}")
+        if self.allocator not in malloc.ALLOCATORS:
+            raise ValueError(f"TrainConfig.allocator={self.allocator!r}: must be one of {list(malloc.ALLOCATORS)}")
 
 
 def training_precision(cfg: TrainConfig) -> tuple[str, str]:
@@ -462,14 +470,17 @@ def _versions() -> dict[str, str]:
 def _identity(cfg: TrainConfig, pairs: list[dict[str, Any]], base: dict[str, Any], precision: str) -> dict[str, Any]:
     """What makes two trainings the same training: config (but where it is written), pairs contents, base weights,
     and the precision it resolves to here (`auto` on another CPU is another training)."""
-    config = {k: v for k, v in config_to_dict(cfg).items() if k != "out"}
+    config = {k: v for k, v in identity_dict(cfg).items() if k != "out"}
     return {"config": config, "pairs_sha256": [p["sha256"] for p in pairs], "base_fingerprint": base["fingerprint"],
             "precision": precision}
 
 
+_NOT_IDENTITY = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("identity", True))
+
+
 def _manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
-        "config": {k: v for k, v in manifest.get("config", {}).items() if k != "out"},
+        "config": {k: v for k, v in manifest.get("config", {}).items() if k not in ("out", *_NOT_IDENTITY)},
         "pairs_sha256": [p.get("sha256") for p in manifest.get("pairs", {}).get("files", [])],
         "base_fingerprint": manifest.get("base_model", {}).get("fingerprint"),
         "precision": manifest.get("precision"),
@@ -526,6 +537,12 @@ def train(cfg: TrainConfig) -> Path:
     if _existing_output(out, identity):
         print(f"train: {out} already holds this adapter (same config, pairs and base model); skipping")
         return out
+    import torch
+
+    alloc = malloc.resolve(cfg.allocator, torch.cuda.is_available())
+    print(f"train: malloc {alloc.name} ({alloc.why})")
+    if alloc.child:
+        return _train_in_child(cfg, alloc, out)
 
     from accelerate import PartialState
 
@@ -591,6 +608,7 @@ def train(cfg: TrainConfig) -> Path:
             "device": trainer.args.device.type,
             "precision": precision,  # resolved, never "auto"
             "precision_why": why,
+            "allocator": alloc.record(),  # how it ran (train/allocator.py), not part of the identity
             "world_size": trainer.args.world_size,
             "metrics": {
                 **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
@@ -605,3 +623,39 @@ def train(cfg: TrainConfig) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _train_in_child(cfg: TrainConfig, alloc: malloc.Plan, out: Path) -> Path:
+    """Run `train(cfg)` in a child process started under `alloc`'s malloc (LD_PRELOAD); its output and progress go
+    to this process's terminal. A bad-input error in the child is raised here as the same ValueError."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pairloop-train-") as work:
+        spec, error = Path(work) / "config.json", Path(work) / "error.txt"
+        spec.write_text(json.dumps({"config": config_to_dict(cfg), "error_file": str(error)}))
+        code = "import sys; from train.dpo import child_main; sys.exit(child_main(sys.argv[1]))"
+        rc = subprocess.run([sys.executable, "-c", code, str(spec)], env=malloc.child_env(alloc)).returncode
+        if rc == 2 and error.is_file():
+            raise ValueError(error.read_text())
+        if rc != 0:
+            raise RuntimeError(f"train: the training process (malloc {alloc.name}, {alloc.lib}) exited with {rc}; "
+                               "its output is above")
+    manifest = out / MANIFEST_NAME
+    ran = json.loads(manifest.read_text()).get("allocator", {}) if manifest.is_file() else {}
+    if ran.get("name") != alloc.name:  # fail closed: the child must have written this adapter, under this malloc
+        raise RuntimeError(f"train: the training process exited 0 but {manifest} records allocator {ran or None}, "
+                           f"not {alloc.name}")
+    return out
+
+
+def child_main(spec_path: str) -> int:
+    """Entry point of the training child (`_train_in_child`): the config as JSON; exit 2 on bad input."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    try:
+        train(cfg)
+    except ValueError as e:
+        Path(spec["error_file"]).write_text(str(e))
+        return 2
+    return 0

@@ -1,0 +1,127 @@
+"""Which malloc DPO training runs under, and the child process that gives it jemalloc.
+
+On CPU, glibc's malloc hands the big blocks a training step frees (activations, gradients: mmap'd, above its
+threshold) back to the kernel at once, and the next step faults them in again, page by page: measured on the AMX
+Xeon with run 4's pairs (docs/benchmarks.md, "The allocator under DPO"), 45.6M minor faults and 34% of the CPU in
+the kernel; under jemalloc with decay off (freed memory kept for reuse) 1.3M faults, 1% in the kernel, 1.72x the
+pairs/s, the same peak RSS. glibc's knobs (mallopt thresholds, THP) were tried and did not get there.
+
+A process cannot swap its malloc once it runs, so `train.allocator` = `jemalloc` (or `auto` where it applies)
+runs the training in a child process started with `LD_PRELOAD` (the driver of `pairloop run`, its Ray engines and
+the sandbox keep glibc's). torch's CPU allocator aligns every tensor to 64 bytes whatever malloc returns, so the
+numbers do not depend on the allocator: it is recorded in the manifest, not in the adapter's identity.
+
+    auto      jemalloc on CPU, in one process (no `accelerate launch`), where libjemalloc.so.2 is installed
+              (Debian/Ubuntu: apt install libjemalloc2); else glibc's, and the manifest says why
+    jemalloc  jemalloc or an error (the library missing, or several processes: preload it in the launch command)
+    system    the process's own malloc, in process
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ALLOCATORS = ("auto", "jemalloc", "system")
+
+# Where distributions put it (Debian/Ubuntu multiarch, Fedora/RHEL, a source build); PAIRLOOP_JEMALLOC overrides.
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+# Decay off: freed pages stay with the process for reuse (what removes the page faults). The child is the training
+# and nothing else, and its peak RSS measured the same as glibc's.
+MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+CHILD_ENV = "PAIRLOOP_TRAIN_CHILD"  # set in the child (to the reason): it must find jemalloc loaded, never spawn
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str  # "jemalloc" | "system"
+    child: bool  # start a child process under LD_PRELOAD (False: this process already runs the chosen malloc)
+    lib: str | None  # the library jemalloc comes from
+    why: str
+
+    def record(self) -> dict:
+        """What the manifest records."""
+        return {"name": self.name, "lib": self.lib, "why": self.why,
+                "malloc_conf": os.environ.get("MALLOC_CONF", MALLOC_CONF) if self.name == "jemalloc" else None}
+
+
+def find_jemalloc() -> str | None:
+    """Path of libjemalloc.so.2, or None. PAIRLOOP_JEMALLOC names one explicitly (it must exist)."""
+    explicit = os.environ.get("PAIRLOOP_JEMALLOC")
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ValueError(f"PAIRLOOP_JEMALLOC={explicit!r}: no such file")
+        return explicit
+    return next((p for p in JEMALLOC_PATHS if os.path.isfile(p)), None)
+
+
+def loaded_jemalloc(maps: str | None = None) -> str | None:
+    """The jemalloc library mapped into this process (preloaded), or None."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libjemalloc"):
+            return fields[5].strip()
+    return None
+
+
+def plan(asked: str, cuda: bool, world_size: int, lib: str | None, loaded: str | None) -> Plan:
+    """Where training runs and under which malloc. Pure: the caller probes the machine (`resolve`)."""
+    if asked not in ALLOCATORS:
+        raise ValueError(f"train.allocator={asked!r}: must be one of {list(ALLOCATORS)}")
+    if loaded:  # preloaded by the user or by our own parent: already the process we want
+        if asked == "system":
+            return Plan("jemalloc", False, loaded, "train.allocator=system, but this process was started with "
+                        "jemalloc preloaded (LD_PRELOAD): it cannot be unloaded")
+        return Plan("jemalloc", False, loaded, "jemalloc already preloaded in this process")
+    if asked == "system":
+        return Plan("system", False, None, "set by train.allocator")
+    if world_size > 1:
+        if asked == "jemalloc":
+            raise ValueError(f"train.allocator=jemalloc with {world_size} processes (accelerate launch): each "
+                             "would start a child; preload it in the launch command instead "
+                             f"(LD_PRELOAD={lib or 'libjemalloc.so.2'} MALLOC_CONF={MALLOC_CONF})")
+        return Plan("system", False, None, f"auto: {world_size} processes (accelerate launch); preload jemalloc in "
+                    "the launch command to use it")
+    if lib is None:
+        if asked == "jemalloc":
+            raise ValueError(f"train.allocator=jemalloc: no libjemalloc.so.2 in {list(JEMALLOC_PATHS)} "
+                             "(Debian/Ubuntu: apt install libjemalloc2; or set PAIRLOOP_JEMALLOC to its path)")
+        return Plan("system", False, None, "auto: no libjemalloc.so.2 installed (apt install libjemalloc2 for "
+                    "~1.7x DPO pairs/s on CPU)")
+    if cuda and asked == "auto":
+        return Plan("system", False, None, "auto on a CUDA GPU: the host allocator is not what limits training "
+                    "there (unmeasured); train.allocator=jemalloc to use it")
+    return Plan("jemalloc", True, lib, "set by train.allocator" if asked == "jemalloc" else
+                "auto on CPU: jemalloc installed (glibc's malloc returns freed blocks to the kernel each step)")
+
+
+def resolve(asked: str, cuda: bool) -> Plan:
+    """`plan` for this process and machine. In the child, jemalloc must be what got loaded (fail closed)."""
+    loaded = loaded_jemalloc()
+    parent_why = os.environ.get(CHILD_ENV)
+    if parent_why:
+        if not loaded:
+            raise RuntimeError(f"train: started as the jemalloc child ({CHILD_ENV} set) but no jemalloc is mapped "
+                               f"into the process: LD_PRELOAD={os.environ.get('LD_PRELOAD')!r} did not load")
+        return Plan("jemalloc", False, loaded, f"{parent_why} (training in a child process under LD_PRELOAD)")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return plan(asked, cuda, world, None if loaded else find_jemalloc(), loaded)
+
+
+def child_env(p: Plan, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the training child: jemalloc preloaded ahead of anything already preloaded."""
+    env = dict(os.environ if env is None else env)
+    assert p.lib, "child_env needs a library"
+    env["LD_PRELOAD"] = ":".join(x for x in (p.lib, env.get("LD_PRELOAD", "")) if x)
+    env.setdefault("MALLOC_CONF", MALLOC_CONF)  # a user's own MALLOC_CONF wins (recorded in the manifest)
+    env[CHILD_ENV] = p.why  # the child records the parent's reason
+    here = str(Path(__file__).resolve().parents[1])  # this checkout's packages, ahead of any installed copy
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (here, env.get("PYTHONPATH", "")) if x)
+    return env
