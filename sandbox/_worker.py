@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import fcntl
 import gc
 import importlib
 import io
@@ -86,6 +87,11 @@ _MAX_FRAME = 16 << 20  # largest reply a job may send (bigger results are sent a
 # protocol reads one per call of the entry point, on both sides. Bigger frames just take more reads.
 _READ_CHUNK = 1 << 16
 _BIG_INT = 1 << 64  # ints beyond this travel as hex (JSON's decimal ints are capped at 4300 digits on decode)
+# Call plans (Judge): the encoded calls of a problem's test, as a passing job got them, written to the next job of
+# that problem before it starts, so it answers them without a round trip each. At most this many bytes (and never
+# more than the call pipe holds, so the write never blocks); the rest of a longer test goes call by call.
+_PLAN_MAX_BYTES = 32 << 10
+F_GETPIPE_SZ = 1032
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x10000000, 0x20000000
@@ -287,6 +293,8 @@ def _decode_tagged(d: dict):
 _TAGGED = json.JSONDecoder(object_hook=_decode_tagged)
 _PLAIN = json.JSONDecoder()
 _OK, _DEFINED = _pack(["ok"]), _pack(["defined"])
+_STOP_BODY = {"stop": 1}
+_STOP = _pack(_STOP_BODY)  # judge -> fork server during a job: kill it, the verdict is in
 
 
 # --- isolation (once per worker) -------------------------------------------------------------------------------
@@ -643,6 +651,10 @@ class _JobEnded(BaseException):
     """In the judge: the job process can answer no more calls (it died, hung, or broke the protocol)."""
 
 
+class _Diverged(BaseException):
+    """In the judge: the test made a call other than the planned one the job is already answering."""
+
+
 class _Unsendable(Exception):
     """In the judge: the test passes the candidate a value the plain-data encoding has no form for."""
 
@@ -753,12 +765,13 @@ class ForkServer:
         fds: list[int] = []
         buf = self.inbuf
         while True:
-            if len(buf) >= 4:
-                n = int.from_bytes(buf[:4], "big")
-                if len(buf) >= 4 + n:
-                    body = bytes(buf[4:4 + n])
-                    del buf[:4 + n]
-                    return json.loads(body), fds
+            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                n = 4 + int.from_bytes(buf[:4], "big")
+                body = bytes(buf[4:n])
+                del buf[:n]
+                if body == _STOP[4:]:  # the judge's stop for a job that had ended by itself: nothing to do
+                    continue
+                return json.loads(body), fds  # (a stop and the next job can come in one read: fds are the job's)
             data, got, _, _ = socket.recv_fds(self.sock, _READ_CHUNK, 4)
             fds += got
             if not data:
@@ -814,8 +827,23 @@ class ForkServer:
                 raise OSError(f"cannot empty the job dir: {path} remains")
 
 
+    def _stop_asked(self) -> bool:
+        """Read what the judge sent during a job: True once it holds a stop frame (or the judge went away)."""
+        data = self.sock.recv(_READ_CHUNK)
+        if not data:
+            return True
+        self.inbuf += data
+        buf = self.inbuf
+        if len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+            n = 4 + int.from_bytes(buf[:4], "big")
+            if bytes(buf[:n]) == _STOP:
+                del buf[:n]
+                return True
+        return False
+
     def _wait_or_kill(self, pid: int) -> bool:
-        """Block until the child exits or the wall-clock backstop passes (then SIGKILL it). True if killed."""
+        """Block until the child exits, the judge stops it (it has its verdict while the job still answers planned
+        calls) or the wall-clock backstop passes; SIGKILL it in the last two cases. True if the backstop killed."""
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -824,8 +852,15 @@ class ForkServer:
             try:
                 poller = select.poll()
                 poller.register(pidfd, select.POLLIN)
-                if poller.poll(int(self.wall_s * 1000)):
-                    return False
+                poller.register(self.sock.fileno(), select.POLLIN)
+                deadline = _now() + self.wall_s
+                while (left := deadline - _now()) > 0:
+                    ready = {fd for fd, _ in poller.poll(max(1, int(left * 1000)))}
+                    if pidfd in ready:
+                        return False
+                    if ready and self._stop_asked():
+                        os.kill(pid, signal.SIGKILL)
+                        return False
             finally:
                 os.close(pidfd)
         else:  # old kernels: poll waitpid
@@ -1024,6 +1059,9 @@ class Judge:
         self.sock = sock
         self.status_reader = _Reader(sock.fileno())
         self.tests: dict[tuple, tuple] = {}
+        # (test, prompt, entry point) -> the call frames a passing job got, in order; None: the test's calls vary
+        # from job to job (random inputs), so it goes call by call
+        self.plans: dict[tuple, list[bytes] | None] = {}
         self.zygote_lost: str | None = None
 
     def _compiled(self, test: str, prompt: str | None):
@@ -1047,10 +1085,32 @@ class Judge:
 
     def run(self, idx: int, program: str, test: str, entry_point: str, prompt: str | None,
             cpu_s: float | None = None) -> list:
+        key = (test, prompt, entry_point)
+        result = self._run(idx, program, test, entry_point, prompt, cpu_s, self.plans.get(key) or [])
+        if result[1] == "DIVERGED":  # the planned job answered calls this test did not make: redo it call by call
+            self.plans[key] = None
+            spent = result[5]
+            result = self._run(idx, program, test, entry_point, prompt, cpu_s, [])
+            result[5] += spent
+        elif result[1] == "PASS" and key not in self.plans:  # the calls a passing job got: the next job's plan
+            if len(self.plans) >= 512:
+                self.plans.clear()
+            plan, size = [], 0
+            for frame in self.sent:
+                size += len(frame)
+                if size > _PLAN_MAX_BYTES:
+                    break
+                plan.append(frame)
+            self.plans[key] = plan
+        return result
+
+    def _run(self, idx: int, program: str, test: str, entry_point: str, prompt: str | None,
+             cpu_s: float | None, plan: list[bytes]) -> list:
         self.job_cpu_s = self.cpu_s if cpu_s is None else min(float(cpu_s), self.cpu_s)  # Job.cpu_s, if given
         compiled, err = self._compiled(test, prompt)
         if compiled is None:
             return [idx, "INFRA_ERROR", None, CAUSE_TEST_CODE, err, 0.0, ""]
+        self.plan, self.sent, self.diverged = plan, [], False  # sent: the call frames of this job, in order
         call_r, self.call_w = os.pipe()
         self.reply_r, reply_w = os.pipe()
         os.set_blocking(self.call_w, False)
@@ -1069,9 +1129,25 @@ class Judge:
         finally:
             os.close(call_r)
             os.close(reply_w)
+        if plan and self.zygote_lost is None:
+            # the planned calls, before the job starts: it answers them one after another, no round trip each
+            data = b"".join(plan)
+            try:
+                capacity = fcntl.fcntl(self.call_w, F_GETPIPE_SZ)
+                written = os.write(self.call_w, data) if len(data) <= capacity else 0
+            except OSError:
+                written = 0
+            if written != len(data):  # the pipe took less than it holds: ours (never the model's), and no plan
+                self.zygote_lost = f"call pipe took {written} of {len(data)} planned bytes"
         verdict = None
         if self.zygote_lost is None:
             verdict = self._judge(compiled, entry_point)
+            if len(self.sent) < len(plan) and verdict[0] != "DIED" and self.ended is None \
+                    and self.aborted is None and verdict[1] != "definition":
+                try:  # the verdict is in while the job may still answer planned calls: the fork server kills it
+                    self.sock.sendall(_STOP)
+                except OSError as e:
+                    self.zygote_lost = f"fork server unreachable: {e}"
         os.close(self.call_w)  # EOF: the job process leaves
         os.close(self.reply_r)
         status = None
@@ -1093,6 +1169,8 @@ class Judge:
             verdict = ("DIED", verdict[1] or "test", "answered" if verdict[0] == "PASS" else "failed", None)
         if verdict[0] == "DIED":
             verdict = self._death(status, verdict[1], verdict[2], cpu)
+        if self.diverged:  # whatever this job did after the planned call it got instead is not the test's result
+            verdict = ("DIVERGED", None, None, None)
         outcome, phase, etype, msg = verdict
         return [idx, outcome, phase, etype, msg, cpu, output]
 
@@ -1160,12 +1238,20 @@ class Judge:
             return None
 
     def call(self, args: tuple, kwargs: dict):
+        if self.diverged:
+            raise _Diverged
         if self.ended is not None or self.aborted is not None:
             raise _JobEnded(self.ended or "the candidate ended the process")
         data = _pack([_strict(list(args)), _strict(kwargs)])
-        if not _write_all(self.call_w, data, self.deadline):
+        i = len(self.sent)
+        if i < len(self.plan):  # already written: the job answers it (or has) in this order
+            if data != self.plan[i]:
+                self.diverged = True
+                raise _Diverged
+        elif not _write_all(self.call_w, data, self.deadline):
             self.ended = self.ended or "stopped reading its calls"
             raise _JobEnded(self.ended)
+        self.sent.append(data)
         reply = self._reply()
         if reply is None:
             self.ended = self.ended or "died while answering a call"

@@ -14,6 +14,8 @@ from sandbox import Job, Limits, Outcome, Sandbox
 LIMITS = Limits(cpu_s=0.5, wall_s=3.0, memory_mb=1024, file_size_mb=8, max_procs=16, max_output_bytes=256)
 SQUARE_TEST = "def check(candidate):\n    assert candidate(3) == 9\n    assert candidate(-2) == 4\n"
 WRONG = "def square(x):\n    return x + 1\n"
+ISCLOSE_TEST = ("def check(candidate):\n    import math\n    assert math.isclose(candidate(3), 9)\n"
+                "    assert math.isclose(candidate(-2), 4)\n")
 
 # Walk every frame above the program's own and commit a verdict with whatever the harness keeps there.
 FRAME_WALK = """
@@ -62,13 +64,19 @@ for pid in os.listdir('/proc'):
 """
 
 
-@pytest.fixture(scope="module", params=["full", "userns"])
+@pytest.fixture(scope="module", params=["full", "userns", "full, planned", "userns, planned"])
 def box(request):
-    with Sandbox(workers=1, limits=LIMITS, _force_userns=request.param == "userns") as sandbox:
-        if request.param == "userns":
+    """Each mode call by call, and with call plans: a right answer passed each test first, so every job of these
+    tests finds the test's calls in its pipe before it starts (tests/test_sandbox_plans.py)."""
+    userns = request.param.startswith("userns")
+    with Sandbox(workers=1, limits=LIMITS, _force_userns=userns) as sandbox:
+        if userns:
             assert sandbox.isolation.user_namespace and not sandbox.isolation.unprivileged_uid, sandbox.isolation
         else:
             assert sandbox.isolation.unprivileged_uid, sandbox.isolation
+        if request.param.endswith("planned"):
+            right = sandbox.run([Job("def square(x):\n    return x * x\n", t, "square") for t in (SQUARE_TEST, ISCLOSE_TEST)])
+            assert all(r.passed for r in right), right
         yield sandbox
 
 
@@ -91,10 +99,6 @@ def test_protocol_pipe_forgery_is_not_pass(box):
     assert "other" not in results[0].output, results[0]
     assert results[0].outcome in (Outcome.ASSERTION_FAIL, Outcome.CRASHED), results[0]
     assert [r.outcome for r in results[1:]] == [Outcome.ASSERTION_FAIL] * 3, results
-
-
-ISCLOSE_TEST = ("def check(candidate):\n    import math\n    assert math.isclose(candidate(3), 9)\n"
-                "    assert math.isclose(candidate(-2), 4)\n")
 
 
 @pytest.mark.parametrize("name, program", [
