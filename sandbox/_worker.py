@@ -1062,6 +1062,7 @@ class Judge:
         # (test, prompt, entry point) -> the call frames a passing job got, in order; None: the test's calls vary
         # from job to job (random inputs), so it goes call by call
         self.plans: dict[tuple, list[bytes] | None] = {}
+        self.planning = bool(cfg.get("call_plans", True))
         self.zygote_lost: str | None = None
 
     def _compiled(self, test: str, prompt: str | None):
@@ -1092,7 +1093,7 @@ class Judge:
             spent = result[5]
             result = self._run(idx, program, test, entry_point, prompt, cpu_s, [])
             result[5] += spent
-        elif result[1] == "PASS" and key not in self.plans:  # the calls a passing job got: the next job's plan
+        elif result[1] == "PASS" and self.planning and key not in self.plans:  # the calls a passing job got: the next job's plan
             if len(self.plans) >= 512:
                 self.plans.clear()
             plan, size = [], 0

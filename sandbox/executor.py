@@ -294,9 +294,10 @@ class Sandbox:
 
     def __init__(self, workers: int | None = None, limits: Limits = Limits(), *,
                  preload: Sequence[str] = PRELOAD, _disable: frozenset[str] = frozenset(),
-                 _force_userns: bool = False) -> None:
+                 _force_userns: bool = False, _call_plans: bool = True) -> None:
         """`_disable` (features to skip) and `_force_userns` (the user-namespace path even as root) are for tests:
-        they show what the degraded modes give."""
+        they show what the degraded modes give. `_call_plans=False` sends every call of the entry point as its own
+        round trip (docs/sandbox.md, "Call plans"): for the benchmark that compares the two."""
         if workers is None:
             workers = len(os.sched_getaffinity(0))
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -310,6 +311,7 @@ class Sandbox:
         self._features = [f for f in _FEATURES if f not in _disable]
         self._preload = list(preload)
         self._force_userns = _force_userns
+        self._call_plans = bool(_call_plans)
         self._lock = threading.Lock()
         self._closed = False
         self._uids = secrets.SystemRandom().sample(range(1 << 24), workers)
@@ -335,7 +337,7 @@ class Sandbox:
     def _config(self, slot: int) -> dict:
         lim = self.limits
         return {"features": self._features, "preload": self._preload, "uid": _UID_BASE + self._uids[slot],
-                "tmpfs_mb": lim.file_size_mb, "force_userns": self._force_userns,
+                "tmpfs_mb": lim.file_size_mb, "force_userns": self._force_userns, "call_plans": self._call_plans,
                 "limits": {f.name: getattr(lim, f.name) for f in fields(lim)}}
 
     @property

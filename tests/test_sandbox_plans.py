@@ -96,3 +96,16 @@ def test_a_job_that_reads_its_planned_calls_ahead_gains_nothing():
     assert results[0].passed and results[3].passed, results
     assert results[1].outcome is Outcome.CRASHED, results[1]
     assert results[2].outcome in (Outcome.TIMEOUT, Outcome.CRASHED), results[2]
+
+
+@pytest.mark.parametrize("plans", [True, False])
+def test_plans_are_used_once_a_job_passed_and_only_then(plans):
+    """The planned calls are in the pipe before the program runs (a job can see them: select on fd 3), after a
+    pass and not before; `_call_plans=False` (the benchmark's other arm) never plans."""
+    test = "def check(candidate):\n    assert candidate(3) == 3\n"
+    probe = ("import select\nprint('planned' if select.select([3], [], [], 0.5)[0] else 'none')\n"
+             "def f(x):\n    return x\n")
+    with Sandbox(workers=1, limits=LIMITS, _call_plans=plans) as box:
+        results = box.run([Job(probe, test, "f"), Job(probe, test, "f")])
+    assert [r.outcome for r in results] == [Outcome.PASS] * 2, results
+    assert [r.output.strip() for r in results] == ["none", "planned" if plans else "none"], results
