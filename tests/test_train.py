@@ -617,3 +617,44 @@ def test_a_missing_pairloop_jemalloc_is_exit_2(tiny, pairs_path, tmp_path, monke
     fast = [x for x in FAST if not x.startswith("allocator=")]
     assert refused(capsys, [f"pairs={pairs_path}", f"out={tmp_path / 'a'}", f"model={tiny}", *fast,
                             "allocator=jemalloc"], "PAIRLOOP_JEMALLOC=.*nope.so.*no such file")
+
+
+@needs_jemalloc
+def test_the_jemalloc_child_dies_with_the_process_that_started_it(tiny, pairs_path, tmp_path):
+    """A training child whose parent is killed (OOM killer, `ray job stop`) must not train on as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fast = [x for x in FAST if not x.startswith(("allocator=", "max_steps="))]
+    parent = subprocess.Popen([sys.executable, "-m", "train", f"pairs={pairs_path}", f"out={tmp_path / 'a'}",
+                               f"model={tiny}", *fast, "max_steps=100000", "allocator=jemalloc"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        try:
+            return [int(p) for p in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    deadline = time.time() + 120
+    while not children() and time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    [child] = children()
+    time.sleep(2)  # the child is importing torch or training by now
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while Path(f"/proc/{child}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+        try:  # reaped by init once it exits; a zombie counts as gone
+            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except OSError:
+            break
+    alive = Path(f"/proc/{child}/stat").exists() and Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the training child outlived its parent"

@@ -115,6 +115,16 @@ def resolve(asked: str, cuda: bool) -> Plan:
     return plan(asked, cuda, world, None if loaded else find_jemalloc(), loaded)
 
 
+def die_with_parent() -> None:
+    """In the training child before exec: SIGTERM when the process that started it dies (killed, OOM), so the
+    training never runs on as an orphan."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def child_env(p: Plan, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the training child: jemalloc preloaded ahead of anything already preloaded."""
     env = dict(os.environ if env is None else env)

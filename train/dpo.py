@@ -635,7 +635,17 @@ def _train_in_child(cfg: TrainConfig, alloc: malloc.Plan, out: Path) -> Path:
         spec, error = Path(work) / "config.json", Path(work) / "error.txt"
         spec.write_text(json.dumps({"config": config_to_dict(cfg), "error_file": str(error)}))
         code = "import sys; from train.dpo import child_main; sys.exit(child_main(sys.argv[1]))"
-        rc = subprocess.run([sys.executable, "-c", code, str(spec)], env=malloc.child_env(alloc)).returncode
+        child = subprocess.Popen([sys.executable, "-c", code, str(spec)], env=malloc.child_env(alloc),
+                                 preexec_fn=malloc.die_with_parent)
+        try:
+            rc = child.wait()
+        except BaseException:  # Ctrl-C reached the child too: let it remove its temp folder, then make sure
+            try:
+                rc = child.wait(timeout=60)
+            except BaseException:
+                child.kill()
+                child.wait()
+            raise
         if rc == 2 and error.is_file():
             raise ValueError(error.read_text())
         if rc != 0:
