@@ -110,7 +110,8 @@ def run_variant(args: argparse.Namespace) -> dict:
         "setup_s": round(t_setup, 1),
         "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
         "peak_rss_gib": round(peak_rss_gib, 2), "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
-        "allocator": "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "glibc",
+        "allocator": ("jemalloc " + os.environ.get("MALLOC_CONF", "")).strip()
+        if "jemalloc" in Path("/proc/self/maps").read_text() else "glibc",
         "minor_faults": usage.ru_minflt - faults0.ru_minflt,  # page faults: freed blocks glibc gave back
         "system_cpu_share": round((usage.ru_stime - faults0.ru_stime) / max(
             usage.ru_stime - faults0.ru_stime + usage.ru_utime - faults0.ru_utime, 1e-9), 3),
@@ -134,9 +135,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                    help="train.precision values to compare (each with every variant)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--allocators", nargs="+", default=["glibc"], choices=["glibc", "jemalloc"],
-                   help="malloc for each variant's process: glibc's, or jemalloc (LD_PRELOAD, decay off: freed memory "
-                        "is kept for reuse, not given back to the kernel)")
+    p.add_argument("--allocators", nargs="+", default=["glibc"], choices=list(ALLOCATOR_CONFS),
+                   help="malloc for each variant's process: glibc's, or jemalloc (LD_PRELOAD) with MALLOC_CONF: "
+                        "'jemalloc' as train.allocator gives it, 'jemalloc-nodecay' (freed memory never given back), "
+                        "'jemalloc-default' (jemalloc's own 10 s decay)")
     p.add_argument("--json", default="", help="write the results here (one variant and precision: that result)")
     p.add_argument("--gc", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--precompute", type=int, default=0, help=argparse.SUPPRESS)
@@ -162,17 +164,28 @@ def parse_shapes(shapes: list[str] | None, batch_size: int) -> list[tuple[int, i
     return out
 
 
-def allocator_env(name: str) -> dict[str, str]:
-    """What train.allocator=jemalloc gives its child process (train/allocator.py), or nothing for glibc."""
+def _shipped_conf() -> str:
     from train import allocator as malloc
 
-    if name == "glibc":
+    return malloc.MALLOC_CONF
+
+
+ALLOCATOR_CONFS = {"glibc": None, "jemalloc": _shipped_conf, "jemalloc-nodecay": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+                   "jemalloc-default": ""}
+
+
+def allocator_env(name: str) -> dict[str, str]:
+    """The environment of a variant's process: jemalloc preloaded with that MALLOC_CONF, or nothing for glibc."""
+    from train import allocator as malloc
+
+    conf = ALLOCATOR_CONFS[name]
+    if conf is None:
         return {}
     lib = malloc.find_jemalloc()
     if lib is None:
-        raise SystemExit(f"--allocators jemalloc: no libjemalloc.so.2 in {malloc.JEMALLOC_PATHS} "
+        raise SystemExit(f"--allocators {name}: no libjemalloc.so.2 in {malloc.JEMALLOC_PATHS} "
                          "(Debian: apt install libjemalloc2)")
-    return {"LD_PRELOAD": lib, "MALLOC_CONF": malloc.MALLOC_CONF}
+    return {"LD_PRELOAD": lib, "MALLOC_CONF": conf() if callable(conf) else conf}
 
 
 def main() -> int:

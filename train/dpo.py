@@ -35,11 +35,12 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -567,6 +568,8 @@ def train(cfg: TrainConfig) -> Path:
             provenance = check_pairs_model(sources, gaps, cfg.model, base, cfg.allow_model_mismatch)
         t0 = time.time()
         result = trainer.train()
+        if alloc.name == "jemalloc":  # decay off was for the steps; the probe below would keep its peak resident
+            alloc = replace(alloc, released=malloc.release_retained())
         if not main_process:
             return out
         trainer.model.save_pretrained(tmp)
@@ -615,6 +618,8 @@ def train(cfg: TrainConfig) -> Path:
                 "global_step": result.global_step,
                 "last_step": last_step,
                 "wall_s": round(time.time() - t0, 2),
+                # the training process's peak resident memory (in process: the driver's peak so far included)
+                "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2),
             },
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
