@@ -11,8 +11,8 @@ runs the training in a child process started with `LD_PRELOAD` (the driver of `p
 the sandbox keep glibc's). torch's CPU allocator aligns every tensor to 64 bytes whatever malloc returns, so the
 numbers do not depend on the allocator: it is recorded in the manifest, not in the adapter's identity.
 
-    auto      jemalloc on CPU, in one process (no `accelerate launch`), where libjemalloc.so.2 is installed
-              (Debian/Ubuntu: apt install libjemalloc2); else glibc's, and the manifest says why
+    auto      the process's own malloc (jemalloc with decay off grew the training child's RSS ~1 GB a minute,
+              to 21 GB over 16 steps of run 5's DPO: not a safe default beside live engines)
     jemalloc  jemalloc or an error (the library missing, or several processes: preload it in the launch command)
     system    the process's own malloc, in process
 """
@@ -96,6 +96,10 @@ def plan(asked: str, cuda: bool, world_size: int, lib: str | None, loaded: str |
                              "(Debian/Ubuntu: apt install libjemalloc2; or set PAIRLOOP_JEMALLOC to its path)")
         return Plan("system", False, None, "auto: no libjemalloc.so.2 installed (apt install libjemalloc2 for "
                     "~1.7x DPO pairs/s on CPU)")
+    if asked == "auto":  # measured in run 5: decay off grows the child ~1 GB a minute (21 GB after 16 steps)
+        return Plan("system", False, None, "auto: the process's own malloc; train.allocator=jemalloc is 1.5-1.7x "
+                    "the DPO pairs/s on CPU, but its resident memory grew to 21 GB over run 5's 16 steps (opt in "
+                    "where memory allows)")
     if cuda and asked == "auto":
         return Plan("system", False, None, "auto on a CUDA GPU: the host allocator is not what limits training "
                     "there (unmeasured); train.allocator=jemalloc to use it")

@@ -106,8 +106,8 @@ class TrainConfig:
     # auto: bf16 on a bf16 GPU; bf16-autocast on a CPU with AMX-BF16/AVX512_BF16 (2.3x float32's pairs/s there);
     # float32 on other CPUs (bf16 emulated: 2.5x slower). One of PRECISIONS.
     precision: str = "auto"
-    # The training process's malloc (train/allocator.py): auto = jemalloc in a child process on CPU where
-    # libjemalloc.so.2 is installed (1.72x the pairs/s of glibc's on the AMX Xeon), else the process's own.
+    # The training process's malloc (train/allocator.py): jemalloc = a child process under jemalloc, decay off
+    # (1.5-1.7x glibc's pairs/s on the AMX Xeons, but RSS grew to 21 GB over 16 steps); auto = the process's own.
     # How training runs, not what it computes: recorded in the manifest, not part of the adapter's identity.
     allocator: str = field(default="auto", metadata={"identity": False})
 
