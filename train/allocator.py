@@ -94,17 +94,12 @@ def plan(asked: str, cuda: bool, world_size: int, lib: str | None, loaded: str |
         if asked == "jemalloc":
             raise ValueError(f"train.allocator=jemalloc: no libjemalloc.so.2 in {list(JEMALLOC_PATHS)} "
                              "(Debian/Ubuntu: apt install libjemalloc2; or set PAIRLOOP_JEMALLOC to its path)")
-        return Plan("system", False, None, "auto: no libjemalloc.so.2 installed (apt install libjemalloc2 for "
-                    "~1.7x DPO pairs/s on CPU)")
+        return Plan("system", False, None, "auto: the process's own malloc (no libjemalloc.so.2 installed)")
     if asked == "auto":  # measured in run 5: decay off grows the child ~1 GB a minute (21 GB after 16 steps)
         return Plan("system", False, None, "auto: the process's own malloc; train.allocator=jemalloc is 1.5-1.7x "
                     "the DPO pairs/s on CPU, but its resident memory grew to 21 GB over run 5's 16 steps (opt in "
                     "where memory allows)")
-    if cuda and asked == "auto":
-        return Plan("system", False, None, "auto on a CUDA GPU: the host allocator is not what limits training "
-                    "there (unmeasured); train.allocator=jemalloc to use it")
-    return Plan("jemalloc", True, lib, "set by train.allocator" if asked == "jemalloc" else
-                "auto on CPU: jemalloc installed (glibc's malloc returns freed blocks to the kernel each step)")
+    return Plan("jemalloc", True, lib, "set by train.allocator")
 
 
 def resolve(asked: str, cuda: bool) -> Plan:
