@@ -157,7 +157,8 @@ def release_retained(decay_ms: int = 10_000) -> bool:
 def child_env(p: Plan, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of the training child: jemalloc preloaded ahead of anything already preloaded."""
     env = dict(os.environ if env is None else env)
-    assert p.lib, "child_env needs a library"
+    if not p.lib:
+        raise RuntimeError(f"train: child_env needs a malloc library to preload; plan {p.name!r} has none")
     env["LD_PRELOAD"] = ":".join(x for x in (p.lib, env.get("LD_PRELOAD", "")) if x)
     env.setdefault("MALLOC_CONF", MALLOC_CONF)  # a user's own MALLOC_CONF wins (recorded in the manifest)
     env[CHILD_ENV] = p.why  # the child records the parent's reason

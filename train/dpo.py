@@ -639,8 +639,8 @@ def _train_in_child(cfg: TrainConfig, alloc: malloc.Plan, out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="pairloop-train-") as work:
         spec, error = Path(work) / "config.json", Path(work) / "error.txt"
         spec.write_text(json.dumps({"config": config_to_dict(cfg), "error_file": str(error)}))
-        code = "import sys; from train.dpo import child_main; sys.exit(child_main(sys.argv[1]))"
-        child = subprocess.Popen([sys.executable, "-c", code, str(spec)], env=malloc.child_env(alloc),
+        code = f"import sys; from train.dpo import child_main; sys.exit(child_main({str(spec)!r}))"
+        child = subprocess.Popen([sys.executable, "-c", code], env=malloc.child_env(alloc),
                                  preexec_fn=malloc.die_with_parent)
         try:
             rc = child.wait()
