@@ -82,10 +82,13 @@ def run_variant(args: argparse.Namespace) -> dict:
         precompute_ref_log_probs=args.precompute, learning_rate=5e-6, precision=args.precision,
     )
     stamps: list[float] = []
+    rss_gib: list[float] = []  # resident memory after each step: a caching malloc that keeps what it is given grows
 
     class StepClock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
             stamps.append(time.perf_counter())
+            rss_gib.append(round(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                                 / (1 << 30), 2))
 
     faults0 = resource.getrusage(resource.RUSAGE_SELF)
     with tempfile.TemporaryDirectory() as work:
@@ -109,7 +112,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "precompute_ref_log_probs": args.precompute, "precision": training_precision(cfg)[0],
         "setup_s": round(t_setup, 1),
         "pairs_per_s": round(steady, 3), "s_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 2),
-        "peak_rss_gib": round(peak_rss_gib, 2), "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
+        "peak_rss_gib": round(peak_rss_gib, 2), "rss_gib_per_step": rss_gib, "gpu_peak_gib": None if gpu_peak is None else round(gpu_peak, 2),
         "allocator": ("jemalloc " + os.environ.get("MALLOC_CONF", "")).strip()
         if "jemalloc" in Path("/proc/self/maps").read_text() else "glibc",
         "minor_faults": usage.ru_minflt - faults0.ru_minflt,  # page faults: freed blocks glibc gave back
@@ -138,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allocators", nargs="+", default=["glibc"], choices=list(ALLOCATOR_CONFS),
                    help="malloc for each variant's process: glibc's, or jemalloc (LD_PRELOAD) with MALLOC_CONF: "
                         "'jemalloc' as train.allocator gives it, 'jemalloc-nodecay' (freed memory never given back), "
-                        "'jemalloc-default' (jemalloc's own 10 s decay)")
+                        "'jemalloc-default' (jemalloc's own 10 s decay), 'jemalloc-decay30' (dirty pages kept 30 s), "
+                        "'jemalloc-nodecay-1arena' (decay off, one arena)")
     p.add_argument("--json", default="", help="write the results here (one variant and precision: that result)")
     p.add_argument("--gc", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--precompute", type=int, default=0, help=argparse.SUPPRESS)
@@ -171,7 +175,10 @@ def _shipped_conf() -> str:
 
 
 ALLOCATOR_CONFS = {"glibc": None, "jemalloc": _shipped_conf, "jemalloc-nodecay": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
-                   "jemalloc-default": ""}
+                   "jemalloc-default": "",
+                   # bounded: pages unused for longer than about one step go back to the kernel
+                   "jemalloc-decay30": "dirty_decay_ms:30000,muzzy_decay_ms:0",
+                   "jemalloc-nodecay-1arena": "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:1"}
 
 
 def allocator_env(name: str) -> dict[str, str]:
@@ -231,6 +238,7 @@ def main() -> int:
         ratio = r["pairs_per_s"] / base
         print(f"{r['precision']:<15}{name:<52}{r['pairs_per_s']:>9.3f}{r['s_per_step']:>8.1f}{ratio:>8.2f}x"
               f"{r['peak_rss_gib']:>14.2f}{r['minor_faults']:>14,}{r['system_cpu_share']:>9.0%}  {r['allocator']}")
+        print(f"{'':<15}RSS after each step (GiB): {' '.join(f'{x:.1f}' for x in r['rss_gib_per_step'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0
