@@ -10,6 +10,8 @@ engine each, nothing shared, memory released between them):
   pipeline  gen.run.run_generation with execute=false: Ray actor + work units + shard writes
   hf        transformers generate(num_return_sequences=n), batched, torch threads = cores
 Then gen with execution vs gen alone (same seeds, so the same completions; real stopping, not ignore_eos).
+`--allocators glibc jemalloc-default ...` runs the bare and hf contenders once per malloc (jemalloc through
+LD_PRELOAD with bench/train_speed.py's MALLOC_CONFs) and prints each one's minor page faults and kernel share.
 Targets (issue 3): pipeline >= 0.95x bare vLLM; vLLM >= 5x HF on this CPU; gen+exec wall <= 1.1x gen alone.
 """
 
@@ -26,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.train_speed import ALLOCATOR_CONFS, allocator_env  # noqa: E402  (light: argparse, os, json)
 
 
 def cpu_env() -> dict[str, str]:
@@ -46,6 +50,18 @@ def prompts_for(model_path: str, count: int) -> list[str]:
     return [build_prompt(p, "chat", tokenizer=tok) + "```python\n" for p in load_problems("humaneval")[:count]]
 
 
+def _usage() -> tuple[float, float, int]:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def _with_usage(entry: dict, before: tuple[float, float, int]) -> dict:
+    u, s, f = (x - y for x, y in zip(_usage(), before))
+    return {**entry, "minor_faults": int(f), "kernel_share": s / (u + s) if u + s else 0.0}
+
+
 def run_bare(a) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -56,11 +72,11 @@ def run_bare(a) -> dict:
     for n in a.n:
         sp = SamplingParams(n=n, max_tokens=a.max_tokens, ignore_eos=True, temperature=0.8, top_p=0.95, seed=1)
         llm.generate(prompts[:1], SamplingParams(n=2, max_tokens=4), use_tqdm=False)  # warm
-        t0 = time.perf_counter()
+        u0, t0 = _usage(), time.perf_counter()
         res = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         toks = sum(len(c.token_ids) for r in res for c in r.outputs)
-        out[str(n)] = {"tokens": toks, "seconds": dt, "tok_s": toks / dt}
+        out[str(n)] = _with_usage({"tokens": toks, "seconds": dt, "tok_s": toks / dt}, u0)
     return out
 
 
@@ -127,14 +143,14 @@ def run_hf(a) -> dict:
     out = {}
     for n in a.n:
         torch.manual_seed(1)
-        t0 = time.perf_counter()
+        u0, t0 = _usage(), time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(**enc, do_sample=True, temperature=0.8, top_p=0.95, num_return_sequences=n,
                                  max_new_tokens=a.max_tokens, min_new_tokens=a.max_tokens,
                                  pad_token_id=tok.pad_token_id)
         dt = time.perf_counter() - t0
         toks = (gen.shape[1] - enc["input_ids"].shape[1]) * gen.shape[0]
-        out[str(n)] = {"tokens": int(toks), "seconds": dt, "tok_s": toks / dt}
+        out[str(n)] = _with_usage({"tokens": int(toks), "seconds": dt, "tok_s": toks / dt}, u0)
     return out
 
 
@@ -147,6 +163,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (gen/hardware.py: what the engine's "
                    "auto picks on this CPU); the same for all three contenders")
     p.add_argument("--contenders", nargs="+", default=["bare", "pipeline", "hf"])
+    p.add_argument("--allocators", nargs="+", default=["glibc"], choices=list(ALLOCATOR_CONFS),
+                   help="malloc for the bare and hf contenders' processes (bench/train_speed.py --help); each one "
+                        "runs them again, side by side, and the table gains a row per malloc")
     p.add_argument("--exec-compare", action="store_true", default=True)
     p.add_argument("--no-exec-compare", dest="exec_compare", action="store_false")
     p.add_argument("--exec-n", type=int, default=16)
@@ -168,22 +187,25 @@ def main() -> None:
 
     model_path = resolve_model(a.model)
     results = {}
+    runs = [(c, m) for c in a.contenders for m in (a.allocators if c in ("bare", "hf") else ["glibc"])]
     with tempfile.TemporaryDirectory() as tmp:
-        for c in a.contenders:
+        for c, m in runs:
+            key = c if m == "glibc" else f"{c}+{m}"
             cmd = [sys.executable, __file__, "--variant", c, "--model-path", model_path, "--tmp", tmp,
                    "--prompts", str(a.prompts), "--max-tokens", str(a.max_tokens), "--exec-n", str(a.exec_n),
                    "--exec-max-tokens", str(a.exec_max_tokens), "--dtype", a.dtype, "--n", *map(str, a.n)]
             if not a.exec_compare:
                 cmd.append("--no-exec-compare")
-            print(f"== {c} ...", flush=True)
-            proc = subprocess.run(cmd, env={**os.environ, **cpu_env(), "PYTHONPATH": str(ROOT)},
+            print(f"== {key} ...", flush=True)
+            env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+            proc = subprocess.run(cmd, env={**env, **cpu_env(), **allocator_env(m), "PYTHONPATH": str(ROOT)},
                                   capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 print(proc.stderr[-3000:])
-                raise SystemExit(f"{c} failed")
-            results[c] = json.loads(line[-1][7:])
-            print(f"   {results[c]}", flush=True)
+                raise SystemExit(f"{key} failed")
+            results[key] = json.loads(line[-1][7:])
+            print(f"   {results[key]}", flush=True)
     print(f"\nmodel={a.model} dtype={a.dtype} prompts={a.prompts} max_tokens={a.max_tokens} (ignore_eos) "
           f"cores={os.cpu_count()}")
     print(f"{'n':>4} " + " ".join(f"{c + ' tok/s':>16}" for c in a.contenders) + "   pipeline/bare   bare/hf")
@@ -192,6 +214,16 @@ def main() -> None:
         r = {c: results.get(c, {}).get(n, {}).get("tok_s", float("nan")) for c in ("bare", "pipeline", "hf")}
         print(f"{n:>4} " + " ".join(f"{v:>16.1f}" for v in row)
               + f"   {r['pipeline'] / r['bare']:>13.3f}   {r['bare'] / r['hf']:>7.2f}")
+    for m in a.allocators:
+        if m == "glibc":
+            continue
+        for c in ("bare", "hf"):
+            if c in results and f"{c}+{m}" in results:
+                for n in map(str, a.n):
+                    g, j = results[c][n], results[f"{c}+{m}"][n]
+                    print(f"{c} n={n}: {m} {j['tok_s']:.1f} tok/s vs glibc {g['tok_s']:.1f} "
+                          f"({j['tok_s'] / g['tok_s']:.2f}x); minor faults {g['minor_faults']:,} -> "
+                          f"{j['minor_faults']:,}; kernel {g['kernel_share']:.0%} -> {j['kernel_share']:.0%}")
     pipe = results.get("pipeline", {})
     if "exec_True" in pipe:
         g, ge = pipe["exec_False"]["seconds"], pipe["exec_True"]["seconds"]
