@@ -6,7 +6,8 @@
 Same model, same prompts (HumanEval chat prompts), same n and max_tokens, fixed lengths (ignore_eos) so every
 contender produces exactly prompts x n x max_tokens tokens. Each contender runs in its own subprocess (a fresh
 engine each, nothing shared, memory released between them):
-  bare      vllm.LLM.generate in-process, both cores bound (the library on its own)
+  bare      vllm.LLM.generate in-process, both cores bound (the library on its own), with the top-p the
+            pipeline's engine applies (gen/cpu_sampler.py on CPU; PAIRLOOP_TOP_P=vllm gives both vLLM's sort)
   pipeline  gen.run.run_generation with execute=false: Ray actor + work units + shard writes
   hf        transformers generate(num_return_sequences=n), batched, torch threads = cores
 Then gen with execution vs gen alone (same seeds, so the same completions; real stopping, not ignore_eos).
@@ -64,7 +65,13 @@ def _with_usage(entry: dict, before: tuple[float, float, int]) -> dict:
 
 def run_bare(a) -> dict:
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
+    from gen import cpu_sampler
+
+    # the top-p the pipeline's engine runs (gen/cpu_sampler.py on CPU; PAIRLOOP_TOP_P=vllm: vLLM's sort for both),
+    # so pipeline / bare measures the pipeline, not a sampler
+    top_p = cpu_sampler.install() if current_platform.is_cpu() else "vllm"
     llm = LLM(a.model_path, dtype=a.dtype, enable_chunked_prefill=False, gpu_memory_utilization=0.3,
               max_model_len=2048, max_num_seqs=256, seed=0)
     prompts = prompts_for(a.model_path, a.prompts)
@@ -77,6 +84,7 @@ def run_bare(a) -> dict:
         dt = time.perf_counter() - t0
         toks = sum(len(c.token_ids) for r in res for c in r.outputs)
         out[str(n)] = _with_usage({"tokens": toks, "seconds": dt, "tok_s": toks / dt}, u0)
+    out["top_p"] = top_p
     return out
 
 
@@ -207,7 +215,7 @@ def main() -> None:
             results[key] = json.loads(line[-1][7:])
             print(f"   {results[key]}", flush=True)
     print(f"\nmodel={a.model} dtype={a.dtype} prompts={a.prompts} max_tokens={a.max_tokens} (ignore_eos) "
-          f"cores={os.cpu_count()}")
+          f"cores={os.cpu_count()} top_p(bare, as the pipeline's engine)={results.get('bare', {}).get('top_p', '-')}")
     print(f"{'n':>4} " + " ".join(f"{c + ' tok/s':>16}" for c in a.contenders) + "   pipeline/bare   bare/hf")
     for n in map(str, a.n):
         row = [results[c][n]["tok_s"] if c in results else float("nan") for c in a.contenders]

@@ -79,7 +79,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(
         pairs=("synthetic",), out="unused", model=args.model, max_steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, gradient_checkpointing=args.gc,
-        precompute_ref_log_probs=args.precompute, learning_rate=5e-6, precision=args.precision,
+        precompute_ref_log_probs=args.precompute, learning_rate=args.learning_rate, precision=args.precision,
     )
     stamps: list[float] = []
     rss_gib: list[float] = []  # resident memory after each step: a caching malloc that keeps what it is given grows
@@ -135,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
                    help="micro-batch x gradient accumulation shapes to compare, e.g. 2x2 1x4 (same pairs per step)")
     p.add_argument("--pairs", default="", help="a pairs.parquet to train on (its first rows) instead of synthetic pairs")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is not timed")
+    p.add_argument("--learning-rate", type=float, default=5e-6,
+                   help="the optimizer's (configs/experiment-cpu.yaml trains at 1e-4)")
     p.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                    help="train.precision values to compare (each with every variant)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -217,6 +219,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--model", args.model, "--max-length", str(args.max_length),
                    "--batch-size", str(batch), "--grad-accum", str(accum), "--steps", str(args.steps),
                    "--precision", precision, "--gc", str(gc), "--precompute", str(pre),
+                   "--learning-rate", str(args.learning_rate),
                    *(["--pairs", args.pairs] if args.pairs else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, "TQDM_DISABLE": "1", **allocator_env(alloc)})
