@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import random
 import sys
 import tempfile
@@ -47,6 +48,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--pad-to-multiple-of", type=int, default=0, help="pad every batch to a multiple of this (0: off)")
     a = p.parse_args()
+    if a.steps < 1 or a.pad_to_multiple_of < 0:
+        p.error(f"--steps={a.steps} must be >= 1 and --pad-to-multiple-of={a.pad_to_multiple_of} >= 0")
 
     import pyarrow as pa
     from transformers import AutoTokenizer, TrainerCallback
@@ -69,7 +72,6 @@ def main() -> int:
         return v.value / 2**30 if mallctl(name, ctypes.byref(v), ctypes.byref(size), None, 0) == 0 else float("nan")
 
     def rss() -> float:
-        import os
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
     load, ident = base_model(a.model)
