@@ -54,16 +54,13 @@ def main() -> int:
     import pyarrow as pa
     from transformers import AutoTokenizer, TrainerCallback
 
-    from train.allocator import loaded_jemalloc
+    from train.allocator import jemalloc_mallctl
     from train.dpo import TrainConfig, base_model, build_trainer
 
-    lib = loaded_jemalloc()
-    if lib is None:
+    mallctl = jemalloc_mallctl()
+    if mallctl is None:
         print("dpo_malloc: jemalloc is not loaded; start it with LD_PRELOAD (see the docstring)", file=sys.stderr)
         return 2
-    mallctl = ctypes.CDLL(lib).mallctl
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
-                        ctypes.c_size_t]
 
     def stat(name: bytes) -> float:
         epoch = ctypes.c_uint64(1)

@@ -125,6 +125,23 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def jemalloc_mallctl():
+    """The loaded jemalloc's `mallctl(name, oldp, oldlenp, newp, newlen)` as a typed ctypes function, or None
+    when this process has no jemalloc (or it exports none)."""
+    import ctypes
+
+    lib = loaded_jemalloc()
+    if lib is None:
+        return None
+    try:
+        mallctl = ctypes.CDLL(lib).mallctl
+    except (OSError, AttributeError):
+        return None
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                        ctypes.c_size_t]
+    return mallctl
+
+
 def release_retained(decay_ms: int = 10_000) -> bool:
     """Under jemalloc with decay off: give the memory it keeps back to the kernel now, and from now on after
     `decay_ms` (jemalloc's default). Called once the optimizer steps are done: the step-to-step reuse that decay off
@@ -133,15 +150,9 @@ def release_retained(decay_ms: int = 10_000) -> bool:
     killed the idle engines). False when this process has no jemalloc (nothing to do) or jemalloc refused."""
     import ctypes
 
-    lib = loaded_jemalloc()
-    if lib is None:
+    mallctl = jemalloc_mallctl()
+    if mallctl is None:
         return False
-    try:
-        mallctl = ctypes.CDLL(lib).mallctl
-    except (OSError, AttributeError):
-        return False
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
-                        ctypes.c_size_t]
     narenas, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
     if mallctl(b"arenas.narenas", ctypes.byref(narenas), ctypes.byref(size), None, 0) != 0:
         return False
