@@ -194,6 +194,23 @@ def _now() -> float:
     return os.times().elapsed  # monotonic enough for deadlines, no `time` import needed here
 
 
+def _write_plan(fd: int, data: bytes) -> tuple[bool, str | None]:
+    """Write a job's planned calls in one go: (written, our fault or None). The pipe is empty and holds them
+    (the caller made them fit), so taking less is ours, never the model's. A broken pipe is not: every read end
+    is closed because the job has already ended (a program that failed at definition time, before this write:
+    seen under load as INFRA_ERROR for a SYNTAX_ERROR); its own outcome stands."""
+    try:
+        capacity = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        written = os.write(fd, data) if len(data) <= capacity else 0
+    except BrokenPipeError:
+        return False, None
+    except OSError:
+        written = 0
+    if written != len(data):
+        return False, f"call pipe took {written} of {len(data)} planned bytes"
+    return True, None
+
+
 def _write_all(fd: int, data: bytes, deadline: float | None = None) -> bool:
     """Write everything; False if the reader went away or the deadline passed (fd must be non-blocking then)."""
     view = memoryview(data)
@@ -1132,18 +1149,15 @@ class Judge:
             os.close(reply_w)
         if plan and self.zygote_lost is None:
             # the planned calls, before the job starts: it answers them one after another, no round trip each
-            data = b"".join(plan)
-            try:
-                capacity = fcntl.fcntl(self.call_w, F_GETPIPE_SZ)
-                written = os.write(self.call_w, data) if len(data) <= capacity else 0
-            except OSError:
-                written = 0
-            if written != len(data):  # the pipe took less than it holds: ours (never the model's), and no plan
-                self.zygote_lost = f"call pipe took {written} of {len(data)} planned bytes"
+            written, fault = _write_plan(self.call_w, b"".join(plan))
+            if fault is not None:
+                self.zygote_lost = fault
+            elif not written:  # the job has already ended: its calls (if any) go call by call and find it gone
+                self.plan = []
         verdict = None
         if self.zygote_lost is None:
             verdict = self._judge(compiled, entry_point)
-            if len(self.sent) < len(plan) and verdict[0] != "DIED" and self.ended is None \
+            if len(self.sent) < len(self.plan) and verdict[0] != "DIED" and self.ended is None \
                     and self.aborted is None and verdict[1] != "definition":
                 try:  # the verdict is in while the job may still answer planned calls: the fork server kills it
                     self.sock.sendall(_STOP)

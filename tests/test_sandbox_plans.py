@@ -109,3 +109,26 @@ def test_plans_are_used_once_a_job_passed_and_only_then(plans):
         results = box.run([Job(probe, test, "f"), Job(probe, test, "f")])
     assert [r.outcome for r in results] == [Outcome.PASS] * 2, results
     assert [r.output.strip() for r in results] == ["none", "planned" if plans else "none"], results
+
+
+def test_a_plan_written_after_its_job_ended_is_not_a_harness_fault():
+    """A job that fails at definition time can be gone (every read end of its call pipe closed) before the judge
+    writes its plan: the write breaks the pipe. That is the job's own ending (its SYNTAX_ERROR stands), not an
+    INFRA_ERROR (seen in a fresh-clone `make test`: "call pipe took 0 of 22 planned bytes"). A pipe that takes
+    less than it holds is still ours."""
+    import os
+
+    from sandbox._worker import _write_plan
+
+    r, w = os.pipe()
+    os.close(r)
+    assert _write_plan(w, b"x" * 22) == (False, None)
+    os.close(w)
+    r, w = os.pipe()
+    assert _write_plan(w, b"x" * 22) == (True, None)
+    assert os.read(r, 64) == b"x" * 22
+    too_big = b"x" * (1 << 20)  # more than a default pipe holds: refused whole, and ours
+    written, fault = _write_plan(w, too_big)
+    assert not written and fault == f"call pipe took 0 of {len(too_big)} planned bytes"
+    os.close(r)
+    os.close(w)
