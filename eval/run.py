@@ -311,6 +311,9 @@ def hot_load_line(h: dict[str, Any]) -> str:
     probe = "probe"
     if h.get("sequences", 1) > 1:
         probe = f"probe ({h['sequences']} texts, {h['tokens']} tokens, training texts included)"
+    elif h.get("pair_texts_skipped"):
+        probe = (f"probe (its fixed text, {h['tokens']} tokens: its {h['pair_texts_skipped']} training texts are not "
+                 f"needed in this dtype)")
     line = (f"hot-load check ({h.get('mode', 'lora')}): adapter {h['adapter']} (sha256 {h['sha256'][:12]}) served as "
             f"trained on {h['engines']} engine(s): {probe} log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
             f"{h['max_abs_diff']:.2g})")

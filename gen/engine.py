@@ -491,20 +491,23 @@ class EnginePool:
         self.loras[lid] = lora
         return lora
 
-    def _probe(self, ref: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]]]:
-        from gen.probe import fit, sequences
+    def _probe(self, ref: dict[str, Any], full: bool) -> tuple[dict[str, Any], list[list[int]]]:
+        from gen.probe import fit, probe_for, sequences
 
         ref = fit(ref, self.engine_kwargs["max_model_len"])
+        if not full:
+            ref = probe_for(ref, self.engine_kwargs["dtype"])
         return ref, sequences(ref)
 
-    def verify_adapter(self, lora: dict, ref: dict[str, Any]) -> dict[str, Any]:
+    def verify_adapter(self, lora: dict, ref: dict[str, Any], full_probe: bool = False) -> dict[str, Any]:
         """The hot-load check (gen.probe): every engine's probe log-probs under `lora` match the reference and differ
-        from its base's. Raises ValueError naming the engine; returns what it measured (for the report)."""
+        from its base's. Raises ValueError naming the engine; returns what it measured (for the report). The probe
+        is the part of `ref` this dtype needs (gen.probe.probe_for), or all of it with `full_probe`."""
         from gen.probe import check_margins, compare, tolerance
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
-        ref, seqs = self._probe(ref)
+        ref, seqs = self._probe(ref, full_probe)
         with_lora = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, lora) for a in self.actors])]
         base = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, None) for a in self.actors])]
         for i, (lp, blp) in enumerate(zip(with_lora, base)):
@@ -513,9 +516,10 @@ class EnginePool:
                 raise ValueError(f"hot-load check failed on engine {i} for adapter {lora['path']}: {why}")
         return {**check_margins(with_lora, base, ref), "engines": len(self.actors), "tolerance": tol,
                 "sequences": len(seqs), "tokens": len(ref["adapter_logprobs"]),
+                "pair_texts_skipped": ref.get("pair_texts_skipped", 0),
                 "seconds": round(time.perf_counter() - t0, 3)}
 
-    def verify_merged(self, ref: dict[str, Any], base: "EnginePool") -> dict[str, Any]:
+    def verify_merged(self, ref: dict[str, Any], base: "EnginePool", full_probe: bool = False) -> dict[str, Any]:
         """The same check for an engine serving the adapter merged into its weights: its plain log-probs must match
         PEFT's with the adapter on, and its effect over `base` (engines on the base weights, same dtype) must be
         PEFT's effect: paired, so the dtype's rounding of the base is measured as noise, not taken for the adapter."""
@@ -523,7 +527,7 @@ class EnginePool:
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
-        ref, seqs = self._probe(ref)
+        ref, seqs = self._probe(ref, full_probe)
         served = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, None) for a in self.actors])]
         base_lp = _flat(ray.get(base.actors[0].probe_logprobs.remote(seqs, None)))
         for i, lp in enumerate(served):
@@ -532,6 +536,7 @@ class EnginePool:
                 raise ValueError(f"merged-adapter check failed on engine {i} ({self.model_path}): {why}")
         return {**check_margins(served, [base_lp] * len(served), ref), "engines": len(self.actors),
                 "tolerance": tol, "sequences": len(seqs), "tokens": len(ref["adapter_logprobs"]),
+                "pair_texts_skipped": ref.get("pair_texts_skipped", 0),
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def unload_adapter(self, lora: dict) -> None:

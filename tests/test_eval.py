@@ -519,6 +519,32 @@ def test_probe_cut_to_an_engines_length_keeps_each_sequences_first_logprobs():
         fit({**ref, "adapter_logprobs": ref["adapter_logprobs"][:-1]}, 100)  # misaligned: refused, not sliced
 
 
+def test_a_float32_engine_scores_the_fixed_text_alone_only_where_it_resolves_the_adapter():
+    """gen.probe.probe_for: the training texts are kept for bf16's noise; a float32 engine (noise ~1e-4 L2 on the
+    fixed text) scores the fixed text alone where the adapter moves it by FIXED_TEXT_EFFECT_MIN or more (PEFT's
+    numbers), with exactly the fixed text's log-probs; below it, or in another dtype, the whole probe."""
+    from gen.probe import FIXED_TEXT_EFFECT_MIN, probe_for, sequences
+
+    floor = FIXED_TEXT_EFFECT_MIN["float32"]
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]  # the fixed text (4 scored tokens), two training texts
+    base = [-1.0 - i for i in range(4 + 2 + 3)]
+
+    def ref_moving_fixed_text_by(l2, pairs=1.0):  # 4 fixed tokens moved by l2 / 2 each (L2 l2), the rest by `pairs`
+        return {"sequences": seqs, "pair_texts": 2, "base_logprobs": base,
+                "adapter_logprobs": [b + (l2 / 2 if i < 4 else pairs) for i, b in enumerate(base)]}
+
+    strong = ref_moving_fixed_text_by(2 * floor)
+    short = probe_for(strong, "float32")
+    assert sequences(short) == [[1, 2, 3, 4, 5]] and short["pair_texts"] == 0 and short["pair_texts_skipped"] == 2
+    assert short["adapter_logprobs"] == strong["adapter_logprobs"][:4] and short["base_logprobs"] == base[:4]
+    assert probe_for(strong, "bfloat16") is strong and probe_for(strong, "float16") is strong
+    weak = ref_moving_fixed_text_by(floor / 2)  # the training texts carry the effect: all of them are scored
+    assert probe_for(weak, "float32") is weak
+    assert probe_for(ref_moving_fixed_text_by(floor * 1.01), "float32")["pair_texts_skipped"] == 2
+    single = {"sequences": seqs[:1], "adapter_logprobs": [0.0] * 4, "base_logprobs": [-1.0] * 4}
+    assert probe_for(single, "float32") is single
+
+
 def test_hot_load_check_scores_the_training_texts_on_every_engine(engine_pool, adapters, tiny_model):
     """The probe with training texts (prompt + chosen, prompt + rejected of the first pairs, as train/ records it):
     every sequence is scored by the engine, and the check passes for the adapter as trained and refuses another
@@ -533,16 +559,20 @@ def test_hot_load_check_scores_the_training_texts_on_every_engine(engine_pool, a
     assert ref["pair_texts"] == 2 * PROBE_PAIRS == len(ref["sequences"]) - 1
     lora = engine_pool.load_adapter(str(adapters["v1"]))
     try:
-        check = engine_pool.verify_adapter(lora, ref)
+        check = engine_pool.verify_adapter(lora, ref, full_probe=True)
+        short = engine_pool.verify_adapter(lora, ref)  # float32, an adapter that moves the fixed text: that decides
     finally:
         engine_pool.unload_adapter(lora)
-    assert check["sequences"] == 1 + 2 * PROBE_PAIRS
+    assert check["sequences"] == 1 + 2 * PROBE_PAIRS and check["pair_texts_skipped"] == 0
     assert check["tokens"] == sum(len(s) - 1 for s in ref["sequences"]) == len(ref["adapter_logprobs"])
     assert abs(check["beta"] - 1) < 1e-3
+    assert short["sequences"] == 1 and short["pair_texts_skipped"] == 2 * PROBE_PAIRS
+    assert short["tokens"] == len(ref["sequences"][0]) - 1 and abs(short["beta"] - 1) < 1e-3
     other = engine_pool.load_adapter(str(adapters["v2"]))
     try:
-        with pytest.raises(ValueError, match="serves other weights"):
-            engine_pool.verify_adapter(other, ref)
+        for full in (True, False):  # refused on the fixed text alone as on the whole probe
+            with pytest.raises(ValueError, match="serves other weights"):
+                engine_pool.verify_adapter(other, ref, full_probe=full)
     finally:
         engine_pool.unload_adapter(other)
 
@@ -824,3 +854,16 @@ def test_the_one_call_check_passes_the_adapter_as_trained_and_refuses_wrong_weig
         assert (compare_direct(scaled, eng_base[:k], ref, 0.25) is None) == passes, scale
     assert "other base weights" in compare_direct(served["right"], [b + 1.0 for b in ref["base_logprobs"]], ref,
                                                   0.25)
+
+
+def test_the_report_says_which_probe_the_hot_load_check_scored():
+    """A check decided on the fixed text alone must not read like one over the training texts, and vice versa."""
+    from eval.run import hot_load_line
+
+    h = {"adapter": "a", "sha256": "0" * 64, "engines": 1, "tolerance": 2e-3, "max_abs_diff": 1e-5, "seconds": 0.4,
+         "effect_l2": 0.3, "residual_l2": 1e-4, "noise_l2": 1e-4, "beta": 1.0}
+    short = hot_load_line({**h, "sequences": 1, "tokens": 50, "pair_texts_skipped": 8})
+    assert "its fixed text, 50 tokens: its 8 training texts are not needed in this dtype" in short, short
+    full = hot_load_line({**h, "sequences": 9, "tokens": 3311, "pair_texts_skipped": 0})
+    assert "9 texts, 3311 tokens, training texts included" in full and "fixed text" not in full, full
+    assert "fixed text" not in hot_load_line({**h, "sequences": 1, "tokens": 50})  # a record with no training texts
