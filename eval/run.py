@@ -311,6 +311,8 @@ def hot_load_line(h: dict[str, Any]) -> str:
     probe = "probe"
     if h.get("sequences", 1) > 1:
         probe = f"probe ({h['sequences']} texts, {h['tokens']} tokens, training texts included)"
+        if h.get("widened"):
+            probe = probe[:-1] + ": the fixed text alone was within this engine's noise)"
     elif h.get("pair_texts_skipped"):
         probe = (f"probe (its fixed text, {h['tokens']} tokens: its {h['pair_texts_skipped']} training texts are not "
                  f"needed in this dtype)")

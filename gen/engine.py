@@ -361,6 +361,15 @@ def _flat(per_sequence: list[list[float]]) -> list[float]:
     return [x for lp in per_sequence for x in lp]
 
 
+def _widen(ref: dict[str, Any], engine_adapter: list[float], engine_base: list[float]) -> bool:
+    """A check refused on the fixed text alone (gen.probe.probe_for) for want of power only, this engine being
+    noisier than float32 measured on CPU (TF32 matmuls, other kernels): the whole probe decides instead. A refusal
+    for a mismatch stands."""
+    from gen.probe import measure, within_noise
+
+    return bool(ref.get("pair_texts_skipped")) and within_noise(measure(engine_adapter, engine_base, ref))
+
+
 class EnginePool:
     """N engine actors, started once. LoRA adapters get fresh names and ids; base and LoRA are never mixed."""
 
@@ -507,12 +516,16 @@ class EnginePool:
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
+        whole = ref
         ref, seqs = self._probe(ref, full_probe)
         with_lora = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, lora) for a in self.actors])]
         base = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, None) for a in self.actors])]
         for i, (lp, blp) in enumerate(zip(with_lora, base)):
             why = compare(lp, blp, ref, tol)
             if why is not None:
+                if _widen(ref, lp, blp):
+                    return {**self.verify_adapter(lora, whole, full_probe=True), "widened": True,
+                            "seconds": round(time.perf_counter() - t0, 3)}
                 raise ValueError(f"hot-load check failed on engine {i} for adapter {lora['path']}: {why}")
         return {**check_margins(with_lora, base, ref), "engines": len(self.actors), "tolerance": tol,
                 "sequences": len(seqs), "tokens": len(ref["adapter_logprobs"]),
@@ -527,12 +540,16 @@ class EnginePool:
 
         t0 = time.perf_counter()
         tol = tolerance(self.engine_kwargs["dtype"])
+        whole = ref
         ref, seqs = self._probe(ref, full_probe)
         served = [_flat(x) for x in ray.get([a.probe_logprobs.remote(seqs, None) for a in self.actors])]
         base_lp = _flat(ray.get(base.actors[0].probe_logprobs.remote(seqs, None)))
         for i, lp in enumerate(served):
             why = compare(lp, base_lp, ref, tol)
             if why is not None:
+                if _widen(ref, lp, base_lp):
+                    return {**self.verify_merged(whole, base, full_probe=True), "widened": True,
+                            "seconds": round(time.perf_counter() - t0, 3)}
                 raise ValueError(f"merged-adapter check failed on engine {i} ({self.model_path}): {why}")
         return {**check_margins(served, [base_lp] * len(served), ref), "engines": len(self.actors),
                 "tolerance": tol, "sequences": len(seqs), "tokens": len(ref["adapter_logprobs"]),

@@ -205,6 +205,11 @@ def measure(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: 
     }
 
 
+def within_noise(m: dict[str, float]) -> bool:
+    """compare()'s power test on measure()'s numbers: the adapter's effect is not 4x clear of the engine's noise."""
+    return m["effect"] <= max(4 * m["noise"], 1e-9)
+
+
 def check_margins(served: Sequence[Sequence[float]], base: Sequence[Sequence[float]],
                   ref: dict[str, Any]) -> dict[str, float]:
     """The hot-load check's numbers for the report, of the engine nearest to refusal: the largest token difference
@@ -246,7 +251,7 @@ def compare(engine_adapter: Sequence[float], engine_base: Sequence[float], ref: 
     effect, residual, noise = m["effect"], m["residual"], m["noise"]
     if m["max_abs_diff_base"] > tol:
         return _other_base(m["max_abs_diff_base"], tol)
-    if effect <= max(4 * noise, 1e-9):
+    if within_noise(m):
         return (f"the adapter's effect on the probe (L2 {effect:.3g} over {len(want)} tokens; PEFT) is within 4x this "
                 f"engine's numerical noise ({noise:.3g}): it would be indistinguishable from the base; a float32 "
                 f"engine resolves smaller effects" + ("" if ref.get("pair_texts") else

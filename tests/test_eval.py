@@ -867,3 +867,60 @@ def test_the_report_says_which_probe_the_hot_load_check_scored():
     full = hot_load_line({**h, "sequences": 9, "tokens": 3311, "pair_texts_skipped": 0})
     assert "9 texts, 3311 tokens, training texts included" in full and "fixed text" not in full, full
     assert "fixed text" not in hot_load_line({**h, "sequences": 1, "tokens": 50})  # a record with no training texts
+
+
+class _NoisyActor:
+    """An engine whose log-probs are PEFT's plus its own rounding (+-sigma per token, the same on both calls) and,
+    unless it serves the adapter, PEFT's base: for EnginePool's check logic without vLLM."""
+
+    def __init__(self, ref, sigma, serves_adapter=True):
+        self.ref, self.sigma, self.serves, self.calls = ref, sigma, serves_adapter, []
+        self.probe_logprobs = self
+
+    def remote(self, seqs, lora):
+        self.calls.append(sum(len(s) - 1 for s in seqs))
+        want = self.ref["adapter_logprobs"] if lora is not None and self.serves else self.ref["base_logprobs"]
+        out, at = [], 0
+        for s in seqs:
+            out.append([want[at + i] + self.sigma * (-1) ** i for i in range(len(s) - 1)])
+            at += len(s) - 1
+        return out
+
+
+def _noisy_pool(monkeypatch, actor):
+    import gen.engine as engine
+
+    monkeypatch.setattr(engine.ray, "get", lambda xs: xs)
+    pool = engine.EnginePool.__new__(engine.EnginePool)
+    pool.engine_kwargs, pool.actors, pool.model_path = {"dtype": "float32", "max_model_len": 1024}, [actor], "m"
+    return pool
+
+
+def test_a_fixed_text_check_short_of_power_is_decided_on_the_whole_probe(monkeypatch):
+    """An engine noisier than float32 on CPU (+-1e-3 a token, inside the 2e-3 tolerance, as TF32 matmuls are): the
+    fixed text alone (effect L2 0.02, above FIXED_TEXT_EFFECT_MIN) is within 4x its noise, so the whole probe must
+    decide, and the report must say so; a quiet engine is decided on the fixed text alone; an engine serving a no-op
+    is refused on the fixed text, not widened into a pass."""
+    from gen.probe import FIXED_TEXT_EFFECT_MIN
+
+    fixed, texts = list(range(51)), [list(range(11)), list(range(11))]  # 50 + 10 + 10 scored tokens
+    base = [-1.0] * 70
+    ref = {"sequences": [fixed, *texts], "pair_texts": 2, "base_logprobs": base,
+           "adapter_logprobs": [b + (0.02 / 50 ** 0.5 if i < 50 else 0.5) for i, b in enumerate(base)]}
+    assert 0.02 >= FIXED_TEXT_EFFECT_MIN["float32"]
+    noisy = _NoisyActor(ref, 1e-3)
+    check = _noisy_pool(monkeypatch, noisy).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert check["widened"] and check["sequences"] == 3 and check["tokens"] == 70, check
+    assert noisy.calls == [50, 50, 70, 70]  # the fixed text under the adapter and on the base, then the whole probe
+    quiet = _NoisyActor(ref, 1e-6)
+    check = _noisy_pool(monkeypatch, quiet).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert "widened" not in check and check["sequences"] == 1 and quiet.calls == [50, 50], check
+    noop = _NoisyActor(ref, 1e-6, serves_adapter=False)
+    with pytest.raises(ValueError, match="serves a no-op"):
+        _noisy_pool(monkeypatch, noop).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert noop.calls == [50, 50]  # refused on the fixed text: a mismatch is not retried on the whole probe
+    from eval.run import hot_load_line
+
+    line = hot_load_line({"adapter": "a", "sha256": "0" * 64, "mode": "lora", **check, "widened": True,
+                          "sequences": 3, "tokens": 70})
+    assert "training texts included: the fixed text alone was within this engine's noise" in line, line
