@@ -17,7 +17,8 @@ Per case and probe (the whole probe the check uses, and its fixed text alone, wh
 the adapter's effect (L2 over tokens, PEFT), the engine's noise (base engine vs PEFT base, x sqrt 2), the residual
 |d_engine - d_PEFT|, the projection beta = <d_engine, d_PEFT> / |d_PEFT|^2, and gen.probe.compare's verdict. Every
 case but `right` and `merged` must be refused; those two must pass where the dtype's noise leaves the adapter's
-effect resolvable. Also printed: the seconds of the check itself (EnginePool.verify_adapter on `right`).
+effect resolvable. Also printed: the seconds of the check itself (EnginePool.verify_adapter on `right`), as eval
+runs it (gen.probe.probe_for: the fixed text alone in float32 where it resolves the adapter) and on the whole probe.
 """
 
 from __future__ import annotations
@@ -64,15 +65,6 @@ def derived_adapter(src: str, case: str, dst: Path) -> str:
     return str(dst)
 
 
-def fixed_only(ref: dict) -> dict:
-    """The reference's first sequence (the fixed text) alone: the probe as it was before training texts."""
-    from gen.probe import sequences
-
-    n = len(sequences(ref)[0]) - 1
-    return {**ref, "sequences": sequences(ref)[:1], "pair_texts": 0,
-            "adapter_logprobs": ref["adapter_logprobs"][:n], "base_logprobs": ref["base_logprobs"][:n]}
-
-
 def check_reference(a, model_path: str) -> dict:
     """The reference the check uses (see the module docstring)."""
     import pyarrow.parquet as pq
@@ -108,9 +100,11 @@ def measures(served: list[float], base: list[float], ref: dict, tol: float) -> d
 
 
 def both(served: list[list[float]], base: list[list[float]], ref: dict, tol: float) -> dict:
+    from gen.probe import fixed_text
+
     flat = lambda xs: [x for lp in xs for x in lp]  # noqa: E731
     return {"probe": measures(flat(served), flat(base), ref, tol),
-            "fixed": measures(served[0], base[0], fixed_only(ref), tol)}
+            "fixed": measures(served[0], base[0], fixed_text(ref), tol)}
 
 
 def time_checks(pool, lora, seqs: list[list[int]], repeat: int) -> dict:
@@ -137,7 +131,7 @@ def run_dtype(dtype: str, a, model_path: str, ref: dict, tmp: Path) -> dict:
 
     from eval.run import merge_adapter
     from gen.engine import EngineConfig, EnginePool
-    from gen.probe import fit, sequences, tolerance
+    from gen.probe import fit, probe_for, sequences, tolerance
 
     tol = tolerance(dtype)
     ecfg = EngineConfig(model=a.model, dtype=dtype, max_model_len=1024, cpu_kv_cache_gib=1.0)
@@ -152,10 +146,19 @@ def run_dtype(dtype: str, a, model_path: str, ref: dict, tmp: Path) -> dict:
         for case in CASES:
             lora = pool.load_adapter(derived_adapter(a.adapter, case, tmp / f"{dtype}-{case}"), name_prefix=case)
             out[case] = both(ray.get(pool.actors[0].probe_logprobs.remote(seqs, lora)), base, ref, tol)
-            if case == "right":  # the check as eval runs it, every engine; then each design's calls, interleaved
-                t1 = time.perf_counter()
-                pool.verify_adapter(lora, ref)
-                out["check_s"] = time.perf_counter() - t1
+            if case == "right":  # the check as eval runs it (the probe this dtype needs) beside the whole probe,
+                for _ in range(a.repeat):  # interleaved; then each design's calls, interleaved
+                    for full in (False, True):  # timed whatever it decides: a refusal costs the same calls
+                        key = "check_full" if full else "check"
+                        t1 = time.perf_counter()
+                        try:
+                            check = pool.verify_adapter(lora, ref, full_probe=full)
+                            out[f"{key}_tokens"], out[f"{key}_verdict"] = check["tokens"], "pass"
+                        except ValueError as e:
+                            probe = ref if full else probe_for(ref, dtype)
+                            out[f"{key}_tokens"] = len(probe["adapter_logprobs"])
+                            out[f"{key}_verdict"] = f"refused: {str(e).split(': ', 1)[-1]}"
+                        out.setdefault(f"{key}_s", []).append(time.perf_counter() - t1)
                 out["timing"] = time_checks(pool, lora, seqs, a.repeat)
             pool.unload_adapter(lora)
         if a.merged:
@@ -208,13 +211,22 @@ def main() -> None:
                 m = res[dtype].get(case, {}).get(probe)
                 if m is None:
                     continue
-                print(f"{dtype:<9}{case:<8}{probe:<7}{m['effect']:>9.3f}{m['noise']:>9.3f}"
+                print(f"{dtype:<9}{case:<8}{probe:<7}{m['effect']:>9.3f}{m['noise']:>9.3g}"
                       f"{m['effect'] / max(m['noise'], 1e-30):>10.1f}{m['residual'] / max(m['effect'], 1e-30):>9.3f}"
                       f"{m['beta']:>8.3f}{m['max_abs_diff']:>9.4f}  {m['verdict'][:60]:<60} | "
                       f"{m['direct_residual'] / max(m['effect'], 1e-30):>7.3f}{m['direct_beta']:>7.3f}  "
                       f"{m['direct_verdict'][-60:]}")
         t = res[dtype]["timing"]
-        print(f"{dtype}: the check (verify_adapter, right) took {res[dtype]['check_s']:.2f} s; engine start "
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        r = res[dtype]
+        print(f"{dtype}: the check as eval runs it (verify_adapter, right, {r['check_tokens']} tokens) "
+              f"{' '.join(f'{x:.2f}' for x in r['check_s'])} s; on the whole probe ({r['check_full_tokens']} tokens) "
+              f"{' '.join(f'{x:.2f}' for x in r['check_full_s'])} s (median ratio "
+              f"{med(r['check_full_s']) / med(r['check_s']):.2f}x)")
+        for key in ("check", "check_full"):
+            if r[f"{key}_verdict"] != "pass":
+                print(f"{dtype}: {'whole probe' if key == 'check_full' else 'as eval runs it'}: {r[f'{key}_verdict']}")
+        print(f"{dtype}: engine start "
               f"{res[dtype]['start_s']:.1f} s; engine calls, {a.repeat} interleaved rounds: two-call design "
               f"{' '.join(f'{x:.2f}' for x in t['two_calls_s'])} s, one-call "
               f"{' '.join(f'{x:.2f}' for x in t['one_call_s'])} s (median ratio "
