@@ -40,3 +40,19 @@ def test_train_speed_shapes_compare_the_same_pairs_per_step():
     for bad in (["2x2", "1x3"], ["2by2"], ["0x4"]):
         with pytest.raises(SystemExit):
             parse(bad, 2)
+
+
+@pytest.mark.parametrize("argv, field", [(["--scale", "0"], "--scale"), (["--scale", "-1e-3"], "--scale"),
+                                         (["--pair-tokens", "10"], "--pair-tokens"), (["--out", "EXISTS"], "--out")])
+def test_synthetic_adapter_refuses_bad_arguments_before_writing(argv, field, tmp_path, monkeypatch, capsys):
+    """A zero scale is PEFT's no-op adapter (the check would refuse it for the wrong reason); an existing --out would
+    mix a new adapter with old files. Exit 2 naming the field, before any model work, and nothing written."""
+    out, exists = tmp_path / "synth", argv == ["--out", "EXISTS"]
+    if exists:
+        out.mkdir()
+    monkeypatch.setattr("sys.argv", ["synthetic_adapter.py", "--out", str(out), *([] if exists else argv)])
+    with pytest.raises(SystemExit) as e:
+        load("synthetic_adapter").main()
+    assert e.value.code == 2 and field in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == (["synth"] if exists else [])  # no adapter, no .partial
+    assert not exists or not any(out.iterdir())
