@@ -230,7 +230,7 @@ def main() -> None:
               f"{res[dtype]['start_s']:.1f} s; engine calls, {a.repeat} interleaved rounds: two-call design "
               f"{' '.join(f'{x:.2f}' for x in t['two_calls_s'])} s, one-call "
               f"{' '.join(f'{x:.2f}' for x in t['one_call_s'])} s (median ratio "
-              f"{sorted(t['two_calls_s'])[len(t['two_calls_s']) // 2] / sorted(t['one_call_s'])[len(t['one_call_s']) // 2]:.2f}x)")
+              f"{med(t['two_calls_s']) / med(t['one_call_s']):.2f}x)")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 
