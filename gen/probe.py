@@ -46,6 +46,16 @@ BETA_BAND = 0.25
 # decides, in 50 tokens instead of ~3,300 (every wrong adapter of bench/hotload_power.py was refused on it in float32);
 # below, or in another dtype, the whole probe.
 FIXED_TEXT_EFFECT_MIN = {"float32": 1e-2}
+# A bf16 engine's noise per scored token, as measure() counts it (sqrt 2 for the two noisy sides): L2 0.34 over the
+# fixed text's 49 tokens (0.049 a token) and 1.8 over 3,312 training-text tokens (0.031) on run 2's adapter, so 0.05
+# is the larger of the two. compare()'s power test (effect > 4x noise) depends on the effect's density, not on the
+# probe's length: with noise ~ sigma x sqrt(tokens), a text the adapter moves by more than 4 sigma a token (RMS) passes
+# it however short. So a bf16 engine scores the fixed text and the shortest prefix of one training text whose
+# effect, by PEFT's numbers, clears SHORT_PROBE_MARGIN x this prior (twice the test's 4x: an engine twice as noisy
+# still passes); where no prefix does, the whole probe. A check refused on the short probe for want of power alone
+# is redone on the whole probe, as for float32's fixed text (gen.engine._widen).
+SHORT_PROBE_NOISE = {"bfloat16": 0.05}
+SHORT_PROBE_MARGIN = 8.0
 
 
 def tolerance(dtype: str) -> float:
@@ -101,16 +111,52 @@ def fit(ref: dict[str, Any], max_len: int) -> dict[str, Any]:
 
 
 def probe_for(ref: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """The part of a (fitted) reference an engine of `dtype` scores: its fixed text alone where that resolves the
-    adapter in this dtype (FIXED_TEXT_EFFECT_MIN), else all of it. Decided on PEFT's numbers only, before any engine
-    call; the check itself then measures the engine's noise as always (and refuses an effect within 4x of it)."""
+    """The part of a (fitted) reference an engine of `dtype` scores: in float32 its fixed text alone where that
+    resolves the adapter (FIXED_TEXT_EFFECT_MIN); in bf16 the fixed text and the shortest training-text prefix that
+    does against the dtype's noise prior (SHORT_PROBE_NOISE); else all of it. Decided on PEFT's numbers only, before
+    any engine call; the check itself then measures the engine's noise as always (and refuses an effect within 4x of
+    it)."""
+    if len(sequences(ref)) == 1:
+        return ref
     floor = FIXED_TEXT_EFFECT_MIN.get(dtype)
-    if floor is None or len(sequences(ref)) == 1:
+    if floor is not None:
+        fixed = fixed_text(ref)
+        if _l2([a - b for a, b in zip(fixed["adapter_logprobs"], fixed["base_logprobs"])]) < floor:
+            return ref
+        return fixed
+    sigma = SHORT_PROBE_NOISE.get(dtype)
+    return ref if sigma is None else short_probe(ref, SHORT_PROBE_MARGIN * sigma)
+
+
+def short_probe(ref: dict[str, Any], density: float) -> dict[str, Any]:
+    """The fixed text plus the shortest prefix of one training text (the first of the shortest) over which the
+    adapter's effect (PEFT) reaches `density` x sqrt(tokens scored); the fixed text alone if it does; `ref` itself
+    where nothing shorter does. A prefix keeps its log-probs exactly (token i depends on tokens < i only)."""
+    seqs, adapter, base = sequences(ref), ref["adapter_logprobs"], ref["base_logprobs"]
+    d2 = [(a - b) ** 2 for a, b in zip(adapter, base)]
+    k0 = len(seqs[0]) - 1
+    need = density * density
+    fixed2 = sum(d2[:k0])
+    if fixed2 >= need * k0:
+        return fixed_text(ref)
+    best = None  # (scored tokens of the prefix, text index, offset of its log-probs)
+    at = k0
+    for j, s in enumerate(seqs[1:], start=1):
+        total = fixed2
+        for n in range(1, len(s)):
+            if best is not None and n >= best[0]:
+                break
+            total += d2[at + n - 1]
+            if total >= need * (k0 + n):
+                best = (n, j, at)
+                break
+        at += len(s) - 1
+    if best is None or k0 + best[0] >= len(adapter):
         return ref
-    fixed = fixed_text(ref)
-    if _l2([a - b for a, b in zip(fixed["adapter_logprobs"], fixed["base_logprobs"])]) < floor:
-        return ref
-    return fixed
+    n, j, at = best
+    return {**ref, "sequences": [list(seqs[0]), list(seqs[j][:n + 1])], "pair_texts": 1,
+            "pair_texts_skipped": len(seqs) - 2, "short_probe": {"text": j, "tokens": n, "of": len(seqs[j]) - 1},
+            "adapter_logprobs": adapter[:k0] + adapter[at:at + n], "base_logprobs": base[:k0] + base[at:at + n]}
 
 
 def fixed_text(ref: dict[str, Any]) -> dict[str, Any]:

@@ -520,8 +520,8 @@ def test_probe_cut_to_an_engines_length_keeps_each_sequences_first_logprobs():
 
 
 def test_a_float32_engine_scores_the_fixed_text_alone_only_where_it_resolves_the_adapter():
-    """gen.probe.probe_for: the training texts are kept for bf16's noise; a float32 engine (noise ~1e-4 L2 on the
-    fixed text) scores the fixed text alone where the adapter moves it by FIXED_TEXT_EFFECT_MIN or more (PEFT's
+    """gen.probe.probe_for: a training text is kept for bf16's noise (next test); a float32 engine (noise ~1e-4 L2 on
+    the fixed text) scores the fixed text alone where the adapter moves it by FIXED_TEXT_EFFECT_MIN or more (PEFT's
     numbers), with exactly the fixed text's log-probs; below it, or in another dtype, the whole probe."""
     from gen.probe import FIXED_TEXT_EFFECT_MIN, probe_for, sequences
 
@@ -537,12 +537,109 @@ def test_a_float32_engine_scores_the_fixed_text_alone_only_where_it_resolves_the
     short = probe_for(strong, "float32")
     assert sequences(short) == [[1, 2, 3, 4, 5]] and short["pair_texts"] == 0 and short["pair_texts_skipped"] == 2
     assert short["adapter_logprobs"] == strong["adapter_logprobs"][:4] and short["base_logprobs"] == base[:4]
-    assert probe_for(strong, "bfloat16") is strong and probe_for(strong, "float16") is strong
+    assert "short_probe" in probe_for(strong, "bfloat16") and probe_for(strong, "float16") is strong  # (below)
     weak = ref_moving_fixed_text_by(floor / 2)  # the training texts carry the effect: all of them are scored
     assert probe_for(weak, "float32") is weak
     assert probe_for(ref_moving_fixed_text_by(floor * 1.01), "float32")["pair_texts_skipped"] == 2
     single = {"sequences": seqs[:1], "adapter_logprobs": [0.0] * 4, "base_logprobs": [-1.0] * 4}
     assert probe_for(single, "float32") is single
+
+
+def _bf16_ref():
+    """A probe whose fixed text (50 scored tokens) the adapter barely moves (0.01 a token) and three training texts:
+    A (300 tokens) moved 0.5 a token after a 100-token prompt it leaves alone, B (250) 0.45 throughout, C (200) 0.6
+    after a 40-token prompt and 2.0 from its token 150 on. Token ids are distinct per text."""
+    fixed = list(range(1000, 1051))
+    texts = [list(range(2000, 2301)), list(range(3000, 3251)), list(range(4000, 4201))]
+    moves = ([0.01] * 50 + [0.0] * 100 + [0.5] * 200 + [0.45] * 250
+             + [0.0] * 40 + [0.6] * 110 + [2.0] * 50)
+    base = [-1.0 - 0.001 * i for i in range(len(moves))]
+    return {"sequences": [fixed, *texts], "pair_texts": 3, "base_logprobs": base,
+            "adapter_logprobs": [b + m for b, m in zip(base, moves)]}
+
+
+def test_a_bf16_engine_scores_the_shortest_training_text_prefix_that_resolves_the_adapter():
+    """gen.probe.probe_for in bf16: the fixed text plus the shortest prefix of one training text whose effect (PEFT)
+    reaches SHORT_PROBE_MARGIN x the dtype's noise prior x sqrt(tokens), with exactly its log-probs; the fixed text
+    alone if it does; the whole probe where nothing shorter does, and in a dtype without a prior."""
+    from gen.probe import SHORT_PROBE_MARGIN, SHORT_PROBE_NOISE, probe_for, sequences
+
+    assert SHORT_PROBE_MARGIN * SHORT_PROBE_NOISE["bfloat16"] == pytest.approx(0.4)  # the numbers below assume it
+    ref = _bf16_ref()
+    short = probe_for(ref, "bfloat16")
+    # need 0.16 a token: A never (0.005 + 0.25 (n - 100) >= 0.16 (50 + n) needs n >= 367 > 300), B at n = 189
+    # (0.005 + 0.2025 n >= 8 + 0.16 n), C at n = 112 (0.005 + 0.36 (n - 40) >= 8 + 0.16 n): C, the shortest
+    assert short["short_probe"] == {"text": 3, "tokens": 112, "of": 200}, short.get("short_probe")
+    assert sequences(short) == [ref["sequences"][0], ref["sequences"][3][:113]]
+    assert short["pair_texts"] == 1 and short["pair_texts_skipped"] == 2
+    c_at = 50 + 300 + 250
+    for key in ("adapter_logprobs", "base_logprobs"):
+        assert short[key] == ref[key][:50] + ref[key][c_at:c_at + 112]
+    weak = {**ref, "adapter_logprobs": [b + (a - b) / 4 for a, b in zip(ref["adapter_logprobs"], ref["base_logprobs"])]}
+    assert probe_for(weak, "bfloat16") is weak  # C's 2.0 / 4 tail is still short of 0.4 a token with its prompt
+    dense_fixed = {**ref, "adapter_logprobs": [a + (0.5 if i < 50 else 0.0)
+                                               for i, a in enumerate(ref["adapter_logprobs"])]}
+    alone = probe_for(dense_fixed, "bfloat16")
+    assert sequences(alone) == [ref["sequences"][0]] and "short_probe" not in alone and alone["pair_texts_skipped"] == 3
+    assert probe_for(ref, "float16") is ref  # no measured prior: the whole probe
+
+
+class _PrefixActor:
+    """An engine like _NoisyActor (PEFT's log-probs +-sigma a token, the same on both calls) that finds each scored
+    sequence in the reference by its tokens, so a probe's texts may be any prefixes of the reference's."""
+
+    def __init__(self, ref, sigma, serves_adapter=True):
+        self.ref, self.sigma, self.serves, self.calls = ref, sigma, serves_adapter, []
+        self.probe_logprobs = self
+
+    def remote(self, seqs, lora):
+        self.calls.append(sum(len(s) - 1 for s in seqs))
+        want = self.ref["adapter_logprobs"] if lora is not None and self.serves else self.ref["base_logprobs"]
+        starts, at = {}, 0
+        for s in self.ref["sequences"]:
+            starts[s[0]] = (s, at)
+            at += len(s) - 1
+        out = []
+        for s in seqs:
+            whole, at = starts[s[0]]
+            assert whole[:len(s)] == list(s)
+            out.append([want[at + i] + self.sigma * (-1) ** i for i in range(len(s) - 1)])
+        return out
+
+
+def test_a_bf16_short_probe_short_of_power_is_decided_on_the_whole_probe(monkeypatch):
+    """A bf16 engine at 0.01 a token passes on the short probe (162 tokens) alone; one twice as noisy as the prior
+    (0.1 a token: effect 5.1 within 4 x its noise 1.8 there) is decided on the whole probe, where C's dense tail
+    clears it, and the report says so; a no-op is refused on the short probe, not widened."""
+    from eval.run import hot_load_line
+
+    ref = _bf16_ref()
+
+    def pool(actor):
+        p = _noisy_pool(monkeypatch, actor)
+        p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
+        return p
+
+    quiet = _PrefixActor(ref, 0.01)
+    check = pool(quiet).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert quiet.calls == [162, 162] and check["short_probe"]["tokens"] == 112 and "widened" not in check, check
+    line = hot_load_line({"adapter": "a", "sha256": "0" * 64, **check})
+    assert "the fixed text and the first 112 of 200 tokens of one training text, 162 tokens" in line, line
+    noisy = _PrefixActor(ref, 0.1)
+    check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert noisy.calls == [162, 162, 800, 800] and check["widened"] and check["tokens"] == 800, check
+    line = hot_load_line({"adapter": "a", "sha256": "0" * 64, **check})
+    assert "training texts included: the short probe was within this engine's noise" in line, line
+    one_text = {**ref, "sequences": [ref["sequences"][0], ref["sequences"][3]], "pair_texts": 1}  # none skipped
+    for key in ("adapter_logprobs", "base_logprobs"):
+        one_text[key] = ref[key][:50] + ref[key][600:]
+    noisy = _PrefixActor(one_text, 0.1)
+    check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, one_text)
+    assert noisy.calls == [162, 162, 250, 250] and check["widened"], check
+    noop = _PrefixActor(ref, 0.01, serves_adapter=False)
+    with pytest.raises(ValueError, match="serves a no-op"):
+        pool(noop).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert noop.calls == [162, 162]
 
 
 def test_hot_load_check_scores_the_training_texts_on_every_engine(engine_pool, adapters, tiny_model):
@@ -690,8 +787,9 @@ def test_merged_adapter_mode_serves_the_adapter_from_its_own_engine_and_says_so(
 
 
 def test_adapter_mode_auto_picks_by_the_engines_and_the_evals_size(tmp_path):
-    """auto: LoRA where base and adapter share batches (GPU); on CPU merged once the eval's token budget repays an
-    engine start, LoRA below it; an explicit mode is kept. The budget is problems x k x seeds x max_tokens."""
+    """auto: LoRA where base and adapter share batches (GPU); on CPU merged in bf16/fp16, and in float32 once the
+    eval's token budget repays an engine start, LoRA below it; an explicit mode is kept. The budget is problems x k x
+    seeds x max_tokens."""
     from gen.config import SamplingConfig
     from eval.run import AUTO_MERGED_MIN_TOKENS, resolve_adapter_mode
 
@@ -700,18 +798,26 @@ def test_adapter_mode_auto_picks_by_the_engines_and_the_evals_size(tmp_path):
                           sampling=SamplingConfig(max_tokens=max_tokens))
 
     assert EvalConfig(out=str(tmp_path / "e")).adapter_mode == "auto"
-    assert resolve_adapter_mode(cfg(), True, 164)[0] == "lora"  # GPU: every variant in one pass
-    mode, why = resolve_adapter_mode(cfg(), False, 78)  # the experiment: 78 x 1 x 3 x 384 = 89,856 tokens
+    assert resolve_adapter_mode(cfg(), True, 164, "float32")[0] == "lora"  # GPU: every variant in one pass
+    mode, why = resolve_adapter_mode(cfg(), False, 78, "float32")  # the experiment: 78 x 1 x 3 x 384 = 89,856 tokens
     assert mode == "merged" and "89856" in why
     edge = AUTO_MERGED_MIN_TOKENS // (3 * 384) + 1  # the fewest problems whose budget reaches the threshold
-    assert resolve_adapter_mode(cfg(), False, edge)[0] == "merged"
-    assert resolve_adapter_mode(cfg(), False, edge - 1)[0] == "lora"
-    assert resolve_adapter_mode(cfg(k=4), False, edge // 4 + 1)[0] == "merged"  # k counts as seeds do
+    assert resolve_adapter_mode(cfg(), False, edge, "float32")[0] == "merged"
+    assert resolve_adapter_mode(cfg(), False, edge - 1, "float32")[0] == "lora"
+    assert resolve_adapter_mode(cfg(k=4), False, edge // 4 + 1, "float32")[0] == "merged"  # k counts as seeds do
     for mode in ("lora", "merged"):
-        assert resolve_adapter_mode(cfg(mode), False, 10_000) == (mode, "set by eval.adapter_mode")
-        assert resolve_adapter_mode(cfg(mode), True, 1)[0] == mode
+        assert resolve_adapter_mode(cfg(mode), False, 10_000, "float32") == (mode, "set by eval.adapter_mode")
+        assert resolve_adapter_mode(cfg(mode), True, 1, "float32")[0] == mode
     with pytest.raises(ValueError, match=r"eval.adapter_mode must be one of lora\|merged\|auto, got 'fused'"):
         cfg("fused")
+    # CPU engines in bf16/fp16 serve merged whatever the size (their LoRA path attenuates the adapter); float32 and
+    # GPU engines keep the rules above; an explicit lora is kept
+    for dtype in ("bfloat16", "float16"):
+        mode, why = resolve_adapter_mode(cfg(), False, 1, dtype)
+        assert mode == "merged" and f"{dtype} LoRA path attenuates" in why, why
+        assert resolve_adapter_mode(cfg(), True, 1, dtype)[0] == "lora"
+        assert resolve_adapter_mode(cfg("lora"), False, 1, dtype)[0] == "lora"
+    assert resolve_adapter_mode(cfg(), False, edge - 1, "float32")[0] == "lora"
 
 
 def test_one_pass_over_every_variant_where_engines_mix_lora_batches(engine_pool, engine_config, adapters,
