@@ -12,7 +12,10 @@ The probe is a list of token sequences: a fixed code text, and (recorded by trai
 first training pairs, prompt + chosen and prompt + rejected. An adapter moves the texts it was trained on far more
 than other text: run 2's balanced adapter moved the fixed 50-token probe by L2 0.31, within a bf16 engine's noise
 (0.34), and its training texts by 15.1 against a noise of 1.8 (bench/hotload_power.py, docs/benchmarks.md). So a
-bf16 engine can vouch for a trained adapter on its training texts, where the fixed probe alone cannot.
+bf16 engine can vouch for a trained adapter on its training texts, where the fixed probe alone cannot. Each engine
+dtype scores only the part it needs (probe_for): float32 the fixed text alone where that resolves the adapter, bf16
+the fixed text and the shortest training-text prefix that does; the whole probe otherwise, or when the engine turns
+out noisier than expected (gen.engine._widen).
 """
 
 from __future__ import annotations
