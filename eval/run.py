@@ -325,9 +325,10 @@ def hot_load_line(h: dict[str, Any]) -> str:
     probe = "probe"
     if h.get("short_probe"):
         cut = h["short_probe"]
+        rest = h.get("pair_texts_skipped", 0)
         probe = (f"probe (the fixed text and the first {cut['tokens']} of {cut['of']} tokens of one training text, "
-                 f"{h['tokens']} tokens: its other {h.get('pair_texts_skipped', 0)} training texts are not needed in "
-                 f"this dtype)")
+                 f"{h['tokens']} tokens" + (f": its other {rest} training texts are not needed in this dtype)" if rest
+                                            else ")"))
     elif h.get("sequences", 1) > 1:
         probe = f"probe ({h['sequences']} texts, {h['tokens']} tokens, training texts included)"
         if h.get("widened"):
@@ -523,17 +524,17 @@ def _eval_variant_by_variant(cfg, engine_cfg, pool, model_path, variants, dirs, 
     for label, path in variants:
         mode = "lora" if path is None else adapter_mode
         serve, lora, merged_pool = pool, None, None
-        if path is not None:
-            ref = probe_reference(path, model_path)
-            if mode == "merged":  # the adapter folded into the weights, served by an engine of its own
-                merged = merge_adapter(model_path, path)
-                merged_pool = serve = EnginePool(replace(engine_cfg, model=merged), merged)
-                check = serve.verify_merged(ref, base=pool)
-            else:
-                lora = pool.load_adapter(path, name_prefix=label)
-                check = pool.verify_adapter(lora, ref)
-            _record_check(hot_load, label, path, mode, check, ref)
-        try:
+        try:  # a refused check still unloads its adapter and stops its merged engine (the pool may live on)
+            if path is not None:
+                ref = probe_reference(path, model_path)
+                if mode == "merged":  # the adapter folded into the weights, served by an engine of its own
+                    merged = merge_adapter(model_path, path)
+                    merged_pool = serve = EnginePool(replace(engine_cfg, model=merged), merged)
+                    check = serve.verify_merged(ref, base=pool)
+                else:
+                    lora = pool.load_adapter(path, name_prefix=label)
+                    check = pool.verify_adapter(lora, ref)
+                _record_check(hot_load, label, path, mode, check, ref)
             runs = _seed_runs(cfg, label, path)
             # rows record the base model's identity (a merged engine serves base + this adapter); how the adapter
             # was served is part of the run identity

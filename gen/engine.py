@@ -367,6 +367,8 @@ def _widen(ref: dict[str, Any], engine_adapter: list[float], engine_base: list[f
     whole probe decides instead. A refusal for a mismatch stands."""
     from gen.probe import measure, within_noise
 
+    if len(engine_adapter) != len(ref["adapter_logprobs"]) or len(engine_base) != len(ref["adapter_logprobs"]):
+        return False  # compare() refused the lengths: a mismatch
     return bool(ref.get("pair_texts_skipped") or ref.get("short_probe")) and within_noise(
         measure(engine_adapter, engine_base, ref))
 
@@ -507,9 +509,11 @@ class EnginePool:
         return lora
 
     def _probe(self, ref: dict[str, Any], full: bool) -> tuple[dict[str, Any], list[list[int]]]:
-        from gen.probe import fit, probe_for, sequences
+        from gen.probe import DERIVED_KEYS, fit, probe_for, sequences
 
-        ref = fit(ref, self.engine_kwargs["max_model_len"])
+        # what probe_for derives is never taken from the record (a stored one would describe a probe not scored,
+        # and make a whole-probe check widen into itself)
+        ref = fit({k: v for k, v in ref.items() if k not in DERIVED_KEYS}, self.engine_kwargs["max_model_len"])
         if not full:
             ref = probe_for(ref, self.engine_kwargs["dtype"])
         return ref, sequences(ref)
@@ -529,7 +533,7 @@ class EnginePool:
         for i, (lp, blp) in enumerate(zip(with_lora, base)):
             why = compare(lp, blp, ref, tol)
             if why is not None:
-                if _widen(ref, lp, blp):
+                if not full_probe and _widen(ref, lp, blp):
                     return {**self.verify_adapter(lora, whole, full_probe=True), "widened": True,
                             "widened_from": _shortened(ref), "seconds": round(time.perf_counter() - t0, 3)}
                 raise ValueError(f"hot-load check failed on engine {i} for adapter {lora['path']}: {why}")
@@ -554,7 +558,7 @@ class EnginePool:
         for i, lp in enumerate(served):
             why = compare(lp, base_lp, ref, tol)
             if why is not None:
-                if _widen(ref, lp, base_lp):
+                if not full_probe and _widen(ref, lp, base_lp):
                     return {**self.verify_merged(whole, base, full_probe=True), "widened": True,
                             "widened_from": _shortened(ref), "seconds": round(time.perf_counter() - t0, 3)}
                 raise ValueError(f"merged-adapter check failed on engine {i} ({self.model_path}): {why}")

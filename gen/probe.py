@@ -59,6 +59,8 @@ FIXED_TEXT_EFFECT_MIN = {"float32": 1e-2}
 # is redone on the whole probe, as for float32's fixed text (gen.engine._widen).
 SHORT_PROBE_NOISE = {"bfloat16": 0.05}
 SHORT_PROBE_MARGIN = 8.0
+# Keys probe_for derives for a shortened probe: dropped from a stored record before it is used (gen.engine).
+DERIVED_KEYS = ("pair_texts_skipped", "short_probe")
 
 
 def tolerance(dtype: str) -> float:

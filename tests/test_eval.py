@@ -588,13 +588,14 @@ class _PrefixActor:
     """An engine like _NoisyActor (PEFT's log-probs +-sigma a token, the same on both calls) that finds each scored
     sequence in the reference by its tokens, so a probe's texts may be any prefixes of the reference's."""
 
-    def __init__(self, ref, sigma, serves_adapter=True):
-        self.ref, self.sigma, self.serves, self.calls = ref, sigma, serves_adapter, []
+    def __init__(self, ref, sigma, serves_adapter=True, merged=False):
+        self.ref, self.sigma, self.serves, self.merged, self.calls = ref, sigma, serves_adapter, merged, []
         self.probe_logprobs = self
 
     def remote(self, seqs, lora):
         self.calls.append(sum(len(s) - 1 for s in seqs))
-        want = self.ref["adapter_logprobs"] if lora is not None and self.serves else self.ref["base_logprobs"]
+        adapter = (lora is not None or self.merged) and self.serves  # merged: the adapter in its weights
+        want = self.ref["adapter_logprobs"] if adapter else self.ref["base_logprobs"]
         starts, at = {}, 0
         for s in self.ref["sequences"]:
             starts[s[0]] = (s, at)
@@ -640,6 +641,94 @@ def test_a_bf16_short_probe_short_of_power_is_decided_on_the_whole_probe(monkeyp
     with pytest.raises(ValueError, match="serves a no-op"):
         pool(noop).verify_adapter({"id": 1, "path": "a"}, ref)
     assert noop.calls == [162, 162]
+
+
+def test_a_merged_bf16_engine_is_checked_on_the_short_probe_and_widened_like_a_hot_loaded_one(monkeypatch):
+    """verify_merged (what eval runs on bf16 CPU engines now): the merged engine's log-probs against the base
+    engine's on the short probe; too noisy -> the whole probe decides, and the report says from what; merged weights
+    of a no-op are refused on the short probe, not widened."""
+    from eval.run import hot_load_line
+
+    ref = _bf16_ref()
+
+    def pool(actor):
+        p = _noisy_pool(monkeypatch, actor)
+        p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
+        return p
+
+    base, served = _PrefixActor(ref, 0.01), _PrefixActor(ref, 0.01, merged=True)
+    check = pool(served).verify_merged(ref, pool(base))
+    assert served.calls == base.calls == [162] and check["short_probe"]["tokens"] == 112, check
+    base, served = _PrefixActor(ref, 0.1), _PrefixActor(ref, 0.1, merged=True)
+    check = pool(served).verify_merged(ref, pool(base))
+    assert served.calls == base.calls == [162, 800] and check["widened"], check
+    line = hot_load_line({"adapter": "a", "sha256": "0" * 64, "mode": "merged", **check})
+    assert "the short probe was within this engine's noise" in line, line
+    base, noop = _PrefixActor(ref, 0.01), _PrefixActor(ref, 0.01, serves_adapter=False, merged=True)
+    with pytest.raises(ValueError, match="serves a no-op"):
+        pool(noop).verify_merged(ref, pool(base))
+    assert noop.calls == [162]
+
+
+def test_a_refused_check_unloads_its_adapter_and_stops_its_merged_engine(monkeypatch, tmp_path):
+    """eval's per-variant pass: when the hot-load check refuses, the adapter is unloaded from the engines (which the
+    loop keeps using) and a merged engine started for it is shut down, before the refusal propagates."""
+    import eval.run as er
+    from gen.engine import EngineConfig
+
+    class Pool:
+        def __init__(self, *a, **k):
+            self.unloaded, self.stopped = [], False
+            Pool.made.append(self)
+
+        def load_adapter(self, path, name_prefix=""):
+            return {"id": 7, "path": path}
+
+        def unload_adapter(self, lora):
+            self.unloaded.append(lora["id"])
+
+        def verify_adapter(self, lora, ref):
+            raise ValueError("hot-load check failed on engine 0 for adapter a: the engine serves a no-op")
+
+        verify_merged = lambda self, ref, base: self.verify_adapter(None, ref)  # noqa: E731
+
+        def shutdown(self):
+            self.stopped = True
+
+    Pool.made = []
+    monkeypatch.setattr(er, "probe_reference", lambda path, model_path: {})
+    monkeypatch.setattr(er, "merge_adapter", lambda model_path, path: str(tmp_path / "merged"))
+    monkeypatch.setattr(er, "EnginePool", Pool)
+    cfg = EvalConfig(out=str(tmp_path / "e"), seeds=[0])
+    base = Pool()
+    for mode in ("lora", "merged"):
+        with pytest.raises(ValueError, match="serves a no-op"):
+            er._eval_variant_by_variant(cfg, EngineConfig(), base, "m", [("a", "adapter")], {}, [], mode)
+    assert base.unloaded == [7] and not base.stopped  # the LoRA unloaded once; the caller's pool left running
+    assert len(Pool.made) == 2 and Pool.made[1].stopped  # the merged engine stopped
+
+
+def test_a_stored_record_cannot_supply_what_the_check_derives(monkeypatch):
+    """A probe record holding probe_for's own keys (short_probe, pair_texts_skipped: from a tampered or hand-edited
+    train_manifest.json): they are dropped before use, so the report never describes a probe that was not scored,
+    and an engine too noisy for any probe is refused (ValueError), never widened into itself."""
+    ref = {**_bf16_ref(), "short_probe": {"text": 1, "tokens": 3, "of": 300}, "pair_texts_skipped": 7}
+
+    def pool(actor):
+        p = _noisy_pool(monkeypatch, actor)
+        p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
+        return p
+
+    noisy = _PrefixActor(ref, 0.1)
+    check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert check["widened"] and "short_probe" not in check and check["pair_texts_skipped"] == 0, check
+    hopeless = _PrefixActor(ref, 0.2)  # inside the 0.25 tolerance, but within 4x noise on every probe
+    with pytest.raises(ValueError, match="within 4x this engine's numerical noise"):
+        pool(hopeless).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert hopeless.calls == [162, 162, 800, 800]
+    quiet = _PrefixActor(ref, 0.01)
+    check = pool(quiet).verify_adapter({"id": 1, "path": "a"}, ref, full_probe=True)
+    assert "short_probe" not in check and check["tokens"] == 800 and quiet.calls == [800, 800], check
 
 
 def test_hot_load_check_scores_the_training_texts_on_every_engine(engine_pool, adapters, tiny_model):
