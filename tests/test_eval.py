@@ -608,6 +608,13 @@ class _PrefixActor:
         return out
 
 
+def _bf16_pool(monkeypatch, actor):
+    """_noisy_pool with a bf16 engine."""
+    p = _noisy_pool(monkeypatch, actor)
+    p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
+    return p
+
+
 def test_a_bf16_short_probe_short_of_power_is_decided_on_the_whole_probe(monkeypatch):
     """A bf16 engine at 0.01 a token passes on the short probe (162 tokens) alone; one twice as noisy as the prior
     (0.1 a token: effect 5.1 within 4 x its noise 1.8 there) is decided on the whole probe, where C's dense tail
@@ -616,10 +623,7 @@ def test_a_bf16_short_probe_short_of_power_is_decided_on_the_whole_probe(monkeyp
 
     ref = _bf16_ref()
 
-    def pool(actor):
-        p = _noisy_pool(monkeypatch, actor)
-        p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
-        return p
+    pool = lambda actor: _bf16_pool(monkeypatch, actor)  # noqa: E731
 
     quiet = _PrefixActor(ref, 0.01)
     check = pool(quiet).verify_adapter({"id": 1, "path": "a"}, ref)
@@ -651,10 +655,7 @@ def test_a_merged_bf16_engine_is_checked_on_the_short_probe_and_widened_like_a_h
 
     ref = _bf16_ref()
 
-    def pool(actor):
-        p = _noisy_pool(monkeypatch, actor)
-        p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
-        return p
+    pool = lambda actor: _bf16_pool(monkeypatch, actor)  # noqa: E731
 
     base, served = _PrefixActor(ref, 0.01), _PrefixActor(ref, 0.01, merged=True)
     check = pool(served).verify_merged(ref, pool(base))
@@ -714,10 +715,7 @@ def test_a_stored_record_cannot_supply_what_the_check_derives(monkeypatch):
     and an engine too noisy for any probe is refused (ValueError), never widened into itself."""
     ref = {**_bf16_ref(), "short_probe": {"text": 1, "tokens": 3, "of": 300}, "pair_texts_skipped": 7}
 
-    def pool(actor):
-        p = _noisy_pool(monkeypatch, actor)
-        p.engine_kwargs = {"dtype": "bfloat16", "max_model_len": 1024}
-        return p
+    pool = lambda actor: _bf16_pool(monkeypatch, actor)  # noqa: E731
 
     noisy = _PrefixActor(ref, 0.1)
     check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, ref)
