@@ -20,7 +20,8 @@ case but `right` and `merged` must be refused; those two must pass where the dty
 effect resolvable. Also printed: the seconds of the check itself (EnginePool.verify_adapter on `right`), as eval
 runs it (gen.probe.probe_for: the fixed text alone in float32 where it resolves the adapter, the fixed text and the
 shortest training-text prefix that does in bf16) and on the whole probe, and every wrong case's verdict as eval
-checks it.
+checks it. With --merged-cases, every case is also merged into the weights and checked as eval checks a
+merged adapter (EnginePool.verify_merged, the default on bf16 CPU engines), timed from its engine's first call.
 """
 
 from __future__ import annotations
@@ -173,12 +174,34 @@ def run_dtype(dtype: str, a, model_path: str, ref: dict, tmp: Path) -> dict:
                 out["timing"] = time_checks(pool, lora, seqs, a.repeat)
             pool.unload_adapter(lora)
         if a.merged:
-            merged = merge_adapter(model_path, a.adapter)
-            mpool = EnginePool(replace(ecfg, model=merged, enable_lora=False), merged, use_gpu=False)
-            try:
-                out["merged"] = both(ray.get(mpool.actors[0].probe_logprobs.remote(seqs, None)), base, ref, tol)
-            finally:
-                mpool.shutdown()
+            for case in (CASES if a.merged_cases else ("right",)):
+                src = a.adapter if case == "right" else derived_adapter(a.adapter, case, tmp / f"{dtype}-m-{case}")
+                merged = merge_adapter(model_path, src)
+                mpool = EnginePool(replace(ecfg, model=merged, enable_lora=False), merged, use_gpu=False)
+                try:
+                    if case == "right":
+                        out["merged"] = both(ray.get(mpool.actors[0].probe_logprobs.remote(seqs, None)), base, ref,
+                                             tol)
+                    # the check as eval runs it on this dtype's CPU engines in merged mode (verify_merged), timed
+                    # from the merged engine's first call on: `repeat` times for the adapter as trained
+                    for _ in range(a.repeat if case == "right" else 1):
+                        t1 = time.perf_counter()
+                        try:
+                            check = mpool.verify_merged(ref, pool)
+                            rec = {"verdict": "pass", "tokens": check["tokens"], "design": check["design"],
+                                   "res_eff": check["residual_l2"] / check["effect_l2"], "beta": check["beta"],
+                                   **({"widened_from": check["widened_from"]} if check.get("widened") else {})}
+                        except ValueError as e:
+                            rec = {"verdict": f"refused: {str(e).split(': ', 1)[-1]}",
+                                   "tokens": len(probe_for(ref, dtype)["adapter_logprobs"])}
+                        rec["s"] = time.perf_counter() - t1
+                        out.setdefault("merged_checks", {}).setdefault(case, []).append(rec)
+                finally:
+                    mpool.shutdown()
+                    if case != "right":  # a derived adapter's merged weights are this bench's alone
+                        import shutil
+
+                        shutil.rmtree(merged, ignore_errors=True)
     finally:
         pool.shutdown()
     return out
@@ -190,6 +213,8 @@ def main() -> None:
     ap.add_argument("--adapter", required=True, help="a trained adapter folder (train/'s output)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--no-merged", dest="merged", action="store_false", help="skip the merged-engine case")
+    ap.add_argument("--merged-cases", action="store_true",
+                    help="also merge each wrong case (noop, half, double, other) and check it as eval does")
     ap.add_argument("--pairs", default="", help="pairs folder for an adapter whose record lacks training texts")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds of each design's engine calls")
     ap.add_argument("--json", default="")
@@ -240,6 +265,13 @@ def main() -> None:
         for key in ("check", "check_full"):
             if r[f"{key}_verdict"] != "pass":
                 print(f"{dtype}: {'whole probe' if key == 'check_full' else 'as eval runs it'}: {r[f'{key}_verdict']}")
+        for case, recs in r.get("merged_checks", {}).items():
+            for i, c in enumerate(recs):
+                how = (f"{c['design']}, residual/effect {c['res_eff']:.3f}, beta {c['beta']:.3f}"
+                       + (f", widened from {c['widened_from']}" if "widened_from" in c else "")
+                       if c["verdict"] == "pass" else c["verdict"][:90])
+                print(f"{dtype}: merged {case} as eval checks it (verify_merged, {c['tokens']} tokens, "
+                      f"{'first call of its engine, ' if i == 0 else ''}{c['s']:.2f} s): {c['verdict'][:4]}; {how}")
         print(f"{dtype}: engine start "
               f"{res[dtype]['start_s']:.1f} s; engine calls, {a.repeat} interleaved rounds: two-call design "
               f"{' '.join(f'{x:.2f}' for x in t['two_calls_s'])} s, one-call "

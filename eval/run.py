@@ -339,9 +339,15 @@ def hot_load_line(h: dict[str, Any]) -> str:
     line = (f"hot-load check ({h.get('mode', 'lora')}): adapter {h['adapter']} (sha256 {h['sha256'][:12]}) served as "
             f"trained on {h['engines']} engine(s): {probe} log-probs within {h['tolerance']:g} of PEFT's (max |diff| "
             f"{h['max_abs_diff']:.2g})")
-    if h.get("effect_l2"):  # older records lack these
+    if h.get("effect_l2") and h.get("design") == "one call":
+        line += (f", and within {h['residual_l2'] / h['effect_l2']:.2%} of the adapter's effect of them over the probe "
+                 f"(L2 {h['residual_l2']:.2g} of {h['effect_l2']:.2g}; accepted < {h['residual_max']:.0%}; one call "
+                 f"over the probe, the base scored on the fixed text only)")
+    elif h.get("effect_l2"):  # older records lack these
         line += (f", its effect on the probe matched with a residual of {h['residual_l2'] / h['effect_l2']:.2%} of it "
                  f"(L2 {h['residual_l2']:.2g} of {h['effect_l2']:.2g}; engine noise {h['noise_l2']:.2g})")
+        if h.get("direct_refused"):
+            line += "; the one-call check had not passed it, so the base was scored over the probe too"
     if "beta" in h:
         line += f", projected {h['beta']:.3f} x PEFT's effect"
     if h.get("reference"):

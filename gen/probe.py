@@ -15,7 +15,9 @@ than other text: run 2's balanced adapter moved the fixed 50-token probe by L2 0
 bf16 engine can vouch for a trained adapter on its training texts, where the fixed probe alone cannot. Each engine
 dtype scores only the part it needs (probe_for): float32 the fixed text alone where that resolves the adapter, bf16
 the fixed text and the shortest training-text prefix that does; the whole probe otherwise, or when the engine turns
-out noisier than expected (gen.engine._widen).
+out noisier than expected (gen.engine._widen). On the short probe the one-call check (compare_direct: the served
+log-probs against PEFT's adapter ones, the base on the fixed text only) decides a pass first, the paired one
+(compare) anything else (gen.engine.EnginePool._verify).
 """
 
 from __future__ import annotations
@@ -375,3 +377,15 @@ def compare_direct(engine_adapter: Sequence[float], engine_base_fixed: Sequence[
                 + ("" if ref.get("pair_texts") else "; the reference holds the fixed probe only (no training texts), "
                    "on which a bf16 engine's rounding alone exceeds a lightly trained adapter's effect"))
     return None
+
+
+def check_margins_direct(served: Sequence[Sequence[float]], base_fixed: Sequence[Sequence[float]],
+                         ref: dict[str, Any]) -> dict[str, Any]:
+    """check_margins for a pass of the one-call check (compare_direct): the residual is the served log-probs' distance
+    from PEFT's adapter ones (accepted < RESIDUAL_MAX of the effect), and no noise was measured over the probe (the
+    base was scored on the fixed text only)."""
+    ms = [measure_direct(lp, b, ref) for lp, b in zip(served, base_fixed)]
+    worst = max(ms, key=lambda m: m["residual"] / max(m["effect"], 1e-30))
+    return {"max_abs_diff": max(m["max_abs_diff"] for m in ms), "effect_l2": worst["effect"],
+            "residual_l2": worst["residual"], "noise_l2": None, "residual_max": RESIDUAL_MAX,
+            "beta": max((m["beta"] for m in ms), key=lambda b: abs(b - 1))}

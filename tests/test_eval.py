@@ -588,14 +588,18 @@ class _PrefixActor:
     """An engine like _NoisyActor (PEFT's log-probs +-sigma a token, the same on both calls) that finds each scored
     sequence in the reference by its tokens, so a probe's texts may be any prefixes of the reference's."""
 
-    def __init__(self, ref, sigma, serves_adapter=True, merged=False):
+    def __init__(self, ref, sigma, serves_adapter=True, merged=False, scale=1.0, served_sigma=None):
         self.ref, self.sigma, self.serves, self.merged, self.calls = ref, sigma, serves_adapter, merged, []
+        self.scale = scale  # the adapter served is PEFT's effect x scale (0.5: B x 0.5)
+        self.served_sigma = sigma if served_sigma is None else served_sigma  # noise of the calls serving the adapter
         self.probe_logprobs = self
 
     def remote(self, seqs, lora):
         self.calls.append(sum(len(s) - 1 for s in seqs))
         adapter = (lora is not None or self.merged) and self.serves  # merged: the adapter in its weights
-        want = self.ref["adapter_logprobs"] if adapter else self.ref["base_logprobs"]
+        b = self.ref["base_logprobs"]
+        want = [x + self.scale * (a - x) for a, x in zip(self.ref["adapter_logprobs"], b)] if adapter else b
+        sigma = self.served_sigma if adapter else self.sigma
         starts, at = {}, 0
         for s in self.ref["sequences"]:
             starts[s[0]] = (s, at)
@@ -604,7 +608,7 @@ class _PrefixActor:
         for s in seqs:
             whole, at = starts[s[0]]
             assert whole[:len(s)] == list(s)
-            out.append([want[at + i] + self.sigma * (-1) ** i for i in range(len(s) - 1)])
+            out.append([want[at + i] + sigma * (-1) ** i for i in range(len(s) - 1)])
         return out
 
 
@@ -616,9 +620,11 @@ def _bf16_pool(monkeypatch, actor):
 
 
 def test_a_bf16_short_probe_short_of_power_is_decided_on_the_whole_probe(monkeypatch):
-    """A bf16 engine at 0.01 a token passes on the short probe (162 tokens) alone; one twice as noisy as the prior
-    (0.1 a token: effect 5.1 within 4 x its noise 1.8 there) is decided on the whole probe, where C's dense tail
-    clears it, and the report says so; a no-op is refused on the short probe, not widened."""
+    """A bf16 engine at 0.01 a token passes on the short probe (162 tokens) in one call over it (the base on the
+    fixed text alone: gen.probe.compare_direct); one noisier than the short probe was chosen for (0.105 a token:
+    its log-probs 0.26 of the effect from PEFT's, past the one-call check's 0.25, and the effect 5.1 within 4x its
+    noise 1.9 there) is decided on the whole probe, where C's dense tail clears it, and the report says so; a no-op
+    and an adapter scaled by 0.65 are refused on the short probe, not widened."""
     from eval.run import hot_load_line
 
     ref = _bf16_ref()
@@ -627,30 +633,55 @@ def test_a_bf16_short_probe_short_of_power_is_decided_on_the_whole_probe(monkeyp
 
     quiet = _PrefixActor(ref, 0.01)
     check = pool(quiet).verify_adapter({"id": 1, "path": "a"}, ref)
-    assert quiet.calls == [162, 162] and check["short_probe"]["tokens"] == 112 and "widened" not in check, check
+    assert quiet.calls == [162, 50] and check["design"] == "one call" and "widened" not in check, check
+    assert check["short_probe"]["tokens"] == 112 and abs(check["beta"] - 1) < 0.01 and check["noise_l2"] is None
     line = hot_load_line({"adapter": "a", "sha256": "0" * 64, **check})
     assert "the fixed text and the first 112 of 200 tokens of one training text, 162 tokens" in line, line
-    noisy = _PrefixActor(ref, 0.1)
+    assert "one call over the probe, the base scored on the fixed text only" in line and "accepted < 25%" in line
+    noisy = _PrefixActor(ref, 0.105)
     check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, ref)
-    assert noisy.calls == [162, 162, 800, 800] and check["widened"] and check["tokens"] == 800, check
+    assert noisy.calls == [162, 50, 162, 800, 800] and check["widened"] and check["tokens"] == 800, check
+    assert check["design"] == "paired", check  # the whole probe: no one-call check there
     line = hot_load_line({"adapter": "a", "sha256": "0" * 64, **check})
     assert "training texts included: the short probe was within this engine's noise" in line, line
     one_text = {**ref, "sequences": [ref["sequences"][0], ref["sequences"][3]], "pair_texts": 1}  # none skipped
     for key in ("adapter_logprobs", "base_logprobs"):
         one_text[key] = ref[key][:50] + ref[key][600:]
-    noisy = _PrefixActor(one_text, 0.1)
+    noisy = _PrefixActor(one_text, 0.105)
     check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, one_text)
-    assert noisy.calls == [162, 162, 250, 250] and check["widened"], check
+    assert noisy.calls == [162, 50, 162, 250, 250] and check["widened"], check
     noop = _PrefixActor(ref, 0.01, serves_adapter=False)
     with pytest.raises(ValueError, match="serves a no-op"):
         pool(noop).verify_adapter({"id": 1, "path": "a"}, ref)
-    assert noop.calls == [162, 162]
+    assert noop.calls == [162, 50, 162]
+    half = _PrefixActor(ref, 0.01, scale=0.65)  # B x 0.65: within (4)'s 1/2, outside the beta band
+    with pytest.raises(ValueError, match="a scaled adapter"):
+        pool(half).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert half.calls == [162, 50, 162]
+
+
+def test_the_one_call_check_falls_back_to_the_paired_one_where_only_the_served_calls_are_noisy(monkeypatch):
+    """An engine whose calls under the adapter are noisier (0.11 a token) than its base calls (0.01), the same
+    pattern on each: its adapter log-probs are 0.27 of the effect from PEFT's, so the one-call check refuses, but
+    its own effect over its own base is PEFT's within 0.25 of it and clear of its base noise, so the paired check on
+    the same short probe passes it; the record and the report say which decided."""
+    from eval.run import hot_load_line
+
+    ref = _bf16_ref()
+    actor = _PrefixActor(ref, 0.01, served_sigma=0.11)
+    check = _bf16_pool(monkeypatch, actor).verify_adapter({"id": 1, "path": "a"}, ref)
+    assert actor.calls == [162, 50, 162] and check["design"] == "paired" and "widened" not in check, check
+    assert "0.27 of the adapter's effect" in check["direct_refused"], check
+    assert check["residual_l2"] < check["effect_l2"] / 2 and check["noise_l2"] > 0
+    line = hot_load_line({"adapter": "a", "sha256": "0" * 64, **check})
+    assert "the one-call check had not passed it, so the base was scored over the probe too" in line, line
 
 
 def test_a_merged_bf16_engine_is_checked_on_the_short_probe_and_widened_like_a_hot_loaded_one(monkeypatch):
-    """verify_merged (what eval runs on bf16 CPU engines now): the merged engine's log-probs against the base
-    engine's on the short probe; too noisy -> the whole probe decides, and the report says from what; merged weights
-    of a no-op are refused on the short probe, not widened."""
+    """verify_merged (what eval runs on bf16 CPU engines now): the merged engine's log-probs over the short probe
+    against PEFT's, the base engine's over the fixed text (one call); too noisy -> the base engine over the short
+    probe, then the whole probe decides, and the report says from what; merged weights of a no-op are refused on
+    the short probe, not widened."""
     from eval.run import hot_load_line
 
     ref = _bf16_ref()
@@ -659,16 +690,17 @@ def test_a_merged_bf16_engine_is_checked_on_the_short_probe_and_widened_like_a_h
 
     base, served = _PrefixActor(ref, 0.01), _PrefixActor(ref, 0.01, merged=True)
     check = pool(served).verify_merged(ref, pool(base))
-    assert served.calls == base.calls == [162] and check["short_probe"]["tokens"] == 112, check
-    base, served = _PrefixActor(ref, 0.1), _PrefixActor(ref, 0.1, merged=True)
+    assert served.calls == [162] and base.calls == [50] and check["design"] == "one call", check
+    assert check["short_probe"]["tokens"] == 112, check
+    base, served = _PrefixActor(ref, 0.105), _PrefixActor(ref, 0.105, merged=True)
     check = pool(served).verify_merged(ref, pool(base))
-    assert served.calls == base.calls == [162, 800] and check["widened"], check
+    assert served.calls == [162, 800] and base.calls == [50, 162, 800] and check["widened"], check
     line = hot_load_line({"adapter": "a", "sha256": "0" * 64, "mode": "merged", **check})
     assert "the short probe was within this engine's noise" in line, line
     base, noop = _PrefixActor(ref, 0.01), _PrefixActor(ref, 0.01, serves_adapter=False, merged=True)
     with pytest.raises(ValueError, match="serves a no-op"):
         pool(noop).verify_merged(ref, pool(base))
-    assert noop.calls == [162]
+    assert noop.calls == [162] and base.calls == [50, 162]
 
 
 def test_a_refused_check_unloads_its_adapter_and_stops_its_merged_engine(monkeypatch, tmp_path):
@@ -717,13 +749,13 @@ def test_a_stored_record_cannot_supply_what_the_check_derives(monkeypatch):
 
     pool = lambda actor: _bf16_pool(monkeypatch, actor)  # noqa: E731
 
-    noisy = _PrefixActor(ref, 0.1)
+    noisy = _PrefixActor(ref, 0.105)
     check = pool(noisy).verify_adapter({"id": 1, "path": "a"}, ref)
     assert check["widened"] and "short_probe" not in check and check["pair_texts_skipped"] == 0, check
     hopeless = _PrefixActor(ref, 0.2)  # inside the 0.25 tolerance, but within 4x noise on every probe
     with pytest.raises(ValueError, match="within 4x this engine's numerical noise"):
         pool(hopeless).verify_adapter({"id": 1, "path": "a"}, ref)
-    assert hopeless.calls == [162, 162, 800, 800]
+    assert hopeless.calls == [162, 50, 162, 800, 800]  # one call, the paired check, the whole probe (paired)
     quiet = _PrefixActor(ref, 0.01)
     check = pool(quiet).verify_adapter({"id": 1, "path": "a"}, ref, full_probe=True)
     assert "short_probe" not in check and check["tokens"] == 800 and quiet.calls == [800, 800], check
